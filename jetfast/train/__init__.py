@@ -1,0 +1,1 @@
+"""Training: the shared run-directory utilities and one trainer per stage."""
