@@ -213,3 +213,4 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(x).__name__}")
+from jetfast.kernels.decode_attention import decode_attention  # noqa: E402,F401
