@@ -1,0 +1,1 @@
+"""Evaluation of trained models and generated jets against real ones."""

@@ -1,0 +1,201 @@
+"""The convolutional VAE of stage 1: (B, 3, 128, 128) jet images <-> 128 latents.
+
+Encoder: four stride-2 3x3 convolutions (3 -> 32 -> 64 -> 128 -> 256 channels,
+128 -> 8 pixels per side), each with BatchNorm and LeakyReLU(0.2); the 256x8x8 map is
+flattened and mapped linearly to the posterior mean ``mu`` and log-variance ``logvar``.
+Decoder: the mirror image with transposed convolutions. The output is linear because
+the intensity transform standardises log-energies, which are unbounded (a Tanh would cap
+the bright Tracks pixels).
+
+Reconstruction terms, both summed over pixels and averaged over the batch:
+
+* ``"mse"``: squared error (``F.mse_loss(reduction="sum")`` per image), i.e. a Gaussian
+  likelihood of fixed variance 1/2 in transformed units;
+* ``"gaussian_nll"``: a Gaussian likelihood with a learned per-channel variance, so the
+  balance between reconstruction and KL is fitted rather than fixed by ``beta``.
+
+The KL term is summed over latent dimensions and averaged over the batch; ``beta``
+weights it and :meth:`VAE.beta_at` ramps it in over ``kl_warmup_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from jetfast.data.format import MODEL_SIZE
+
+RECON_KINDS = ("mse", "gaussian_nll")
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 128
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    in_channels: int = 3
+    image_size: int = MODEL_SIZE
+    beta: float = 1.0
+    recon: str = "mse"
+    kl_warmup_steps: int = 0
+    negative_slope: float = 0.2
+
+    def __post_init__(self):
+        self.widths = tuple(int(w) for w in self.widths)
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1; got {self.latent_dim}")
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"widths must be positive channel counts; got {self.widths}")
+        if self.image_size % (2 ** len(self.widths)):
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**{len(self.widths)} "
+                f"(one halving per encoder stage of widths={self.widths})"
+            )
+        if self.recon not in RECON_KINDS:
+            raise ValueError(f"recon must be one of {RECON_KINDS}; got {self.recon!r}")
+        if self.beta < 0 or self.kl_warmup_steps < 0:
+            raise ValueError(f"beta and kl_warmup_steps must be >= 0; got {self.beta}, {self.kl_warmup_steps}")
+
+    @property
+    def bottleneck_size(self) -> int:
+        """Pixels per side of the deepest feature map (8 for 128 px and four stages)."""
+        return self.image_size // 2 ** len(self.widths)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _down(c_in: int, c_out: int, slope: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(slope, inplace=True),
+    )
+
+
+def _up(c_in: int, c_out: int, slope: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(slope, inplace=True),
+    )
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        widths, slope, side = config.widths, config.negative_slope, config.bottleneck_size
+        chans = (config.in_channels, *widths)
+        self.encoder = nn.Sequential(*[_down(a, b, slope) for a, b in zip(chans[:-1], chans[1:])])
+        flat = widths[-1] * side * side  # 256 * 8 * 8 = 16384 by default
+        self.to_mu = nn.Linear(flat, config.latent_dim)
+        self.to_logvar = nn.Linear(flat, config.latent_dim)
+        self.from_latent = nn.Linear(config.latent_dim, flat)
+        rev = widths[::-1]
+        self.decoder = nn.Sequential(
+            *[_up(a, b, slope) for a, b in zip(rev[:-1], rev[1:])],
+            # Last stage: no BatchNorm/activation, the output is the (unbounded) transformed image.
+            nn.ConvTranspose2d(rev[-1], config.in_channels, 3, stride=2, padding=1, output_padding=1),
+        )
+        # Learned per-channel log-variance of the pixel likelihood (used by recon="gaussian_nll").
+        self.log_sigma2 = nn.Parameter(torch.zeros(config.in_channels), requires_grad=config.recon == "gaussian_nll")
+        # Start with a near-deterministic posterior: a large initial logvar would drown the
+        # signal in sampling noise during the first epochs.
+        nn.init.zeros_(self.to_logvar.weight)
+        nn.init.constant_(self.to_logvar.bias, -4.0)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, 128, 128) transformed images -> (mu, logvar), each (B, latent_dim)."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"VAE.encode expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}); got {tuple(x.shape)}"
+            )
+        h = self.encoder(x).flatten(1)  # (B, 256*8*8)
+        return self.to_mu(h), self.to_logvar(h).clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) -> (B, 3, 128, 128) reconstruction mean in transformed units."""
+        cfg = self.config
+        if z.ndim != 2 or z.shape[1] != cfg.latent_dim:
+            raise ValueError(f"VAE.decode expects (B, {cfg.latent_dim}); got {tuple(z.shape)}")
+        side = cfg.bottleneck_size
+        h = self.from_latent(z).view(-1, cfg.widths[-1], side, side)  # (B, 256, 8, 8)
+        return self.decoder(h)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (x_hat, mu, logvar); samples z in training mode, uses z = mu in eval mode."""
+        mu, logvar = self.encode(x)
+        if self.training:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        return self.decode(z), mu, logvar
+
+    def beta_at(self, step: int) -> float:
+        """KL weight at optimiser step ``step``: linear warm-up to ``config.beta``."""
+        warmup = self.config.kl_warmup_steps
+        if warmup <= 0:
+            return self.config.beta
+        return self.config.beta * min(1.0, (step + 1) / warmup)
+
+    def loss(self, x, x_hat, mu, logvar, beta: float | None = None) -> dict[str, torch.Tensor]:
+        """``dict(loss, recon, kl)``, each a scalar averaged over the batch (summed over pixels/latents)."""
+        beta = self.config.beta if beta is None else beta
+        if self.config.recon == "mse":
+            recon = (x_hat - x).pow(2).flatten(1).sum(1).mean()
+        else:
+            log_s2 = self.log_sigma2.view(1, -1, 1, 1)
+            nll = 0.5 * ((x_hat - x).pow(2) * torch.exp(-log_s2) + log_s2 + math.log(2 * math.pi))
+            recon = nll.flatten(1).sum(1).mean()
+        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1).mean()
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output at the posterior mean (no sampling)."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+
+def load_vae(run_dir_or_checkpoint: str | os.PathLike, which: str = "best", map_location="cpu"):
+    """Load a trained VAE for downstream stages.
+
+    ``run_dir_or_checkpoint`` is a ``jetfast train-vae`` run directory (then
+    ``checkpoints/{which}.pt`` is read) or a checkpoint file. Returns
+    ``(model.eval(), IntensityTransform, VAEConfig)``.
+    """
+    from jetfast.data.transforms import IntensityTransform
+    from jetfast.train.common import load_checkpoint
+
+    path = Path(run_dir_or_checkpoint)
+    if path.is_dir():
+        candidate = path / "checkpoints" / f"{which}.pt"
+        if not candidate.is_file():
+            raise FileNotFoundError(
+                f"{candidate} not found; {path} should be a `jetfast train-vae` run directory "
+                f"(which must be 'best' or 'last'; got {which!r})"
+            )
+        path = candidate
+    state = load_checkpoint(path, map_location=map_location)
+    for key in ("model", "vae_config", "transform"):
+        if key not in state:
+            raise ValueError(f"{path} is not a jetfast VAE checkpoint (missing {key!r}; keys: {sorted(state)})")
+    config = VAEConfig.from_dict(state["vae_config"])
+    model = VAE(config)
+    model.load_state_dict(state["model"])
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    return model.eval(), IntensityTransform.from_dict(state["transform"]), config

@@ -1,0 +1,335 @@
+"""The stage-1 VAE: model, loss, training (resume, DDP, guards) and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jetfast.data.transforms import IntensityTransform, crop_to_image
+from jetfast.models.vae import VAE, VAEConfig, load_vae
+from jetfast.train import vae as train_vae
+from jetfast.train.common import load_split
+from tests.jetfiles import jet_images, write_jet_file
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+# Tiny enough that an epoch over a few dozen jets takes about a second on 2 busy cores.
+TINY = ["--widths", "4,8,8,8", "--latent-dim", "6", "--batch-size", "8", "--transform-jets", "40", "--no-progress"]
+
+
+def train_args(data, out, *extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_vae.add_arguments(parser)
+    return parser.parse_args(["--data", str(data), "--out", str(out), *TINY, *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def jet_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "jets.h5"
+    seed = int(np.random.default_rng().integers(1 << 30))
+    write_jet_file(path, n=47, seed=seed, chunk=16)  # odd N: the last chunk and batch are partial
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(jet_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae") / "run"
+    assert train_vae.run(train_args(jet_file, out, "--epochs", 2, "--seed", 3)) == 0
+    return out
+
+
+# -- model -------------------------------------------------------------------------------------
+def test_default_shapes():
+    model = VAE().eval()
+    x = torch.randn(2, 3, 128, 128)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (2, 128)
+    assert model.decode(mu).shape == (2, 3, 128, 128)
+    x_hat, mu2, _ = model(x)
+    assert x_hat.shape == x.shape and torch.equal(mu, mu2)
+    # eval mode decodes the posterior mean
+    assert torch.equal(x_hat, model.decode(mu))
+
+
+def test_odd_configs_and_bad_shapes():
+    model = VAE(VAEConfig(latent_dim=1, widths=(3, 5), image_size=128))
+    assert model(torch.randn(3, 3, 128, 128))[0].shape == (3, 3, 128, 128)
+    with pytest.raises(ValueError, match=r"\(B, 3, 128, 128\)"):
+        model.encode(torch.randn(2, 3, 125, 125))
+    with pytest.raises(ValueError, match=r"\(B, 1\)"):
+        model.decode(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        VAEConfig(widths=(4,) * 8)
+    with pytest.raises(ValueError, match="recon"):
+        VAEConfig(recon="l1")
+
+
+@pytest.mark.parametrize("recon", ["mse", "gaussian_nll"])
+def test_loss_matches_torch_distributions(recon):
+    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    model = VAE(VAEConfig(latent_dim=5, widths=(2, 2), recon=recon))
+    with torch.no_grad():
+        model.log_sigma2.copy_(torch.randn(3))
+    x, x_hat = torch.randn(3, 3, 128, 128), torch.randn(3, 3, 128, 128)
+    mu, logvar = torch.randn(3, 5), torch.randn(3, 5)
+    beta = 0.37
+    terms = model.loss(x, x_hat, mu, logvar, beta)
+    posterior = torch.distributions.Normal(mu.double(), (0.5 * logvar.double()).exp())
+    prior = torch.distributions.Normal(torch.zeros(3, 5, dtype=torch.float64), 1.0)
+    kl = torch.distributions.kl_divergence(posterior, prior).sum(1).mean()
+    # "mse" is the summed squared error: the NLL of a Gaussian of variance 1/2 without its constant.
+    sigma = math.sqrt(0.5) if recon == "mse" else (0.5 * model.log_sigma2.detach().double()).exp().view(1, 3, 1, 1)
+    nll = -torch.distributions.Normal(x_hat.double(), sigma).log_prob(x.double()).flatten(1).sum(1).mean()
+    if recon == "mse":
+        nll = nll - 0.5 * math.log(2 * math.pi * 0.5) * x[0].numel()
+    torch.testing.assert_close(terms["kl"].double(), kl, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(terms["recon"].double(), nll, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(terms["loss"], terms["recon"] + beta * terms["kl"])
+
+
+def test_kl_warmup():
+    model = VAE(VAEConfig(latent_dim=2, widths=(2,), beta=2.0, kl_warmup_steps=4))
+    assert [model.beta_at(s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+
+
+def test_intensity_transform_roundtrip_extreme_values():
+    images, _ = jet_images(9, seed=int(np.random.default_rng().integers(1 << 30)))
+    transform = IntensityTransform.fit(images)
+    transform = IntensityTransform.from_dict(json.loads(json.dumps(transform.to_dict())))  # as saved in checkpoints
+    images[0, 0, 0] = [757.0, 0.0, 1e4]  # huge (Tracks max of the real file and beyond)
+    images[0, 124, 124] = [1e-7, 3e-3, 0.43]  # tiny, and the HCAL max
+    images[1] = 0.0  # an empty jet
+    physical = torch.from_numpy(images)
+    back = transform.to_images(transform.to_model(physical))
+    torch.testing.assert_close(back, physical, rtol=2e-6, atol=1e-6)
+    assert (back[physical == 0] < 1e-6).all()
+
+
+def test_loss_falls_on_tiny_dataset():
+    torch.manual_seed(0)
+    images, _ = jet_images(8, seed=int(np.random.default_rng().integers(1 << 30)))
+    transform = IntensityTransform.fit(images)
+    x = transform.to_model(torch.from_numpy(images))
+    model = VAE(VAEConfig(latent_dim=8, widths=(8, 8, 16, 16), beta=0.1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        terms = model.loss(x, *model(x))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(float(terms["loss"].detach()))
+    assert losses[-1] < 0.92 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
+
+
+# -- training ----------------------------------------------------------------------------------
+def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["n_jets_used"] == 47 and config["data"] == str(jet_file)
+    assert config["vae"]["widths"] == [4, 8, 8, 8] and "transform" in config
+    metrics = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    for key in ("train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl", "lr", "time_s", "images_per_s"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    for name in ("README.txt", "split.npz", "plots/loss.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (trained_run / name).is_file(), name
+    split = load_split(trained_run)
+    assert sorted(np.concatenate(list(split.values())).tolist()) == list(range(47))
+
+    model, transform, cfg = load_vae(trained_run)
+    assert not model.training and cfg.latent_dim == 6 and isinstance(transform, IntensityTransform)
+    best_epoch = int(np.argmin([m["val_loss"] for m in metrics]))
+    state = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=False)
+    assert state["epoch"] == best_epoch
+    # The best checkpoint's model reproduces the logged validation loss at its epoch.
+    with h5py.File(jet_file) as f:
+        x = transform.to_model(torch.from_numpy(f["X_jets"][split["val"]]))
+    with torch.no_grad():
+        terms = model.loss(x, *model(x), beta=metrics[best_epoch]["beta"])
+    assert math.isclose(float(terms["loss"]), metrics[best_epoch]["val_loss"], rel_tol=1e-4)
+
+    last, _, _ = load_vae(trained_run / "checkpoints" / "last.pt", which="ignored-for-files")
+    assert last.config == cfg
+    with pytest.raises(FileNotFoundError, match="train-vae"):
+        load_vae(trained_run, which="nope")
+
+
+def test_resume_matches_uninterrupted(jet_file, trained_run, tmp_path):
+    out = tmp_path / "run"
+    assert train_vae.run(train_args(jet_file, out, "--epochs", 1, "--seed", 3)) == 0
+    assert train_vae.run(train_args(jet_file, out, "--epochs", 2, "--seed", 3, "--resume")) == 0
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(resumed) == len(straight) == 2
+    for key in ("train_loss", "train_recon", "train_kl", "val_loss", "lr", "step"):
+        assert resumed[1][key] == pytest.approx(straight[1][key], rel=1e-6, abs=0), key
+    a = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_refuses_existing_out_and_bad_file(jet_file, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert train_vae.run(train_args(jet_file, out, "--epochs", 1)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["X_jets"] = np.zeros((5, 64, 64, 3), np.float32)
+        f["y"] = np.zeros(5, np.float32)
+    assert train_vae.run(train_args(bad, tmp_path / "run_bad", "--epochs", 1)) == 2
+    err = capsys.readouterr().err
+    assert "(5, 64, 64, 3)" in err and "(N, 125, 125, 3)" in err
+    assert train_vae.run(train_args(tmp_path / "missing.h5", tmp_path / "run_missing", "--epochs", 1)) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(jet_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    steps_per_epoch = math.ceil(len(load_split_for(jet_file)["train"]) / 8)
+    calls = {"n": 0}
+    real_loss = VAE.loss
+
+    def poisoned(self, x, x_hat, mu, logvar, beta=None):
+        terms = real_loss(self, x, x_hat, mu, logvar, beta)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == steps_per_epoch + 2:  # third step of the second epoch
+                terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(VAE, "loss", poisoned)
+    assert train_vae.run(train_args(jet_file, out, "--epochs", 3)) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and f"step {steps_per_epoch + 1}" in err and "checkpoint was kept" in err
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["step"] == steps_per_epoch
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def load_split_for(jet_file):
+    from jetfast.train.common import make_split
+
+    with h5py.File(jet_file) as f:
+        return make_split(len(f["y"]), seed=0)
+
+
+def test_ddp_two_processes_keep_ranks_equal(jet_file, tmp_path):
+    out, ranks = tmp_path / "run", tmp_path / "ranks"
+    env = {**os.environ, "JETFAST_RANK_STATE_DIR": str(ranks), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.train.vae",
+           "--data", str(jet_file), "--out", str(out), *TINY, "--epochs", "1", "--num-threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = torch.load(ranks / "rank0.pt", weights_only=True)
+    rank1 = torch.load(ranks / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["world_size"] == 2
+    # Each rank reads half of the training jets: half the steps of a single process.
+    assert config["training"]["steps_per_epoch"] == math.ceil((len(load_split(out)["train"]) // 2) / 8)
+    assert torch.equal(torch.load(out / "checkpoints" / "last.pt", weights_only=False)["model"]["to_mu.weight"],
+                       rank0["to_mu.weight"])
+
+
+@pytest.mark.parametrize("module, words", [
+    ("jetfast.train.vae", ("--data", "--out", "--resume", "--overwrite", "--max-jets", "--beta", "--epochs")),
+    ("jetfast.evaluate.vae_report", ("RUN_DIR", "--data", "--max-jets", "--out")),
+])
+def test_cli_help(module, words):
+    proc = subprocess.run([PYTHON, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert all(w in proc.stdout for w in words), proc.stdout
+    proc = subprocess.run([PYTHON, "-m", module, "--data"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def test_gaussian_ssim_against_numpy_reference():
+    from scipy.ndimage import correlate1d
+
+    from jetfast.evaluate.vae_report import gaussian_ssim
+
+    rng = np.random.default_rng()
+    x = rng.normal(size=(2, 3, 23, 31))
+    y = x + rng.normal(scale=0.5, size=x.shape)
+    data_range = np.array([4.0, 7.0, 9.0])
+    offsets = np.arange(-5, 6)
+    g = np.exp(-(offsets**2) / (2 * 1.5**2))
+    g /= g.sum()
+
+    def blur(t):  # valid region only, like the reference implementation's border crop
+        return correlate1d(correlate1d(t, g, axis=-1), g, axis=-2)[..., 5:-5, 5:-5]
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = ((0.01 * data_range) ** 2)[None, :, None, None], ((0.03 * data_range) ** 2)[None, :, None, None]
+    expected = (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean(axis=(2, 3))
+    got = gaussian_ssim(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(data_range))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    same = gaussian_ssim(torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(data_range))
+    np.testing.assert_allclose(same.numpy(), 1.0, rtol=1e-12)
+
+
+def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
+    from jetfast.evaluate import vae_report
+
+    parser = argparse.ArgumentParser()
+    vae_report.add_arguments(parser)
+    out = tmp_path / "eval"
+    args = parser.parse_args([str(trained_run), "--data", str(jet_file), "--out", str(out), "--no-progress", "--show", "3"])
+    assert vae_report.run(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = load_split(trained_run)["test"]
+    assert metrics["n_test_jets"] == len(test) and metrics["split"] == "test"
+    for channel in ("Tracks", "ECAL", "HCAL"):
+        entry = metrics["channels"][channel]
+        for key in ("mse_gev2", "total_energy_rel_error", "psnr_db", "ssim", "data_range_transformed"):
+            assert key in entry, (channel, key)
+        for key in ("mean", "median", "q05", "q95"):
+            assert math.isfinite(entry["total_energy_rel_error"][key])
+    assert {"qg_auc", "protocol", "pca_explained_variance_ratio"} <= metrics["latent"].keys()
+    assert {"definition", "y=0", "y=1"} <= metrics["anomaly_score"].keys()
+    for png in ("reconstructions.png", "latent_pca.png", "anomaly_score.png"):
+        assert (out / png).stat().st_size > 5000, png
+
+    # Independent check of the physical-unit numbers: recompute from the file and the model.
+    model, transform, _ = load_vae(trained_run)
+    with h5py.File(jet_file) as f:
+        true = torch.from_numpy(f["X_jets"][test]).double()
+    with torch.no_grad():
+        mu, _ = model.encode(transform.to_model(true.float()))
+        reco = crop_to_image(transform.inverse(model.decode(mu))).double()
+    mse = ((reco - true) ** 2).mean(dim=(0, 1, 2))
+    for c, channel in enumerate(("Tracks", "ECAL", "HCAL")):
+        assert metrics["channels"][channel]["mse_gev2"] == pytest.approx(float(mse[c]), rel=1e-4)
+        rel = ((reco[..., c].sum((1, 2)) - true[..., c].sum((1, 2))) / true[..., c].sum((1, 2))).numpy()
+        assert metrics["channels"][channel]["total_energy_rel_error"]["median"] == pytest.approx(np.median(rel), rel=1e-4)
+
+
+def test_evaluate_vae_bad_run_dir(tmp_path, capsys):
+    from jetfast.evaluate import vae_report
+
+    parser = argparse.ArgumentParser()
+    vae_report.add_arguments(parser)
+    assert vae_report.run(parser.parse_args([str(tmp_path)])) == 2
+    assert "run directory" in capsys.readouterr().err
