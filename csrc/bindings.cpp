@@ -5,6 +5,9 @@
 
 #include "common/cuda_info.h"
 #include "quantize/quantize_bind.h"
+#ifdef JETFAST_WITH_PREFETCH
+#include "prefetch/prefetch_bind.h"
+#endif
 
 namespace py = pybind11;
 
@@ -19,4 +22,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &jetfast::cuda_device_count,
         "Number of CUDA devices the runtime sees (0 without a driver or without a CUDA build)");
   jetfast::bind_quantize(m);
+#ifdef JETFAST_WITH_PREFETCH
+  jetfast::bind_prefetch(m);
+#endif
 }

@@ -1,44 +1,297 @@
-"""JetLoader against h5py reads of the same jets: every layout, order and lifecycle case."""
+"""JetLoader against h5py reads of the same jets: layouts, orders, sharding, errors, lifecycle.
+
+Every batch is compared with an independent reference: the jets h5py reads for the
+batch's ``index``, padded and transformed by :mod:`jetfast.data.transforms`.
+"""
 
 from __future__ import annotations
 
+import faulthandler
+import gc
+import os
+import shutil
+
+import h5py
 import numpy as np
 import pytest
 import torch
 
-from jetfast.data.loader import JetLoader, chunk_aware_order
+from jetfast._ext import _C
+from jetfast.data.format import JetFileError
+from jetfast.data.loader import JetLoader, JetReadError, chunk_aware_order
 from jetfast.data.transforms import IntensityTransform, pad_to_model
-from tests.jetfiles import write_jet_file
+from tests.jetfiles import jet_images, write_jet_file
+
+HAS_PREFETCH = bool(_C is not None and getattr(_C, "built_with_prefetch", False))
+BACKENDS = [
+    pytest.param("native", marks=pytest.mark.skipif(not HAS_PREFETCH, reason="jetfast._C built without the HDF5 prefetcher")),
+    "h5py",
+]
+LAYOUTS = {
+    "lzf": dict(compression="lzf"),
+    "gzip": dict(compression="gzip"),
+    "gzip+shuffle": dict(compression="gzip", shuffle=True),
+    "lzf+shuffle": dict(compression="lzf", shuffle=True),
+    "contiguous": dict(chunk=None),
+}
+N = 101  # with chunks of 7: the last chunk is partial and no batch size divides N
 
 
-def reference(images, index, transform):
-    ref = torch.from_numpy(np.ascontiguousarray(images[index]))
-    return transform.to_model(ref) if transform is not None else pad_to_model(ref)
+@pytest.fixture(scope="module")
+def jets():
+    images, labels = jet_images(N, seed=int(np.random.default_rng().integers(1 << 30)))
+    # A few incompressible jets: LZF stores their chunk raw (filter mask bit 0 set).
+    images[7:14] = np.random.default_rng().random((7, 125, 125, 3), dtype=np.float32)
+    return images, labels
 
 
-@pytest.mark.parametrize("backend", ["h5py"])
-@pytest.mark.parametrize("layout", [dict(compression="lzf"), dict(compression="gzip", shuffle=True), dict(chunk=None)])
-def test_matches_h5py(tmp_path, backend, layout):
-    path = tmp_path / "jets.h5"
-    images, labels = write_jet_file(path, n=101, seed=np.random.randint(1 << 30), **{"chunk": 7, **layout})
-    transform = IntensityTransform.fit(images[:50])
+@pytest.fixture(scope="module")
+def files(jets, tmp_path_factory):
+    images, labels = jets
+    root = tmp_path_factory.mktemp("jets")
+    paths = {}
+    for name, layout in LAYOUTS.items():
+        paths[name] = root / f"{name}.h5"
+        write_jet_file(paths[name], images=images, labels=labels, **{"chunk": 7, **layout})
+    return paths
+
+
+def reference(images, index, transform=None):
+    physical = torch.from_numpy(np.ascontiguousarray(images[index]))
+    return transform.to_model(physical) if transform is not None else pad_to_model(physical)
+
+
+def assert_batches_match(loader, images, labels, transform=None):
+    seen = []
+    for batch in loader:
+        index = batch["index"].numpy()
+        assert batch["index"].dtype == torch.int64
+        x = batch["X_jets"]
+        assert x.dtype == torch.float32 and x.shape == (len(index), 3, 128, 128) and x.is_contiguous()
+        if transform is None:
+            assert torch.equal(x, reference(images, index)), "images differ from h5py (no transform)"
+        else:
+            torch.testing.assert_close(x, reference(images, index, transform), rtol=2e-6, atol=2e-6)
+        np.testing.assert_array_equal(batch["y"].numpy(), labels[index])
+        seen.append(index)
+    return np.concatenate(seen) if seen else np.empty(0, np.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_h5py(files, jets, backend, layout):
+    images, labels = jets
+    transform = IntensityTransform.fit(images[20:60])
     for t in (None, transform):
-        loader = JetLoader(path, 16, transform=t, backend=backend)
-        seen = []
-        for batch in loader:
-            index = batch["index"].numpy()
-            seen.append(index)
-            if t is None:
-                assert torch.equal(batch["X_jets"], reference(images, index, None))
-            else:
-                torch.testing.assert_close(batch["X_jets"], reference(images, index, t), rtol=1e-5, atol=1e-5)
-            np.testing.assert_array_equal(batch["y"].numpy(), labels[index])
-        assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(101))
+        with JetLoader(files[layout], 16, transform=t, backend=backend, seed=3) as loader:
+            assert loader.backend == backend
+            seen = assert_batches_match(loader, images, labels, t)
+        np.testing.assert_array_equal(np.sort(seen), np.arange(N))
 
 
-def test_order_is_a_permutation_and_deterministic():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extra_keys_and_batch_sizes(files, jets, backend):
+    images, labels = jets
+    with h5py.File(files["lzf"], "r") as f:
+        pt, m0 = f["pt"][()], f["m0"][()]
+    for batch_size, drop_last in [(1, False), (16, False), (16, True), (101, True), (500, False), (500, True)]:
+        loader = JetLoader(files["lzf"], batch_size, drop_last=drop_last, keys=("X_jets", "y", "pt", "m0"), backend=backend)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        sizes = [len(b["index"]) for b in batches]
+        expected = [batch_size] * (N // batch_size) + ([] if drop_last or N % batch_size == 0 else [N % batch_size])
+        assert sizes == expected
+        for b in batches:  # batches kept alive together: buffer reuse would corrupt the early ones
+            index = b["index"].numpy()
+            assert torch.equal(b["X_jets"], reference(images, index))
+            np.testing.assert_array_equal(b["pt"].numpy(), pt[index])
+            np.testing.assert_array_equal(b["m0"].numpy(), m0[index])
+        loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_order_subset_epochs_and_determinism(files, jets, backend):
+    images, labels = jets
+    rng = np.random.default_rng()
+    subset = rng.choice(N, size=37, replace=False)
+    loader = JetLoader(files["gzip+shuffle"], 8, indices=subset, seed=11, backend=backend)
+    assert loader.num_jets == 37 and len(loader) == 5
+    orders = []
+    for _ in range(3):
+        order = assert_batches_match(loader, images, labels)
+        np.testing.assert_array_equal(np.sort(order), np.sort(subset))
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1]), "each epoch needs its own shuffle"
+    loader.set_epoch(1)
+    np.testing.assert_array_equal(np.concatenate([b["index"].numpy() for b in loader]), orders[1])
+    twin = JetLoader(files["lzf"], 8, indices=subset, seed=11, backend=backend)
+    np.testing.assert_array_equal(np.concatenate([b["index"].numpy() for b in twin]), orders[0])
+    in_order = JetLoader(files["lzf"], 8, indices=subset, shuffle=False, backend=backend)
+    np.testing.assert_array_equal(np.concatenate([b["index"].numpy() for b in in_order]), np.sort(subset))
+
+
+def test_chunk_aware_order_mixes_within_windows():
     indices = np.arange(0, 1000, 3)
-    a = chunk_aware_order(indices, 7, seed=5, epoch=2)
-    assert np.array_equal(np.sort(a), indices)
-    assert np.array_equal(a, chunk_aware_order(indices, 7, seed=5, epoch=2))
-    assert not np.array_equal(a, chunk_aware_order(indices, 7, seed=5, epoch=3))
+    order = chunk_aware_order(indices, 7, seed=5, epoch=2, window_chunks=4)
+    np.testing.assert_array_equal(np.sort(order), indices)
+    np.testing.assert_array_equal(order, chunk_aware_order(indices, 7, seed=5, epoch=2, window_chunks=4))
+    assert not np.array_equal(order, chunk_aware_order(indices, 7, seed=5, epoch=3, window_chunks=4))
+    # Locality: a chunk's jets all fall within one window of 4 chunks' worth of jets.
+    chunks = order // 7
+    for c in np.unique(chunks):
+        where = np.flatnonzero(chunks == c)
+        assert where[-1] - where[0] < 4 * 3
+    # Mixing: neighbours in the order usually come from different chunks.
+    assert np.mean(chunks[1:] != chunks[:-1]) > 0.5
+
+
+def test_sharding_is_disjoint_equal_and_covering(files, monkeypatch):
+    world = 3
+    shards = [JetLoader(files["lzf"], 5, rank=r, world_size=world, seed=2) for r in range(world)]
+    orders = [np.concatenate([b["index"].numpy() for b in s]) for s in shards]
+    assert len({len(o) for o in orders}) == 1 and len({len(s) for s in shards}) == 1
+    everything = np.concatenate(orders)
+    assert len(np.unique(everything)) == len(everything) == N - N % world
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    from_env = JetLoader(files["lzf"], 5, seed=2)
+    assert (from_env.rank, from_env.world_size) == (1, 3)
+    np.testing.assert_array_equal(np.concatenate([b["index"].numpy() for b in from_env]), orders[1])
+
+
+def chunk_span(path, chunk):
+    with h5py.File(path, "r") as f:
+        info = f["X_jets"].id.get_chunk_info(chunk)
+        return info.byte_offset, info.size
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["lzf", "gzip+shuffle"])
+def test_corrupt_chunk_raises(files, tmp_path, backend, layout):
+    path = tmp_path / "corrupt.h5"
+    shutil.copy(files[layout], path)
+    offset, size = chunk_span(path, 3)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * min(size, 64))
+    loader = JetLoader(path, 10, shuffle=False, backend=backend)
+    with pytest.raises(JetReadError, match="chunk 3" if backend == "native" else "corrupt|chunk"):
+        for _ in loader:
+            pass
+    # The loader survives the error: the next epoch reports it again instead of hanging.
+    with pytest.raises(JetReadError):
+        list(loader)
+    loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_file_raises(files, tmp_path, backend):
+    path = tmp_path / "truncated.h5"
+    shutil.copy(files["lzf"], path)
+    loader = JetLoader(path, 10, shuffle=False, backend=backend)
+    offset, _ = chunk_span(path, 5)
+    os.truncate(path, offset + 10)  # truncated after the index was read
+    with pytest.raises(OSError, match="truncated|chunk"):
+        list(loader)
+    loader.close()
+    with pytest.raises((JetFileError, JetReadError)):
+        JetLoader(path, 10)
+
+
+def test_bad_input_is_a_clear_error(tmp_path, files):
+    with pytest.raises(FileNotFoundError):
+        JetLoader(tmp_path / "missing.h5", 4)
+    with pytest.raises(JetFileError, match="no dataset 'm0'"):
+        with h5py.File(tmp_path / "nom0.h5", "w") as f:
+            f["X_jets"] = np.zeros((3, 125, 125, 3), np.float32)
+            f["y"] = np.zeros(3, np.float32)
+        JetLoader(tmp_path / "nom0.h5", 4, keys=("X_jets", "y", "m0"))
+    with h5py.File(tmp_path / "shape.h5", "w") as f:
+        f["X_jets"] = np.zeros((3, 3, 125, 125), np.float32)
+        f["y"] = np.zeros(3, np.float32)
+    with pytest.raises(JetFileError, match="shape"):
+        JetLoader(tmp_path / "shape.h5", 4)
+    with h5py.File(tmp_path / "bzip2.h5", "w") as f:
+        f.create_dataset("X_jets", data=np.zeros((3, 125, 125, 3), np.float32), chunks=(1, 125, 125, 3),
+                         compression=307, allow_unknown_filter=True)
+        f["y"] = np.zeros(3, np.float32)
+    with pytest.raises(JetFileError, match="filter 307"):
+        JetLoader(tmp_path / "bzip2.h5", 4)
+    with pytest.raises(IndexError):
+        JetLoader(files["lzf"], 4, indices=[0, N])
+    with pytest.raises(ValueError):
+        JetLoader(files["lzf"], 0)
+
+
+def test_other_layouts_fall_back_to_h5py(tmp_path, jets, caplog):
+    images, labels = jets
+    path = tmp_path / "f64.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X_jets", data=images[:30].astype(np.float64), chunks=(4, 125, 125, 3), compression="lzf")
+        f["y"] = labels[:30]
+    loader = JetLoader(path, 8)
+    assert loader.backend == "h5py"
+    assert_batches_match(loader, images[:30].astype(np.float64).astype(np.float32), labels[:30])
+
+
+@pytest.mark.skipif(not HAS_PREFETCH, reason="jetfast._C built without the HDF5 prefetcher")
+def test_native_equals_fallback_and_reuses_buffers(files, jets):
+    images, labels = jets
+    transform = IntensityTransform.fit(images[:40])
+    native = JetLoader(files["lzf+shuffle"], 12, transform=transform, backend="native", seed=9, prefetch=3)
+    fallback = JetLoader(files["lzf+shuffle"], 12, transform=transform, backend="h5py", seed=9)
+    for _ in range(4):
+        for a, b in zip(native, fallback, strict=True):
+            assert torch.equal(a["index"], b["index"])
+            torch.testing.assert_close(a["X_jets"], b["X_jets"], rtol=2e-6, atol=2e-6)
+    # Batches dropped by the consumer go back to the ring instead of piling up.
+    assert native._native.describe()["buffers_allocated"] <= 3 + 3
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not HAS_PREFETCH, reason="jetfast._C built without the HDF5 prefetcher")
+def test_abandoned_iterations_do_not_hang_or_leak(files, jets):
+    images, _ = jets
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang fails loudly instead of blocking CI
+    try:
+        baseline = native_threads()
+        loader = JetLoader(files["lzf"], 4, num_threads=2, prefetch=3)
+        for i in range(200):
+            it = iter(loader)
+            for _ in range(i % 4):
+                batch = next(it)
+            del it
+        assert torch.equal(batch["X_jets"], reference(images, batch["index"].numpy()))
+        for _ in loader:
+            break
+        with pytest.raises(ZeroDivisionError):
+            for _ in loader:
+                1 / 0
+        it = iter(loader)
+        next(it)
+        del loader  # the iterator keeps it alive; dropping both stops the workers
+        del it
+        gc.collect()
+        assert native_threads() == baseline
+        with JetLoader(files["gzip"], 4) as loader:
+            next(iter(loader))
+        assert native_threads() == baseline
+        with pytest.raises(RuntimeError, match="closed"):
+            iter(loader)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.mark.skipif(not HAS_PREFETCH, reason="jetfast._C built without the HDF5 prefetcher")
+def test_superseded_iterator_is_an_error(files):
+    loader = JetLoader(files["lzf"], 4)
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    next(second)
+    with pytest.raises(RuntimeError, match="newer iteration"):
+        next(first)
+    assert len(list(second)) == len(loader) - 1

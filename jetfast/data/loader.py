@@ -363,7 +363,7 @@ class JetLoader:
                 here = np.flatnonzero(chunk_of == c)
                 images[here] = block[index[here] - c * rows]
             tensor = torch.from_numpy(images)
-            tensor = self.transform.to_model(tensor) if self.transform else pad_to_model(tensor).contiguous()
+            tensor = (self.transform.to_model(tensor) if self.transform else pad_to_model(tensor)).contiguous()
             yield self._batch_dict(tensor, index)
 
     # -- lifecycle -------------------------------------------------------------------------

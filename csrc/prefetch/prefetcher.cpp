@@ -1,0 +1,385 @@
+#include "prefetch/prefetcher.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "prefetch/codecs.h"
+
+namespace jetfast {
+
+// ---- buffers ----------------------------------------------------------------------------
+
+BufferPool::~BufferPool() {
+  for (float* b : free_) std::free(b);
+}
+
+float* BufferPool::acquire() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!free_.empty()) {
+      float* b = free_.back();
+      free_.pop_back();
+      return b;
+    }
+    ++allocated_;
+  }
+  const size_t bytes = (static_cast<size_t>(floats_) * sizeof(float) + 63) / 64 * 64;
+  float* b = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+  if (!b) throw std::bad_alloc();
+  // NaN poison: a pixel the writer forgets shows up in every comparison.
+  std::fill(b, b + floats_, std::numeric_limits<float>::quiet_NaN());
+  return b;
+}
+
+void BufferPool::release(float* buffer) {
+  if (!buffer) return;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.size() < keep_) {
+      free_.push_back(buffer);
+      return;
+    }
+  }
+  std::free(buffer);
+}
+
+int64_t BufferPool::allocated() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return allocated_;
+}
+
+// ---- layout + transform -----------------------------------------------------------------
+
+namespace {
+
+template <bool kApply>
+void write_jet_impl(const float* jet, float* out, const IntensityParams& p) {
+  constexpr int64_t S = kModelSize, N = kImageSize, C = kChannels;
+  float pad[C];
+  for (int c = 0; c < C; ++c) pad[c] = kApply ? (0.0f - p.mean[c]) / p.std[c] : 0.0f;
+  for (int c = 0; c < C; ++c) {
+    float* plane = out + c * S * S;
+    std::fill(plane, plane + kPadBefore * S, pad[c]);
+    std::fill(plane + (kPadBefore + N) * S, plane + S * S, pad[c]);
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    const float* src = jet + i * N * C;
+    float* rows[C];
+    for (int c = 0; c < C; ++c) {
+      rows[c] = out + c * S * S + (i + kPadBefore) * S;
+      std::fill(rows[c], rows[c] + kPadBefore, pad[c]);
+      std::fill(rows[c] + kPadBefore + N, rows[c] + S, pad[c]);
+      rows[c] += kPadBefore;
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      for (int c = 0; c < C; ++c) {
+        const float x = src[j * C + c];
+        if constexpr (kApply) {
+          // Most pixels are empty: skip log1p for them (same value as the formula).
+          rows[c][j] = x == 0.0f ? pad[c] : (std::log1p(x / p.scale[c]) - p.mean[c]) / p.std[c];
+        } else {
+          rows[c][j] = x;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void write_model_jet(const float* jet, float* out, const IntensityParams& params) {
+  if (params.apply)
+    write_jet_impl<true>(jet, out, params);
+  else
+    write_jet_impl<false>(jet, out, params);
+}
+
+// ---- prefetcher -------------------------------------------------------------------------
+
+Prefetcher::Prefetcher(const std::string& path, const std::string& name, int num_threads, int prefetch,
+                       const IntensityParams& params)
+    : index_(read_dataset_index(path, name)),
+      params_(params),
+      num_threads_(std::max(1, num_threads)),
+      prefetch_(std::max(1, prefetch)) {
+  if (index_.height != kImageSize || index_.width != kImageSize || index_.channels != kChannels)
+    throw UnsupportedLayout(path + ":" + name + " does not hold (N, 125, 125, 3) images");
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw ReadError(path + ": cannot open: " + std::strerror(errno));
+}
+
+Prefetcher::~Prefetcher() {
+  stop();
+  if (fd_ >= 0) ::close(fd_);
+}
+
+std::string Prefetcher::chunk_context(int64_t chunk) const {
+  std::string where = index_.path + ":" + index_.name;
+  if (!index_.chunked) return where + " jet " + std::to_string(chunk);
+  const int64_t first = chunk * index_.chunk_rows;
+  const int64_t last = std::min(index_.num_jets, first + index_.chunk_rows) - 1;
+  const ChunkLocation& loc = index_.chunks[static_cast<size_t>(chunk)];
+  return where + " chunk " + std::to_string(chunk) + " (jets " + std::to_string(first) + ".." + std::to_string(last) +
+         ", file offset " + std::to_string(loc.address) + ", " + std::to_string(loc.stored_size) + " bytes)";
+}
+
+void Prefetcher::read_exact(uint64_t offset, uint64_t size, uint8_t* dst, const std::string& what) {
+  if (offset + size > index_.file_size)
+    throw ReadError(what + ": the file is truncated (needs bytes up to " + std::to_string(offset + size) +
+                    ", the file has " + std::to_string(index_.file_size) + ")");
+  uint64_t done = 0;
+  while (done < size) {
+    const ssize_t got = ::pread(fd_, dst + done, size - done, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw ReadError(what + ": read failed: " + std::strerror(errno));
+    if (got == 0)
+      throw ReadError(what + ": the file is truncated (read " + std::to_string(done) + " of " + std::to_string(size) +
+                      " bytes)");
+    done += static_cast<uint64_t>(got);
+  }
+}
+
+void Prefetcher::decode_chunk(int64_t chunk, uint8_t* dst, Scratch& scratch) {
+  const ChunkLocation& loc = index_.chunks[static_cast<size_t>(chunk)];
+  const uint64_t bytes = index_.chunk_bytes();
+  if (!loc.allocated) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+  // Filters still to undo, last applied first; bit i of the mask = filter i skipped.
+  int active[32];
+  int num_active = 0;
+  for (int i = static_cast<int>(index_.filters.size()) - 1; i >= 0; --i)
+    if (!(loc.filter_mask & (1u << i))) active[num_active++] = index_.filters[static_cast<size_t>(i)];
+  const std::string what = chunk_context(chunk);
+  if (num_active == 0) {
+    if (loc.stored_size != bytes)
+      throw ReadError(what + ": stored unfiltered with " + std::to_string(loc.stored_size) + " bytes; expected " +
+                      std::to_string(bytes));
+    read_exact(loc.address, bytes, dst, what);
+    return;
+  }
+  scratch.raw.resize(loc.stored_size);
+  read_exact(loc.address, loc.stored_size, scratch.raw.data(), what);
+  if (num_active > 1) scratch.stage.resize(bytes);
+  const uint8_t* in = scratch.raw.data();
+  size_t in_size = loc.stored_size;
+  try {
+    for (int step = 0; step < num_active; ++step) {
+      // Alternate between the stage buffer and dst so that the last step lands in dst.
+      uint8_t* out = ((num_active - 1 - step) % 2 == 0) ? dst : scratch.stage.data();
+      switch (active[step]) {
+        case kFilterLzf: lzf_decode(in, in_size, out, bytes); break;
+        case kFilterDeflate: inflate_decode(in, in_size, out, bytes); break;
+        case kFilterShuffle:
+          if (in_size != bytes)
+            throw DecodeError("shuffled data has " + std::to_string(in_size) + " bytes; expected " +
+                              std::to_string(bytes));
+          unshuffle(in, bytes, sizeof(float), out);
+          break;
+      }
+      in = out;
+      in_size = bytes;
+    }
+  } catch (const DecodeError& e) {
+    throw ReadError(what + ": " + e.what());
+  }
+}
+
+const uint8_t* Prefetcher::acquire_chunk(int64_t chunk, Scratch& scratch,
+                                         std::shared_ptr<std::vector<uint8_t>>& hold) {
+  const uint64_t bytes = index_.chunk_bytes();
+  if (chunk_users_[static_cast<size_t>(chunk)] == 1) {
+    scratch.decoded.resize(bytes);
+    decode_chunk(chunk, scratch.decoded.data(), scratch);
+    return scratch.decoded.data();
+  }
+  std::unique_lock<std::mutex> lock(cache_mutex_);
+  auto [it, inserted] = cache_.try_emplace(chunk);
+  CachedChunk& entry = it->second;  // stays valid: erased only after its last user released it
+  if (inserted) {
+    entry.remaining = chunk_users_[static_cast<size_t>(chunk)];
+    lock.unlock();
+    auto decoded = std::make_shared<std::vector<uint8_t>>(bytes);
+    std::string error;
+    try {
+      decode_chunk(chunk, decoded->data(), scratch);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    lock.lock();
+    if (error.empty()) {
+      entry.bytes = decoded;
+      entry.state = CachedChunk::State::kReady;
+    } else {
+      entry.error = error;
+      entry.state = CachedChunk::State::kFailed;
+    }
+    cache_cv_.notify_all();
+  } else {
+    cache_cv_.wait(lock, [&] { return entry.state != CachedChunk::State::kDecoding || stopping_; });
+  }
+  if (entry.state == CachedChunk::State::kFailed) throw ReadError(entry.error);
+  if (entry.state == CachedChunk::State::kDecoding) throw ReadError("stopped");
+  hold = entry.bytes;
+  return hold->data();
+}
+
+void Prefetcher::release_chunk(int64_t chunk) {
+  if (chunk_users_[static_cast<size_t>(chunk)] == 1) return;
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  auto it = cache_.find(chunk);
+  if (it != cache_.end() && --it->second.remaining == 0) cache_.erase(it);
+}
+
+void Prefetcher::fill_batch(int64_t batch, float* out, Scratch& scratch) {
+  const std::vector<Piece>& plan = plans_[static_cast<size_t>(batch)];
+  const int64_t jet_bytes = index_.jet_floats * 4;
+  if (!index_.chunked) {
+    // Contiguous rows: read each jet where it lies.
+    scratch.decoded.resize(static_cast<size_t>(jet_bytes));
+    for (const Piece& piece : plan) {
+      if (index_.contiguous_allocated)
+        read_exact(index_.contiguous_address + static_cast<uint64_t>(piece.chunk) * jet_bytes, jet_bytes,
+                   scratch.decoded.data(), chunk_context(piece.chunk));
+      else
+        std::memset(scratch.decoded.data(), 0, jet_bytes);
+      write_model_jet(reinterpret_cast<const float*>(scratch.decoded.data()), out + piece.position * kModelJetFloats,
+                      params_);
+    }
+    return;
+  }
+  size_t begin = 0;
+  while (begin < plan.size()) {
+    const int64_t chunk = plan[begin].chunk;
+    size_t end = begin;
+    while (end < plan.size() && plan[end].chunk == chunk) ++end;
+    std::shared_ptr<std::vector<uint8_t>> hold;
+    const uint8_t* jets = acquire_chunk(chunk, scratch, hold);
+    for (size_t k = begin; k < end; ++k)
+      write_model_jet(reinterpret_cast<const float*>(jets + plan[k].row * jet_bytes),
+                      out + plan[k].position * kModelJetFloats, params_);
+    hold.reset();
+    release_chunk(chunk);
+    begin = end;
+  }
+}
+
+void Prefetcher::worker() {
+  Scratch scratch;
+  for (;;) {
+    int64_t batch;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      work_cv_.wait(lock, [&] {
+        return stopping_ || failed_ || next_claim_ >= num_batches_ || next_claim_ < next_deliver_ + prefetch_;
+      });
+      if (stopping_ || failed_ || next_claim_ >= num_batches_) return;
+      batch = next_claim_++;
+    }
+    float* buffer = nullptr;
+    std::string error;
+    try {
+      buffer = pool_->acquire();
+      fill_batch(batch, buffer, scratch);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    Slot& slot = slots_[static_cast<size_t>(batch)];
+    slot.buffer = buffer;
+    slot.error = error;
+    slot.ready = true;
+    if (!error.empty()) failed_ = true;
+    ready_cv_.notify_all();
+  }
+}
+
+void Prefetcher::start(const int64_t* order, int64_t count, int64_t batch_size) {
+  stop();
+  if (batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
+  for (int64_t i = 0; i < count; ++i)
+    if (order[i] < 0 || order[i] >= index_.num_jets)
+      throw std::out_of_range("index " + std::to_string(order[i]) + " out of range for " + index_.path +
+                              " with " + std::to_string(index_.num_jets) + " jets");
+  const int64_t floats = batch_size * kModelJetFloats;
+  if (!pool_ || pool_->floats() != floats)
+    pool_ = std::make_shared<BufferPool>(floats, static_cast<size_t>(prefetch_) + 2);
+
+  batch_size_ = batch_size;
+  num_batches_ = (count + batch_size - 1) / batch_size;
+  const int64_t rows = index_.chunked ? index_.chunk_rows : 1;
+  plans_.assign(static_cast<size_t>(num_batches_), {});
+  chunk_users_.assign(index_.chunked ? index_.chunks.size() : 0, 0);
+  for (int64_t b = 0; b < num_batches_; ++b) {
+    auto& plan = plans_[static_cast<size_t>(b)];
+    const int64_t first = b * batch_size, last = std::min(count, first + batch_size);
+    for (int64_t i = first; i < last; ++i) plan.push_back({order[i] / rows, order[i] % rows, i - first});
+    std::sort(plan.begin(), plan.end(), [](const Piece& a, const Piece& c) {
+      return a.chunk != c.chunk ? a.chunk < c.chunk : a.row < c.row;
+    });
+    if (index_.chunked)
+      for (size_t k = 0; k < plan.size(); ++k)
+        if (k == 0 || plan[k].chunk != plan[k - 1].chunk) ++chunk_users_[static_cast<size_t>(plan[k].chunk)];
+  }
+  slots_.assign(static_cast<size_t>(num_batches_), Slot{});
+  next_claim_ = next_deliver_ = 0;
+  stopping_ = false;
+  failed_ = false;
+  const int64_t threads = std::min<int64_t>({num_threads_, prefetch_, std::max<int64_t>(num_batches_, 1)});
+  for (int64_t t = 0; t < threads; ++t) threads_.emplace_back([this] { worker(); });
+}
+
+Prefetcher::Batch Prefetcher::next() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (next_deliver_ >= num_batches_ || stopping_) return {};
+  const int64_t batch = next_deliver_;
+  Slot& slot = slots_[static_cast<size_t>(batch)];
+  // After a failure no worker claims new batches: the failed batch reports the error.
+  ready_cv_.wait(lock, [&] { return slot.ready || stopping_ || (failed_ && batch >= next_claim_); });
+  if (!slot.ready && stopping_) return {};
+  if (!slot.ready) throw ReadError(index_.path + ": an earlier batch failed to read");
+  ++next_deliver_;
+  work_cv_.notify_all();
+  Batch result{slot.buffer, std::min(batch_size_, static_cast<int64_t>(plans_[static_cast<size_t>(batch)].size()))};
+  slot.buffer = nullptr;
+  if (!slot.error.empty()) {
+    const std::string error = slot.error;
+    lock.unlock();
+    pool_->release(result.data);
+    throw ReadError(error);
+  }
+  return result;
+}
+
+void Prefetcher::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex_);  // wakes workers waiting on a chunk
+    cache_cv_.notify_all();
+  }
+  work_cv_.notify_all();
+  ready_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (Slot& slot : slots_)
+    if (slot.buffer) {
+      pool_->release(slot.buffer);
+      slot.buffer = nullptr;
+    }
+  cache_.clear();
+  num_batches_ = next_claim_ = next_deliver_ = 0;
+}
+
+}  // namespace jetfast
