@@ -1,0 +1,297 @@
+"""Class-conditional decoder-only Transformer over latent codes (stage 2).
+
+A jet is a sequence of D codes (one per VAE latent dimension, each an index into
+that dimension's bins). The sequence the model reads is
+
+    [class_token, c_0, c_1, ..., c_{D-2}]   ->   predicts   [c_0, c_1, ..., c_{D-1}]
+
+with one start token per class (gluon = vocab+0 for y=0, quark = vocab+1 for y=1)
+plus an unconditional one (vocab+num_classes); training swaps the class token for
+the unconditional one with probability ``p_uncond`` so one model does both.
+
+Positions are learned (position d *is* latent dimension d). Blocks are pre-LayerNorm.
+Training and prefill use ``F.scaled_dot_product_attention`` with a causal mask;
+decoding one token reads a static, preallocated KV cache through the op
+``jetfast.ops.decode_attention`` (Triton on CUDA, batched matmuls on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jetfast.ops import decode_attention
+
+__all__ = [
+    "CLASS_NAMES",
+    "GPTConfig",
+    "GPT",
+    "KVCache",
+    "prefill",
+    "decode_one_token",
+    "decode_n_tokens",
+    "load_gpt",
+]
+
+# Class label (the file's `y`) -> name. Class token id = vocab_size + label.
+CLASS_NAMES = {0: "gluon", 1: "quark"}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bins per latent dimension
+    seq_len: int = 128  # latent dimensions D
+    d_model: int = 256
+    n_heads: int = 8
+    n_layers: int = 4
+    dropout: float = 0.0
+    num_classes: int = 2
+    tie_weights: bool = False  # output head shares the code rows of the token embedding
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        checks = {
+            "vocab_size": self.vocab_size >= 2,
+            "seq_len": self.seq_len >= 1,
+            "d_model": self.d_model >= 1,
+            "n_heads": self.n_heads >= 1 and self.d_model % max(self.n_heads, 1) == 0,
+            "n_layers": self.n_layers >= 1,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "num_classes": self.num_classes >= 1,
+            "mlp_ratio": self.mlp_ratio >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"GPTConfig: invalid {', '.join(bad)} in {self} (d_model must divide by n_heads)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def unconditional_token(self) -> int:
+        return self.vocab_size + self.num_classes
+
+    @property
+    def num_tokens(self) -> int:
+        """Embedding rows: codes, one start token per class, the unconditional one."""
+        return self.vocab_size + self.num_classes + 1
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: (B, H, S_max, Dh)."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        # Not part of the state dict: caches are scratch space, rebuilt per sampling run.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, Dh) at positions [pos, pos+T); return the whole caches."""
+        length = k.shape[2]
+        self.k_cache[:, :, pos : pos + length] = k
+        self.v_cache[:, :, pos : pos + length] = v
+        return self.k_cache, self.v_cache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.d_model = config.d_model
+        # One matmul for q, k and v: the decode step is dominated by such small GEMMs.
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
+        if pos is not None and length == 1:
+            # Decoding: one new token per sequence against the cache.
+            q = qkv[:, 0, 0]  # (B, H, Dh)
+            k_cache, v_cache = self.kv_cache.update(pos, qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2))
+            y = decode_attention(q, k_cache, v_cache, pos + 1)  # (B, H, Dh)
+            y = y.reshape(batch, 1, self.d_model)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh)
+            if pos is not None:
+                if pos != 0:
+                    raise ValueError(f"prefill of {length} tokens must start at position 0; got {pos}")
+                self.kv_cache.update(pos, k, v)
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, H, T, Dh)
+            y = y.transpose(1, 2).reshape(batch, length, self.d_model)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
+        self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.num_tokens, config.d_model)
+        self.pos_emb = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = None if config.tie_weights else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        # GPT-2: scale the residual projections by depth so the residual stream keeps its size.
+        for name, param in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """Start-token ids for class labels (B,); a label of -1 means unconditional."""
+        return torch.where(labels < 0, self.config.unconditional_token, self.config.vocab_size + labels)
+
+    def forward(self, idx: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T).
+
+        ``pos=None``: a full causal pass (training, reference). ``pos=p``: the tokens
+        sit at positions [p, p+T) and their keys/values go into the caches set up by
+        :meth:`setup_caches` (T > 1 only as a prefill from p = 0).
+        """
+        _, length = idx.shape
+        start = 0 if pos is None else pos
+        if start + length > self.config.seq_len:
+            raise ValueError(f"GPT: positions up to {start + length} exceed seq_len={self.config.seq_len}")
+        if pos is not None and self.blocks[0].attn.kv_cache is None:
+            raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
+        x = self.tok_emb(idx) + self.pos_emb[start : start + length]  # (B, T, C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, pos)
+        x = self.ln_f(x)
+        weight = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
+        return F.linear(x, weight)  # (B, T, vocab)
+
+    def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a KV cache of (batch, heads, max_len, head_dim) in every layer."""
+        max_len = self.config.seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.config.seq_len:
+            raise ValueError(f"setup_caches: need 1 <= max_len <= seq_len={self.config.seq_len}; got {max_len}")
+        reference = self.pos_emb
+        dtype = reference.dtype if dtype is None else dtype
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            shape = (batch, self.config.n_heads, max_len, self.config.head_dim)
+            if cache is None or cache.k_cache.shape != shape or cache.k_cache.dtype != dtype or (
+                cache.k_cache.device != reference.device
+            ):
+                block.attn.kv_cache = KVCache(batch, self.config.n_heads, max_len, self.config.head_dim, dtype,
+                                              reference.device)
+
+    def clear_caches(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# Cached generation, gpt-fast style: tiny functions with static shapes.
+# --------------------------------------------------------------------------------------
+def prefill(model: GPT, class_tokens: torch.Tensor) -> torch.Tensor:
+    """Run the start tokens (B,) at position 0; return logits (B, vocab) for c_0."""
+    return model(class_tokens.view(-1, 1), pos=0)[:, -1]
+
+
+def decode_one_token(model: GPT, token: torch.Tensor, pos: int) -> torch.Tensor:
+    """Feed code ``token`` (B,) at position ``pos``; return logits (B, vocab) for the next code."""
+    return model(token.view(-1, 1), pos=pos)[:, -1]
+
+
+def decode_n_tokens(model: GPT, logits: torch.Tensor, codes: torch.Tensor, pick, start: int = 0) -> torch.Tensor:
+    """Fill ``codes`` (B, D) from column ``start`` on.
+
+    ``logits`` (B, vocab) predict column ``start``; ``pick(logits, column) -> (B,)``
+    chooses each code (argmax or a draw). Returns ``codes``.
+    """
+    total = codes.shape[1]
+    for column in range(start, total):
+        token = pick(logits, column)
+        codes[:, column] = token
+        if column + 1 < total:
+            # Code `column` sits at sequence position column + 1 (position 0 is the class token).
+            logits = decode_one_token(model, token, column + 1)
+    return codes
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+def load_gpt(gpt_dir_or_ckpt, which: str = "best", map_location="cpu") -> tuple[GPT, GPTConfig]:
+    """Load a trained code Transformer.
+
+    Args:
+        gpt_dir_or_ckpt: a ``train-gpt`` run directory (reads ``checkpoints/{which}.pt``)
+            or a checkpoint file.
+        which: "best" (lowest validation loss) or "last".
+
+    Returns:
+        ``(model.eval(), config)``.
+    """
+    path = Path(gpt_dir_or_ckpt)
+    if path.is_dir():
+        if which not in ("best", "last"):
+            raise ValueError(f"load_gpt: which must be 'best' or 'last'; got {which!r}")
+        path = path / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"load_gpt: no checkpoint at {path} (train one with `jetfast train-gpt`)")
+    # Training checkpoints also hold optimizer and RNG state (plain Python objects).
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise ValueError(f"load_gpt: {path} is not a jetfast GPT checkpoint (no 'config'/'model')")
+    config = GPTConfig.from_dict(payload["config"])
+    model = GPT(config)
+    model.load_state_dict(payload["model"])
+    return model.eval(), config

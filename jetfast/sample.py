@@ -1,0 +1,197 @@
+"""Sampling code sequences from the trained Transformer, with a static KV cache.
+
+Per batch: one prefill of the class tokens, then D-1 cached decode steps, each a
+few small GEMMs plus ``decode_attention`` over the cached prefix. Nothing is
+allocated per step beyond the step's own activations; the caches are allocated
+once per batch size.
+
+Reproducibility: every jet draws its uniforms from its own generator, seeded from
+``(seed, index of the jet)``, and codes are drawn by inverting the CDF with them.
+So a jet depends on the seed and its index, not on ``batch_size``: any batch size
+gives the same jets (up to the last-bit differences GEMMs may show between batch
+sizes, which can very rarely flip a draw that sits on a CDF boundary).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from jetfast.models.gpt import CLASS_NAMES, GPT, decode_n_tokens, prefill
+
+__all__ = ["sample", "class_labels"]
+
+_CLASS_IDS = {name: label for label, name in CLASS_NAMES.items()}
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # Decorrelates neighbouring (seed, index) pairs; torch's CPU generator only
+    # keeps 32 bits of a seed, so the mixed bits matter.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _jet_uniforms(seed: int, start: int, count: int, length: int) -> torch.Tensor:
+    """Uniforms (count, length) in [0, 1); row i depends only on (seed, start + i)."""
+    generator = torch.Generator()
+    out = torch.empty((count, length), dtype=torch.float32)
+    base = _splitmix64(seed & _MASK64)
+    for row in range(count):
+        generator.manual_seed(_splitmix64(base ^ (start + row)))
+        torch.rand(length, generator=generator, out=out[row])
+    return out
+
+
+def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
+    """Class labels (n,) int64 from a name, an int, or per-jet labels; -1 = unconditional."""
+    names = ", ".join(f"{name!r}" for name in _CLASS_IDS)
+
+    def check(label: int) -> int:
+        if not -1 <= label < num_classes:
+            raise ValueError(
+                f"sample: class {label} was not trained (the model knows labels 0..{num_classes - 1}; "
+                "-1 or None means unconditional)"
+            )
+        return label
+
+    if cls is None:
+        return torch.full((n,), -1, dtype=torch.int64)
+    if isinstance(cls, str):
+        key = cls.strip().lower()
+        if key in ("unconditional", "none", "any"):
+            return torch.full((n,), -1, dtype=torch.int64)
+        if key not in _CLASS_IDS:
+            raise ValueError(f"sample: unknown class {cls!r}; use one of {names}, 'unconditional', or an int label")
+        return torch.full((n,), check(_CLASS_IDS[key]), dtype=torch.int64)
+    if isinstance(cls, bool):
+        raise TypeError("sample: cls must be a class name, an int label or per-jet labels, not a bool")
+    if isinstance(cls, (int, np.integer)):
+        return torch.full((n,), check(int(cls)), dtype=torch.int64)
+    labels = torch.as_tensor(np.asarray(cls) if not isinstance(cls, torch.Tensor) else cls)
+    if labels.dtype.is_floating_point:
+        if not torch.equal(labels, labels.round()):
+            raise ValueError("sample: per-jet class labels must be whole numbers (1 = quark, 0 = gluon)")
+    elif labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"sample: per-jet class labels must be integers; got {labels.dtype}")
+    labels = labels.to(torch.int64).reshape(-1).cpu()
+    if labels.numel() != n:
+        raise ValueError(f"sample: got {labels.numel()} per-jet class labels for n={n} jets")
+    if labels.numel():
+        check(int(labels.min()))
+        check(int(labels.max()))
+    return labels
+
+
+def _check_arguments(n, temperature, top_k, top_p, batch_size, vocab):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"sample: n must be a non-negative int; got {n!r}")
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise ValueError(f"sample: temperature must be > 0 and finite; got {temperature} (use greedy=True for argmax)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab):
+        raise ValueError(f"sample: top_k must be an int in [1, {vocab}] (the vocabulary); got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"sample: top_p must be in (0, 1]; got {top_p}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"sample: batch_size must be a positive int; got {batch_size!r}")
+
+
+def _make_picker(temperature: float, top_k: int | None, top_p: float | None, greedy: bool, uniforms):
+    """A ``pick(logits, column) -> codes`` for decode_n_tokens."""
+    if greedy or top_k == 1:
+        return lambda logits, column: logits.argmax(dim=-1)
+
+    def pick(logits: torch.Tensor, column: int) -> torch.Tensor:
+        logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if top_p is not None and top_p < 1.0:
+            # Nucleus: the most probable codes whose mass first reaches top_p (at least one).
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+            outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        cdf = probs.cumsum_(dim=-1)
+        # Inverse CDF; codes of zero probability own an empty interval and are never drawn.
+        target = uniforms[:, column : column + 1] * cdf[:, -1:]
+        return torch.searchsorted(cdf, target, right=True).squeeze_(1).clamp_(max=cdf.shape[-1] - 1)
+
+    return pick
+
+
+def sample(
+    model: GPT,
+    n: int,
+    cls=None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    batch_size: int = 512,
+    device=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate ``n`` code sequences with the KV-cached Transformer.
+
+    Args:
+        model: a :class:`jetfast.models.gpt.GPT` (see :func:`jetfast.models.gpt.load_gpt`).
+        n: number of jets.
+        cls: "quark", "gluon", None / "unconditional", an int label (1 quark, 0 gluon),
+            or per-jet labels of length n (-1 = unconditional).
+        temperature: divides the logits (> 0).
+        top_k: keep the k most probable codes at each step (1 = greedy).
+        top_p: nucleus sampling, keep the most probable codes up to this mass, in (0, 1].
+        greedy: take the most probable code at every step (deterministic).
+        seed: jets depend on (seed, their index) only; None draws a fresh seed.
+        batch_size: jets decoded together (memory: 8 * layers * batch * seq_len * d_model bytes of cache).
+        device: where to run; default the model's device (the model is moved if needed).
+        progress: show a tqdm bar.
+
+    Returns:
+        codes (n, seq_len) uint8 (int16/int32 for vocabularies above 256), on the CPU.
+    """
+    from jetfast.ops import code_dtype_for
+
+    config = model.config
+    _check_arguments(n, temperature, top_k, top_p, batch_size, config.vocab_size)
+    n, batch_size = int(n), int(batch_size)
+    labels = class_labels(cls, n, config.num_classes)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    model.to(device)
+    codes = torch.empty((n, config.seq_len), dtype=code_dtype_for(config.vocab_size))
+    if n == 0:
+        return codes
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=n, unit="jet", desc="sampling codes", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                count = min(batch_size, n - start)
+                model.setup_caches(count)
+                batch_codes = torch.empty((count, config.seq_len), dtype=torch.int64, device=device)
+                uniforms = None if greedy else _jet_uniforms(seed, start, count, config.seq_len).to(device)
+                pick = _make_picker(temperature, top_k, top_p, greedy, uniforms)
+                class_tokens = model.class_tokens(labels[start : start + count].to(device))
+                logits = prefill(model, class_tokens)
+                decode_n_tokens(model, logits, batch_codes, pick)
+                codes[start : start + count] = batch_codes.to("cpu", codes.dtype)
+                bar.update(count)
+    finally:
+        bar.close()
+        model.clear_caches()
+        model.train(was_training)
+    return codes

@@ -1,0 +1,259 @@
+"""The code Transformer: shapes, KV-cached decoding against full re-forwards, the
+sampler, and ``jetfast train-gpt`` on tiny synthetic code files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
+from jetfast.sample import sample
+from jetfast.train import gpt as train_gpt
+
+
+def tiny_model(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    config = dict(vocab_size=37, seq_len=19, d_model=48, n_heads=3, n_layers=2, dropout=0.0)
+    config.update(overrides)
+    return GPT(GPTConfig(**config)).eval()
+
+
+def write_codes_file(path, n=600, dims=8, num_bins=256, seed=0, quark_centre=50, gluon_centre=200, **replace):
+    """Synthetic codes: quark (y=1) codes near ``quark_centre``, gluon (y=0) near ``gluon_centre``."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    centre = np.where(y == 1, quark_centre, gluon_centre)[:, None]
+    codes = np.clip(centre + rng.integers(-6, 7, (n, dims)), 0, num_bins - 1).astype(np.uint8)
+    split = rng.choice(np.array([0] * 8 + [1, 2], np.uint8), n)
+    datasets = {"codes": codes, "y": y, "split": split, "index": np.arange(n, dtype=np.int64)}
+    datasets.update(replace)
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            if value is not None:
+                f[key] = value
+        f.attrs["num_bins"] = num_bins
+        f.attrs["latent_dim"] = dims
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+def test_forward_shapes_and_config_checks():
+    model = tiny_model()
+    idx = torch.randint(0, 37, (5, 19))
+    assert model(idx).shape == (5, 19, 37)
+    assert model(idx[:, :1]).shape == (5, 1, 37)
+    assert model.config.num_tokens == 37 + 2 + 1
+    with pytest.raises(ValueError, match="exceed seq_len"):
+        model(torch.zeros(2, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_heads"):
+        GPTConfig(d_model=48, n_heads=5)
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model(idx[:, :1], pos=0)
+
+
+def test_tied_weights_share_the_code_embedding():
+    model = tiny_model(tie_weights=True)
+    assert model.head is None
+    hidden = {}
+    model.ln_f.register_forward_hook(lambda module, args, out: hidden.update(out=out))
+    logits = model(torch.randint(0, 37, (2, 7)))
+    torch.testing.assert_close(logits, hidden["out"] @ model.tok_emb.weight[:37].T)
+    assert model.num_parameters() < tiny_model().num_parameters()
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_kv_cached_greedy_equals_full_reforward(tie_weights):
+    """Token for token, and each step's logits to fp32 tolerance; the caches hold the full pass's k, v."""
+    model = tiny_model(seed=int.from_bytes(os.urandom(2), "little"), tie_weights=tie_weights)
+    batch, length = 5, model.config.seq_len
+    labels = torch.tensor([0, 1, -1, 1, 0])
+    with torch.inference_mode():
+        model.setup_caches(batch)
+        cached_logits = [prefill(model, model.class_tokens(labels))]
+        tokens = [cached_logits[-1].argmax(-1)]
+        for pos in range(1, length):
+            cached_logits.append(decode_one_token(model, tokens[-1], pos))
+            tokens.append(cached_logits[-1].argmax(-1))
+        cached_codes = torch.stack(tokens, 1)
+
+        # Reference: re-run the whole prefix at every step, no cache.
+        model.clear_caches()
+        seq = model.class_tokens(labels)[:, None]
+        for pos in range(length):
+            logits = model(seq)[:, -1]
+            torch.testing.assert_close(cached_logits[pos], logits, rtol=1e-4, atol=1e-4)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        assert torch.equal(seq[:, 1:], cached_codes)
+
+        # The cache of layer 0 holds exactly the keys/values of the full pass.
+        model.setup_caches(batch)
+        prefill(model, seq[:, 0])
+        for pos in range(1, length):
+            decode_one_token(model, seq[:, pos], pos)
+        qkv = model.blocks[0].attn.qkv(model.blocks[0].ln_1(model.tok_emb(seq[:, :length]) + model.pos_emb))
+        k = qkv.view(batch, length, 3, 3, 16)[:, :, 1].transpose(1, 2)
+        torch.testing.assert_close(model.blocks[0].attn.kv_cache.k_cache, k, rtol=1e-5, atol=1e-5)
+    # Greedy through the public sampler gives the same codes.
+    codes = sample(model, batch, cls=labels, greedy=True, batch_size=2)
+    assert codes.dtype == torch.uint8 and torch.equal(codes.long(), cached_codes)
+
+
+def test_prefill_of_several_tokens_matches_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, 40, (3, 6))
+    with torch.inference_mode():
+        model.setup_caches(3)
+        cached = model(idx, pos=0)
+        torch.testing.assert_close(cached, model(idx), rtol=1e-5, atol=1e-5)
+        step = decode_one_token(model, torch.tensor([1, 2, 3]), 6)
+        full = model(torch.cat([idx, torch.tensor([[1], [2], [3]])], 1))[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampler
+# ---------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_size():
+    model = tiny_model(seed=3)
+    first = sample(model, 11, cls="quark", seed=1234, batch_size=11, top_p=0.95)
+    assert first.shape == (11, 19) and first.dtype == torch.uint8
+    assert torch.equal(first, sample(model, 11, cls="quark", seed=1234, batch_size=11, top_p=0.95))
+    assert torch.equal(first, sample(model, 11, cls="quark", seed=1234, batch_size=4, top_p=0.95))
+    assert not torch.equal(first, sample(model, 11, cls="quark", seed=1235, batch_size=11, top_p=0.95))
+    assert int(first.max()) < 37
+
+
+def test_top_k_and_top_p_restrict_the_draws():
+    model = tiny_model(seed=4)
+    with torch.inference_mode():
+        model.setup_caches(64)
+        logits = prefill(model, model.class_tokens(torch.full((64,), 1)))
+        model.clear_caches()
+    allowed = set(torch.topk(logits[0], 3).indices.tolist())
+    first_codes = sample(model, 64, cls="quark", seed=0, top_k=3, temperature=5.0)[:, 0]
+    assert set(first_codes.tolist()) <= allowed and len(set(first_codes.tolist())) > 1
+    top_one = int(logits[0].argmax())
+    nucleus = sample(model, 32, cls="quark", seed=0, top_p=1e-6)[:, 0]
+    assert set(nucleus.tolist()) == {top_one}
+
+
+def test_class_labels_per_jet():
+    model = tiny_model(seed=5)
+    mixed = sample(model, 6, cls=np.array([1, 0, -1, 1, 0, -1]), greedy=True)
+    assert torch.equal(mixed[0], sample(model, 1, cls="quark", greedy=True)[0])
+    assert torch.equal(mixed[1], sample(model, 1, cls=0, greedy=True)[0])
+    assert torch.equal(mixed[2], sample(model, 1, cls=None, greedy=True)[0])
+    assert sample(model, 0, cls="gluon").shape == (0, 19)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(top_k=38), ValueError, r"top_k must be an int in \[1, 37\]"),
+        (dict(top_p=0.0), ValueError, "top_p"),
+        (dict(top_p=1.5), ValueError, "top_p"),
+        (dict(cls="top"), ValueError, "unknown class"),
+        (dict(cls=2), ValueError, "was not trained"),
+        (dict(cls=torch.tensor([0, 1, 5])), ValueError, "was not trained"),
+        (dict(cls=[0, 1]), ValueError, "2 per-jet class labels for n=3"),
+        (dict(cls=True), TypeError, "not a bool"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+    ],
+)
+def test_bad_sampler_arguments_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sample(tiny_model(), 3, **kwargs)
+
+
+def test_single_class_model_rejects_the_other_class():
+    model = tiny_model(num_classes=1)
+    with pytest.raises(ValueError, match="labels 0..0"):
+        sample(model, 2, cls="quark")
+
+
+# ---------------------------------------------------------------------------------------------
+# train-gpt
+# ---------------------------------------------------------------------------------------------
+def run_train(*argv) -> int:
+    parser = train_gpt.argparse.ArgumentParser()
+    train_gpt.add_arguments(parser)
+    return train_gpt.run(parser.parse_args([str(a) for a in argv]))
+
+
+TINY = ["--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "64", "--lr", "3e-3",
+        "--dropout", "0", "--no-progress", "--num-threads", "1"]
+
+
+def test_train_gpt_learns_the_classes_and_resumes(tmp_path):
+    codes_file = write_codes_file(tmp_path / "codes.h5", seed=int.from_bytes(os.urandom(2), "little"))
+    assert run_train(tmp_path, "--epochs", "12", "--max-steps", "80", *TINY) == 0
+    gpt_dir = tmp_path / "gpt"
+    for name in ("config.json", "metrics.jsonl", "README.txt", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "plots/loss.png"):
+        assert (gpt_dir / name).is_file(), name
+    config = json.loads((gpt_dir / "config.json").read_text())
+    assert config["codes"] == str(codes_file.resolve()) and config["num_bins"] == 256
+    metrics = [json.loads(line) for line in (gpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 80
+    assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] - 1.0  # from ~ln(256) = 5.5 nats to well under
+    assert math.isclose(metrics[-1]["val_bpd"], metrics[-1]["val_loss"] / math.log(2))
+
+    model, model_config = load_gpt(gpt_dir)
+    assert not model.training and model_config.seq_len == 8 and model_config.vocab_size == 256
+    quark = sample(model, 200, cls="quark", seed=0).float()
+    gluon = sample(model, 200, cls="gluon", seed=0).float()
+    # Codes follow their class: quark near 50, gluon near 200 (the first code only knows the class token).
+    assert abs(quark[:, 0].median().item() - 50) < 12 and abs(gluon[:, 0].median().item() - 200) < 12
+    assert (quark - 50).abs().median() < 15 and (gluon - 200).abs().median() < 15
+    unconditional = sample(model, 400, cls=None, seed=0).float()[:, 0]
+    assert 0.2 < (unconditional < 125).float().mean() < 0.8  # both classes appear
+
+    # Resume: more epochs continue from the saved step; metrics keep one line per epoch.
+    assert run_train(tmp_path, "--epochs", "14", "--max-steps", "96", "--resume", "--no-progress") == 0
+    resumed = [json.loads(line) for line in (gpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in resumed] == list(range(len(resumed))) and resumed[-1]["step"] == 96
+    assert resumed[-1]["val_loss"] < metrics[0]["val_loss"]
+
+
+def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):
+    write_codes_file(tmp_path / "codes.h5", n=60)
+    out = tmp_path / "elsewhere"
+    assert run_train(tmp_path, "--out", out, "--epochs", "1", *TINY) == 0
+    assert run_train(tmp_path, "--out", out, "--epochs", "1", *TINY) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "replace, match",
+    [
+        (dict(codes=np.full((60, 8), 200, np.uint8)), "outside the vocabulary"),  # num_bins=100 below
+        (dict(y=None), r"lacks dataset\(s\) \['y'\]"),
+        (dict(split=np.full(60, 3, np.uint8)), "split must hold"),
+        (dict(y=np.full(60, 0.5, np.float32)), "y must be 1"),
+        (dict(split=np.zeros(60, np.uint8)), "validation"),
+    ],
+)
+def test_train_gpt_bad_codes_files_are_clear_errors(tmp_path, capsys, replace, match):
+    num_bins = 100 if "codes" in replace else 256
+    write_codes_file(tmp_path / "codes.h5", n=60, num_bins=num_bins, quark_centre=20, gluon_centre=70, **replace)
+    assert run_train(tmp_path, "--epochs", "1", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "jetfast train-gpt: error:" in err
+    assert __import__("re").search(match, err), err
+
+
+def test_train_gpt_missing_codes_file_says_what_to_do(tmp_path, capsys):
+    assert run_train(tmp_path, "--epochs", "1", *TINY) == 2
+    assert "jetfast encode" in capsys.readouterr().err
