@@ -1,0 +1,286 @@
+"""Simulate a quark/gluon jet-image file with Pythia 8 and the detector model.
+
+The N jets are cut into work units of ``UNIT_JETS`` jets. The class of every jet
+is fixed up front (a seeded shuffle of round(N * quark_fraction) quarks and the
+rest gluons), and each unit reseeds Pythia and the detector from (seed, unit), so
+the file depends on the seed and N only, not on how many workers ran. Worker
+processes (started with 'spawn': no HDF5 handle is ever inherited) keep one
+initialised Pythia per flavour and simulate units; the parent writes the units in
+order as they arrive, whole chunks at a time, into ``FILE.tmp-<pid>`` and renames
+it to ``FILE`` only when every jet is in. A failed or interrupted run leaves no
+file under the final name.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import pathlib
+import signal
+
+import numpy as np
+
+from jetfast.data.detector import CMS_LIKE, Detector
+from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, QUARK
+from jetfast.data.pythia import PARTICLE_ETA_MARGIN, JetSelection, JetSource, cluster_jets, pythia_seed, select_jets
+
+UNIT_JETS = 16  # jets per work unit; part of what the seed means, so fixed
+COMPRESSIONS = ("lzf", "gzip", "none")
+# Events without a single accepted jet after which the pT/eta window is called a mistake.
+EFFICIENCY_PROBE = 2000
+
+
+def generate_jets(
+    n: int,
+    out,
+    *,
+    quark_fraction: float = 0.5,
+    seed: int = 0,
+    workers: int | None = None,
+    compression: str = "lzf",
+    pt_min: float = 70.0,
+    pt_max: float = 200.0,
+    eta_max: float = 1.4,
+    chunk: int = 32,
+    overwrite: bool = False,
+    detector: Detector = CMS_LIKE,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Write ``n`` simulated jets to the HDF5 file ``out`` in the ML4SCI layout; return its path.
+
+    ``X_jets`` (n,125,125,3) float32 [Tracks, ECAL, HCAL] in GeV, ``y`` (1 = quark,
+    0 = gluon), ``pt`` and ``m0`` (FastJet jet pT and mass, GeV), and attributes with
+    every generator setting, the library versions and the seed.
+    """
+    out = pathlib.Path(out)
+    selection = JetSelection(pt_min=float(pt_min), pt_max=float(pt_max), eta_max=float(eta_max))
+    _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, overwrite)
+    workers = min(workers or os.cpu_count() or 1, math.ceil(n / UNIT_JETS))
+
+    labels = class_labels(n, quark_fraction, seed)
+    units = [
+        (index, seed, labels[start : start + UNIT_JETS], selection, detector)
+        for index, start in enumerate(range(0, n, UNIT_JETS))
+    ]
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        _write_file(tmp, units, n, labels, seed, quark_fraction, selection, detector, compression, chunk, workers, progress)
+        os.replace(tmp, out)
+    finally:
+        # Reached with the temporary file still there only when the run failed.
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def class_labels(n: int, quark_fraction: float, seed: int) -> np.ndarray:
+    """round(n * quark_fraction) quarks (1) and the rest gluons (0), shuffled by the seed."""
+    n_quark = int(round(n * quark_fraction))
+    labels = np.zeros(n, np.float32)
+    labels[:n_quark] = QUARK
+    np.random.default_rng(np.random.SeedSequence([seed, 0x9E3779B9])).shuffle(labels)
+    return labels
+
+
+def _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, overwrite):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ValueError(f"n must be a positive number of jets; got {n!r}")
+    if not (isinstance(quark_fraction, (int, float)) and 0.0 <= quark_fraction <= 1.0):
+        raise ValueError(f"quark_fraction must be in [0, 1]; got {quark_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
+        raise ValueError(f"workers must be a positive integer (or None for all cores); got {workers!r}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive number of jets per HDF5 chunk; got {chunk!r}")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory; give a file name such as {out / 'jets.h5'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another name or pass overwrite=True (--overwrite)")
+    directory = out.parent if str(out.parent) else pathlib.Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to directory {directory}; choose a writable location")
+
+
+def _write_file(tmp, units, n, labels, seed, quark_fraction, selection, detector, compression, chunk, workers, progress):
+    import h5py
+    from tqdm.auto import tqdm
+
+    from jetfast.data.pythia import pythia_settings, versions
+
+    chunk = min(chunk, n)
+    if compression == "none":
+        layout = {}
+    else:
+        layout = {"chunks": (chunk, IMAGE_SIZE, IMAGE_SIZE, 3), "compression": compression}
+        if compression == "gzip":
+            layout["shuffle"] = True
+    n_events = 0
+    with h5py.File(tmp, "w") as f:
+        images = f.create_dataset(IMAGE_KEY, (n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32, **layout)
+        scalars = {key: f.create_dataset(key, (n,), np.float32) for key in ("y", "pt", "m0")}
+        attrs = {
+            "generator": "jetfast data generate (Pythia 8 + FastJet + CMS-like detector model)",
+            "n": n,
+            "seed": seed,
+            "quark_fraction": quark_fraction,
+            "label_convention": "y = 1 quark, y = 0 gluon (flavour of the matched hard parton)",
+            "pt_min": selection.pt_min,
+            "pt_max": selection.pt_max,
+            "eta_max": selection.eta_max,
+            "jet_algorithm": "anti-kT R = 0.4 on visible final-state particles (FastJet)",
+            "parton_matching": "outgoing hard parton (|status| = 23) within Delta R < 0.4",
+            "pythia_settings_quark": json.dumps(pythia_settings(True, selection)),
+            "pythia_settings_gluon": json.dumps(pythia_settings(False, selection)),
+            "detector": json.dumps(detector.to_dict()),
+            "units": "GeV; pixels are pT (Tracks) and E_T (ECAL, HCAL) in (eta, phi) cells of 0.0174",
+            "work_unit_jets": UNIT_JETS,
+            "compression": compression,
+            **{f"version_{name}": value for name, value in versions().items()},
+        }
+        f.attrs.update(attrs)
+
+        buffered = []  # finished units not yet written, in order
+        written = 0
+        with tqdm(total=n, unit="jet", desc="simulating jets", disable=not progress, smoothing=0.1) as bar:
+            for result in _simulate_units(units, workers):
+                buffered.append(result)
+                bar.update(len(result["y"]))
+                n_events += result["events"]
+                available = sum(len(r["y"]) for r in buffered)
+                # Write whole chunks: a partial chunk would be compressed twice.
+                if available >= chunk or written + available == n:
+                    block = {key: np.concatenate([r[key] for r in buffered]) for key in ("X_jets", "y", "pt", "m0")}
+                    stop = written + len(block["y"])
+                    if not np.array_equal(block["y"], labels[written:stop]):
+                        raise RuntimeError("internal error: simulated jets arrived out of order")
+                    images[written:stop] = block["X_jets"]
+                    for key, dataset in scalars.items():
+                        dataset[written:stop] = block[key]
+                    written = stop
+                    buffered.clear()
+                bar.set_postfix(events=n_events, refresh=False)
+        f.attrs["events"] = n_events
+        if written != n:
+            raise RuntimeError(f"internal error: wrote {written} of {n} jets")
+
+
+def _simulate_units(units, workers):
+    """Yield unit results in unit order, running at most ~2 units per worker ahead."""
+    if workers == 1:
+        for unit in units:
+            yield simulate_unit(*unit)
+        return
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    pending = collections.deque()
+    todo = iter(units)
+    try:
+        for unit in todo:
+            pending.append(executor.submit(simulate_unit, *unit))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for unit in todo:
+                pending.append(executor.submit(simulate_unit, *unit))
+                break
+            yield result
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        # Units already running would otherwise finish first; stopping the workers
+        # makes Ctrl-C and errors take effect at once.
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.terminate()
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+
+
+def _ignore_sigint():
+    # The parent decides what Ctrl-C means; workers just stop when told.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_sources: dict = {}
+
+
+def _source(quark: bool, selection: JetSelection):
+    """One initialised Pythia per flavour and selection per process (init takes ~0.5 s)."""
+    key = (quark, selection)
+    if key not in _sources:
+        _sources[key] = JetSource(quark, selection)
+    return _sources[key]
+
+
+def simulate_unit(index: int, seed: int, labels: np.ndarray, selection: JetSelection, detector: Detector) -> dict:
+    """Simulate the jets of one work unit, in the order of ``labels``.
+
+    Pythia and the detector are reseeded from (seed, index, flavour), so the result
+    does not depend on which process runs the unit or what it ran before.
+    """
+    labels = np.asarray(labels, np.float32)
+    k = len(labels)
+    out = {
+        "X_jets": np.zeros((k, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+        "y": labels.copy(),
+        "pt": np.zeros(k, np.float32),
+        "m0": np.zeros(k, np.float32),
+        "events": 0,
+    }
+    for flavour in (QUARK, 1 - QUARK):
+        slots = np.flatnonzero(labels == flavour)
+        if slots.size == 0:
+            continue
+        sequence = np.random.SeedSequence([seed, index, flavour])
+        pythia_seq, detector_seq = sequence.spawn(2)
+        source = _source(flavour == QUARK, selection)
+        source.reseed(pythia_seed(pythia_seq))
+        rng = np.random.default_rng(detector_seq)
+        filled = 0
+        for image, pt, mass, events in flavour_jets(source, detector, rng):
+            slot = slots[filled]
+            out["X_jets"][slot], out["pt"][slot], out["m0"][slot] = image, pt, mass
+            out["events"] += events
+            filled += 1
+            if filled == slots.size:
+                break
+    return out
+
+
+def flavour_jets(source, detector: Detector, rng):
+    """Yield (image, jet pt, jet mass, events used) for accepted jets of the source's flavour, forever."""
+    selection = source.selection
+    events = accepted = 0
+    cluster_eta = selection.eta_max + PARTICLE_ETA_MARGIN
+    while True:
+        if not source.next_event():
+            continue  # Pythia rejected the event; the next one is independent
+        events += 1
+        central = source.particles(cluster_eta)
+        jets = cluster_jets(central)
+        chosen = select_jets(jets, source.partons(), source.quark, selection)
+        for j in chosen:
+            image = detector.render(
+                central.pt, central.eta, central.phi, central.e, central.pdgid, central.charge,
+                jets.eta[j], jets.phi[j], rng=rng,
+            )
+            accepted += 1
+            yield image, float(jets.pt[j]), float(jets.mass[j]), events
+            events = 0
+        if accepted == 0 and events >= EFFICIENCY_PROBE:
+            raise RuntimeError(
+                f"no jet passed pT in [{selection.pt_min}, {selection.pt_max}) GeV and |eta| < {selection.eta_max} "
+                f"in {events} events; widen the window"
+            )
