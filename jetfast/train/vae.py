@@ -164,6 +164,28 @@ def _epoch_totals(model, loader, beta: float, device, progress=None):
     return totals
 
 
+def train_step(model, net, optimizer, x, beta: float, grad_clip: float, step: int, epoch: int | None = None) -> list[float]:
+    """One optimiser step on the transformed batch ``x``; returns [loss, recon, kl].
+
+    ``net`` is ``model`` or its DistributedDataParallel wrapper. A NaN/inf loss or gradient
+    norm raises :class:`~jetfast.train.common.TrainingDiverged` before the weights change.
+    """
+    import torch
+
+    from jetfast.train.common import check_finite
+
+    x_hat, mu, logvar = net(x)
+    terms = model.loss(x, x_hat, mu, logvar, beta)
+    check_finite(terms["loss"], step, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        check_finite(grad_norm, step, epoch, what="gradient norm")
+    optimizer.step()
+    return [float(terms[k].detach()) for k in ("loss", "recon", "kl")]
+
+
 def _sync_buffers(module) -> None:
     """Copy rank 0's BatchNorm running statistics to every rank before evaluating.
 
@@ -309,18 +331,9 @@ def train(args: argparse.Namespace) -> "RunDir":  # noqa: F821 - RunDir imported
         for batch in train_loader:
             x = batch["X_jets"].to(device, non_blocking=True)
             beta = model.beta_at(step)
-            x_hat, mu, logvar = net(x)
-            terms = model.loss(x, x_hat, mu, logvar, beta)
-            check_finite(terms["loss"], step, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if args.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                check_finite(grad_norm, step, epoch, what="gradient norm")
-            optimizer.step()
+            values = train_step(model, net, optimizer, x, beta, args.grad_clip, step, epoch)
             step += 1
             n = x.shape[0]
-            values = [float(terms[k].detach()) for k in ("loss", "recon", "kl")]
             totals += torch.tensor([v * n for v in values] + [n], dtype=torch.float64)
             bar.set_postfix(loss=f"{values[0]:.4g}", recon=f"{values[1]:.4g}", kl=f"{values[2]:.3g}", beta=f"{beta:.2g}", refresh=False)
             bar.update(1)
