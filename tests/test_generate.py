@@ -172,7 +172,8 @@ def test_select_jets_matches_partons_and_window():
     narrow = JetSelection(100, 200, 1.4)
     np.testing.assert_array_equal(select_jets(jets, quarks, True, narrow), [0])
     assert delta_r(0.0, np.pi - 0.1, 0.0, -np.pi + 0.1) == pytest.approx(0.2)
-    for bad in ((80, 70, 1.4), (0, 70, 1.4), (70, 200, 0.0), (70, 200, 3.0), (70, 9000, 1.0)):
+    for bad in ((80, 70, 1.4), (0, 70, 1.4), (70, 200, 0.0), (70, 200, 3.0), (70, 9000, 1.0), (70, 200, 1.0, 0.0),
+                (70, 200, 1.0, 1.5), (float("nan"), 200, 1.0)):
         with pytest.raises(ValueError):
             JetSelection(*bad)
 
@@ -205,6 +206,7 @@ def test_file_layout_and_attributes(jet_file):
         assert name in attrs
     assert "HardQCD:gg2gg = on" in attrs["pythia_settings_gluon"]
     assert "HardQCD:qq2qq = on" in attrs["pythia_settings_quark"]
+    assert "PhaseSpace:pTHatMin = 49" in attrs["pythia_settings_quark"]  # 0.7 * 70 GeV
 
 
 def test_labels_balanced_and_mixed(jet_file):
@@ -298,6 +300,7 @@ def test_failed_run_leaves_no_file(tmp_path, monkeypatch):
         (dict(pt_min=200.0, pt_max=100.0), ValueError, "pt_min < pt_max"),
         (dict(pt_min=100.0, pt_max=100.0), ValueError, "pt_min < pt_max"),
         (dict(eta_max=4.0), ValueError, "eta_max"),
+        (dict(pthat_min_fraction=1.2), ValueError, "pthat_min_fraction"),
         (dict(compression="zip"), ValueError, "compression"),
         (dict(chunk=0), ValueError, "chunk"),
         (dict(workers=0), ValueError, "workers"),
@@ -354,7 +357,8 @@ def test_cli_help(capsys):
 
 def test_cli_runs_and_reports_errors(tmp_path, capsys):
     out = tmp_path / "cli.h5"
-    assert cli(["--n", "3", "--out", str(out), "--seed", str(SEED), "--workers", "1", "--quiet"]) == 0
+    argv = ["--n", "3", "--out", str(out), "--seed", str(SEED), "--workers", "1", "--pthat-min-fraction", "0.8", "--quiet"]
+    assert cli(argv) == 0
     assert "wrote 3 jets" in capsys.readouterr().out
     assert cli(["--n", "3", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err

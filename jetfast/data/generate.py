@@ -43,6 +43,7 @@ def generate_jets(
     pt_min: float = 70.0,
     pt_max: float = 200.0,
     eta_max: float = 1.4,
+    pthat_min_fraction: float = 0.7,
     chunk: int = 32,
     overwrite: bool = False,
     detector: Detector = CMS_LIKE,
@@ -52,10 +53,13 @@ def generate_jets(
 
     ``X_jets`` (n,125,125,3) float32 [Tracks, ECAL, HCAL] in GeV, ``y`` (1 = quark,
     0 = gluon), ``pt`` and ``m0`` (FastJet jet pT and mass, GeV), and attributes with
-    every generator setting, the library versions and the seed.
+    every generator setting, the library versions and the seed. ``pthat_min_fraction``
+    trades a few low-pT jets for speed (see :class:`jetfast.data.pythia.JetSelection`).
     """
     out = pathlib.Path(out)
-    selection = JetSelection(pt_min=float(pt_min), pt_max=float(pt_max), eta_max=float(eta_max))
+    selection = JetSelection(
+        pt_min=float(pt_min), pt_max=float(pt_max), eta_max=float(eta_max), pthat_min_fraction=float(pthat_min_fraction)
+    )
     _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, overwrite)
     workers = min(workers or os.cpu_count() or 1, math.ceil(n / UNIT_JETS))
 
@@ -134,6 +138,7 @@ def _write_file(tmp, units, n, labels, seed, quark_fraction, selection, detector
             "pt_min": selection.pt_min,
             "pt_max": selection.pt_max,
             "eta_max": selection.eta_max,
+            "pthat_min_fraction": selection.pthat_min_fraction,
             "jet_algorithm": "anti-kT R = 0.4 on visible final-state particles (FastJet)",
             "parton_matching": "outgoing hard parton (|status| = 23) within Delta R < 0.4",
             "pythia_settings_quark": json.dumps(pythia_settings(True, selection)),

@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pt-min", type=float, default=70.0, help="minimum jet pT in GeV (default 70)")
     parser.add_argument("--pt-max", type=float, default=200.0, help="maximum jet pT in GeV (default 200)")
     parser.add_argument("--eta-max", type=float, default=1.4, help="maximum |eta| of the jet axis (default 1.4)")
+    parser.add_argument(
+        "--pthat-min-fraction", type=float, default=0.7,
+        help="Pythia pT-hat-min as a fraction of --pt-min (default 0.7: <1%% of jets lost at the low edge; "
+        "0.8 is ~1.5x faster but loses ~4%% of quark and ~8%% of gluon jets near --pt-min)",
+    )
     parser.add_argument("--no-smearing", action="store_true", help="exact detector deposits, no resolution smearing")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             pt_min=args.pt_min,
             pt_max=args.pt_max,
             eta_max=args.eta_max,
+            pthat_min_fraction=args.pthat_min_fraction,
             chunk=args.chunk,
             overwrite=args.overwrite,
             detector=detector,

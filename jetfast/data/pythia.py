@@ -20,6 +20,7 @@ import dataclasses
 import os
 
 import numpy as np
+import pythia8mc
 
 QUARK_PROCESSES = ("HardQCD:qq2qq", "HardQCD:qqbar2qqbarNew")
 GLUON_PROCESSES = ("HardQCD:gg2gg", "HardQCD:qqbar2gg")
@@ -27,10 +28,9 @@ JET_RADIUS = 0.4
 MATCH_RADIUS = 0.4
 JETS_PER_EVENT = 2
 NEUTRINOS = (12, 14, 16)
-# Jets carry less pT than their parton (radiation out of the cone) and gain a little
-# from the underlying event; this pT-hat window loses few in-window jets while wasting
-# few events on partons that cannot make one.
-PTHAT_LOW, PTHAT_HIGH = 0.8, 1.25
+# Jets carry less pT than their parton (radiation out of the cone) and pT-hat-max
+# only trims the falling tail, so it can sit a little above pt_max.
+PTHAT_MAX_FRACTION = 1.25
 # Particles more than this beyond eta_max can neither belong to an R = 0.4 jet with
 # |eta| < eta_max nor fall in its image (half-width 62.5 cells * 0.0174 = 1.09).
 PARTICLE_ETA_MARGIN = 1.1
@@ -38,11 +38,20 @@ PARTICLE_ETA_MARGIN = 1.1
 
 @dataclasses.dataclass(frozen=True)
 class JetSelection:
-    """Which jets are kept: pT window in GeV and |eta| < eta_max of the jet axis."""
+    """Which jets are kept: pT window in GeV and |eta| < eta_max of the jet axis.
+
+    ``pthat_min_fraction`` sets Pythia's pT-hat-min to that fraction of pt_min. Most
+    events near pT-hat-min make no jet above pt_min, so a higher fraction is faster,
+    but it drops the jets that come out harder than their parton (underlying event,
+    ISR), gluon jets more than quark jets. Measured at the default window (jets lost
+    at the low edge, quark / gluon; kept jets per event):
+    0.7: <1% / <1%, 0.20 / 0.15;  0.8: 4% / 8%, 0.30 / 0.25;  0.9: 11% / 15%, 0.44 / 0.37.
+    """
 
     pt_min: float = 70.0
     pt_max: float = 200.0
     eta_max: float = 1.4
+    pthat_min_fraction: float = 0.7
 
     def __post_init__(self):
         if not (np.isfinite(self.pt_min) and np.isfinite(self.pt_max)) or not 0 < self.pt_min < self.pt_max:
@@ -51,6 +60,8 @@ class JetSelection:
             raise ValueError(f"pt_max={self.pt_max} GeV is beyond the 6.5 TeV beam energy")
         if not 0 < self.eta_max <= 2.5:
             raise ValueError(f"eta_max must be in (0, 2.5] (the tracker acceptance); got {self.eta_max}")
+        if not 0 < self.pthat_min_fraction <= 1:
+            raise ValueError(f"pthat_min_fraction must be in (0, 1]; got {self.pthat_min_fraction}")
 
 
 @dataclasses.dataclass
@@ -90,8 +101,8 @@ def pythia_settings(quark: bool, selection: JetSelection) -> list[str]:
     return [
         "Beams:eCM = 13000.",
         *(f"{name} = on" for name in processes),
-        f"PhaseSpace:pTHatMin = {PTHAT_LOW * selection.pt_min:.6g}",
-        f"PhaseSpace:pTHatMax = {PTHAT_HIGH * selection.pt_max:.6g}",
+        f"PhaseSpace:pTHatMin = {selection.pthat_min_fraction * selection.pt_min:.6g}",
+        f"PhaseSpace:pTHatMax = {PTHAT_MAX_FRACTION * selection.pt_max:.6g}",
         "PartonLevel:MPI = on",
         "PartonLevel:ISR = on",
         "PartonLevel:FSR = on",
@@ -125,16 +136,41 @@ def pythia_seed(seed_sequence: np.random.SeedSequence) -> int:
     return int(seed_sequence.generate_state(1, np.uint64)[0] % 900_000_000) + 1
 
 
+class CentralPartonVeto(pythia8mc.UserHooks):
+    """Drop an event right after the hard process when no outgoing parton is central.
+
+    A kept jet lies within Delta R < 0.4 of its parton, so with no parton at
+    |eta| < eta_max + 0.4 no jet of the event can be kept. The veto is exact (the
+    accepted jets are distributed as without it) and saves the showers, MPI and
+    hadronisation of ~15% of the events.
+    """
+
+    def __init__(self, eta_limit: float):
+        pythia8mc.UserHooks.__init__(self)
+        self.eta_limit = eta_limit
+
+    def canVetoProcessLevel(self):
+        return True
+
+    def doVetoProcessLevel(self, process):
+        for i in range(process.size()):
+            parton = process[i]
+            if parton.status() == 23 and abs(parton.eta()) < self.eta_limit:
+                return False
+        return True
+
+
 class JetSource:
     """One initialised Pythia instance making events of one flavour."""
 
     def __init__(self, quark: bool, selection: JetSelection):
-        import pythia8mc
-
         self.quark = quark
         self.selection = selection
         self.settings = pythia_settings(quark, selection)
         self.pythia = pythia8mc.Pythia("", False)
+        # Held here: Pythia keeps only a raw pointer to the hook.
+        self._veto = CentralPartonVeto(selection.eta_max + MATCH_RADIUS)
+        self.pythia.setUserHooksPtr(self._veto)
         for line in self.settings:
             if not self.pythia.readString(line):
                 raise RuntimeError(f"Pythia rejected the setting {line!r}")
