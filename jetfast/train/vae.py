@@ -172,11 +172,18 @@ def train_step(model, net, optimizer, x, beta: float, grad_clip: float, step: in
     """
     import torch
 
-    from jetfast.train.common import check_finite
+    from jetfast.train.common import check_finite, is_distributed
 
     x_hat, mu, logvar = net(x)
     terms = model.loss(x, x_hat, mu, logvar, beta)
-    check_finite(terms["loss"], step, epoch)
+    loss_seen = terms["loss"].detach()
+    if is_distributed():
+        # Every rank must stop at the same step, or the others would wait forever in backward.
+        import torch.distributed as dist
+
+        loss_seen = loss_seen.reshape(1).clone()
+        dist.all_reduce(loss_seen)  # a NaN/inf on any rank makes the sum non-finite everywhere
+    check_finite(loss_seen, step, epoch)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if grad_clip > 0:
