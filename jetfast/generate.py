@@ -1,0 +1,394 @@
+"""Large-scale generation: codes -> latents -> jet images -> HDF5 in the input layout.
+
+Per block of jets: sample codes with the KV-cached Transformer, dequantize them
+with the run's bins, decode with the VAE, undo the intensity transform, crop back
+to 125x125 channels last, compute pT and mass from the image, and write the block
+into the output file. Memory is one block, whatever N is.
+
+Reproducibility and resuming. Block ``b`` of rank ``r`` is drawn from a seed that
+depends only on ``(seed, r, b)``, so a block is the same whether it is made in
+one run or after a restart. The output is written as ``OUT.partial`` (HDF5 in
+SWMR mode, so a killed writer leaves a readable file) with a progress counter
+that advances only after a block is flushed; ``--resume`` continues from the
+counter, and the finished file is renamed to ``OUT``. A block interrupted half
+way is simply written again.
+
+Under torchrun, rank r writes ``OUT`` with ``.rank{r}-of-{W}`` before the suffix
+(its own share of the jets, its own seed stream), and rank 0 then writes ``OUT``
+as an HDF5 virtual dataset that presents all shards as one file with the usual keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jetfast.data.format import CHANNELS, IMAGE_SIZE, QUARK, GLUON
+
+CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
+_CLASS_CHOICES = ("quark", "gluon", "mix", "unconditional")
+
+
+class GenerationMismatch(ValueError):
+    """A partial output written with other settings than the ones asked to resume."""
+
+
+@dataclass
+class StageTimes:
+    """Wall time spent in each stage, for the progress bar and the benchmark."""
+
+    seconds: dict = field(default_factory=lambda: {"sample": 0.0, "decode": 0.0, "write": 0.0})
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+
+    def shares(self) -> dict:
+        total = sum(self.seconds.values()) or 1.0
+        return {stage: value / total for stage, value in self.seconds.items()}
+
+
+class JetGenerator:
+    """The trained pipeline of one run directory, loaded once.
+
+    ``run_dir`` is a ``jetfast train-vae`` run with ``bins.npz`` (from ``jetfast
+    fit-bins``) and a Transformer in ``run_dir/gpt`` (from ``jetfast train-gpt``),
+    unless ``gpt_dir`` says otherwise.
+    """
+
+    def __init__(self, run_dir, gpt_dir=None, device=None):
+        from jetfast.models.gpt import load_gpt
+        from jetfast.models.vae import load_vae
+
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise FileNotFoundError(f"run directory not found: {self.run_dir}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.vae, self.transform, self.vae_config = load_vae(self.run_dir, map_location=self.device)
+        bins_path = self.run_dir / "bins.npz"
+        if not bins_path.is_file():
+            raise FileNotFoundError(f"{bins_path} not found: fit the latent bins first with `jetfast fit-bins {self.run_dir} --data FILE`")
+        with np.load(bins_path) as bins:
+            self.centers = torch.from_numpy(np.ascontiguousarray(bins["centers"], dtype=np.float32)).to(self.device)
+        gpt_dir = Path(gpt_dir) if gpt_dir is not None else self.run_dir / "gpt"
+        self.gpt, self.gpt_config = load_gpt(gpt_dir, map_location=self.device)
+        self.gpt.to(self.device)
+        latent_dim = self.centers.shape[0]
+        if self.gpt_config.seq_len != latent_dim or self.gpt_config.vocab_size != self.centers.shape[1]:
+            raise ValueError(
+                f"the Transformer in {gpt_dir} models {self.gpt_config.seq_len} codes of {self.gpt_config.vocab_size} bins, "
+                f"but {bins_path} has {latent_dim} dimensions x {self.centers.shape[1]} bins: retrain it on this run's codes"
+            )
+
+    @torch.inference_mode()
+    def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, **sampling) -> np.ndarray:
+        """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional)."""
+        from jetfast import dequantize
+        from jetfast.sample import sample
+
+        times = times or StageTimes()
+        start = time.perf_counter()
+        codes = sample(self.gpt, len(labels), cls=labels, seed=seed, batch_size=max(1, len(labels)), device=self.device, **sampling)
+        times.add("sample", time.perf_counter() - start)
+        start = time.perf_counter()
+        latents = dequantize(codes.to(self.device), self.centers)
+        model_images = self.vae.decode(latents)
+        images = self.transform.to_images(model_images).float().cpu().numpy()
+        times.add("decode", time.perf_counter() - start)
+        return images
+
+
+def block_seed(seed: int, rank: int, block: int) -> int:
+    """A 63-bit seed for one block that depends only on (seed, rank, block)."""
+    digest = hashlib.blake2b(f"jetfast-generate:{seed}:{rank}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def block_labels(cls: str, count: int, seed: int) -> torch.Tensor:
+    """Per-jet labels of one block: all quark, all gluon, a balanced random mix, or -1."""
+    if cls == "quark":
+        return torch.full((count,), QUARK, dtype=torch.int64)
+    if cls == "gluon":
+        return torch.full((count,), GLUON, dtype=torch.int64)
+    if cls == "unconditional":
+        return torch.full((count,), -1, dtype=torch.int64)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 2, size=count)).to(torch.int64)
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}-of-{world}{out.suffix}")
+
+
+def _settings(run_dir, n, cls, batch_size, seed, rank, world, sampling) -> dict:
+    return {
+        "run_dir": str(Path(run_dir).resolve()),
+        "n": int(n),
+        "cls": cls,
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "rank": int(rank),
+        "world_size": int(world),
+        "sampling": {"temperature": 1.0, "top_k": None, "top_p": None, **sampling},
+    }
+
+
+def _create_partial(path: Path, n: int, settings: dict):
+    import h5py
+
+    f = h5py.File(path, "w", libver="latest")
+    f.create_dataset(
+        "X_jets", shape=(n, IMAGE_SIZE, IMAGE_SIZE, len(CHANNELS)), dtype=np.float32,
+        chunks=(min(CHUNK_JETS, max(n, 1)), IMAGE_SIZE, IMAGE_SIZE, len(CHANNELS)), compression="lzf",
+    )
+    for key in ("y", "pt", "m0"):
+        f.create_dataset(key, shape=(n,), dtype=np.float32)
+    f.create_dataset("blocks_done", data=np.zeros(1, np.int64))
+    f.attrs["jetfast_generate"] = json.dumps(settings, sort_keys=True)
+    f.swmr_mode = True  # from here on a killed writer leaves a readable file
+    return f
+
+
+def _open_partial(path: Path, settings: dict):
+    """Reopen a partial output to continue it.
+
+    A writer that was killed leaves the SWMR "open for writing" mark in the file, so
+    HDF5 refuses to open it for writing again; it still reads consistently, so the
+    finished blocks are copied into a fresh partial file, which replaces the old one.
+    """
+    import h5py
+
+    try:
+        f = h5py.File(path, "r+", libver="latest")
+    except OSError:
+        f = None
+    if f is not None:
+        _check_settings(f, path, settings)
+        f.swmr_mode = True
+        return f
+    try:
+        old = h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as exc:
+        raise GenerationMismatch(f"{path} cannot be read to resume ({exc}); delete it to start again") from exc
+    recovered = path.with_name(path.name + ".recover")
+    with old:
+        _check_settings(old, path, settings)
+        done = int(old["blocks_done"][0])
+        jets = min(done * settings["batch_size"], settings["n"])
+        new = _create_partial(recovered, settings["n"], settings)
+        with new:
+            for start in range(0, jets, 1024):
+                stop = min(jets, start + 1024)
+                for key in ("X_jets", "y", "pt", "m0"):
+                    new[key][start:stop] = old[key][start:stop]
+            new.flush()
+            new["blocks_done"][0] = done
+    os.replace(recovered, path)
+    f = h5py.File(path, "r+", libver="latest")
+    f.swmr_mode = True
+    return f
+
+
+def _check_settings(f, path: Path, settings: dict) -> None:
+    written = json.loads(f.attrs.get("jetfast_generate", "{}"))
+    if written != json.loads(json.dumps(settings, sort_keys=True)):
+        f.close()
+        raise GenerationMismatch(
+            f"{path} was written with other settings; resume with the same arguments or delete it.\n"
+            f"  in the file: {written}\n  requested:   {settings}"
+        )
+
+
+def _finish(partial: Path, final: Path) -> None:
+    import h5py
+
+    with h5py.File(partial, "r+") as f:
+        settings = json.loads(f.attrs["jetfast_generate"])
+        del f["blocks_done"]
+        f.attrs["generator"] = "jetfast generate"
+        f.attrs["label_meaning"] = "y = 1 quark, 0 gluon, -1 unconditional"
+        f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        import jetfast
+
+        f.attrs["jetfast_version"] = jetfast.__version__
+    os.replace(partial, final)
+
+
+def generate_file(
+    run_dir,
+    n: int,
+    out,
+    *,
+    cls: str = "mix",
+    batch_size: int = 256,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    gpt_dir=None,
+    device=None,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    generator: JetGenerator | None = None,
+    times: StageTimes | None = None,
+    **sampling,
+) -> Path:
+    """Generate ``n`` jets into ``out`` (this rank's share when ``world_size`` > 1).
+
+    Returns the path written. See the module docstring for resuming and sharding.
+    """
+    from tqdm.auto import tqdm
+
+    from jetfast.data.kinematics import jet_pt_mass
+
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive number of jets; got {n!r}")
+    if cls not in _CLASS_CHOICES:
+        raise ValueError(f"cls must be one of {_CLASS_CHOICES}; got {cls!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    n, out = int(n), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out.parent} does not exist")
+    partial = out.with_name(out.name + ".partial")
+    settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, sampling)
+    if partial.exists() and not resume:
+        raise FileExistsError(
+            f"{partial} is left from an interrupted run: pass resume=True (--resume) to continue it, or delete it"
+        )
+    generator = generator or JetGenerator(run_dir, gpt_dir=gpt_dir, device=device)
+    times = times or StageTimes()
+    f = _open_partial(partial, settings) if partial.exists() else _create_partial(partial, n, settings)
+    num_blocks = (n + batch_size - 1) // batch_size
+    try:
+        done = int(f["blocks_done"][0])
+        first_jet = min(done * batch_size, n)
+        bar = tqdm(total=n, initial=first_jet, unit="jet", desc=f"generating {out.name}", disable=not progress, smoothing=0.1)
+        for block in range(done, num_blocks):
+            start, stop = block * batch_size, min(n, (block + 1) * batch_size)
+            seed_b = block_seed(seed, rank, block)
+            labels = block_labels(cls, stop - start, seed_b)
+            images = generator.jets(labels, seed_b, times, **sampling)
+            tick = time.perf_counter()
+            pt, m0 = jet_pt_mass(images)
+            f["X_jets"][start:stop] = images
+            f["y"][start:stop] = labels.numpy().astype(np.float32)
+            f["pt"][start:stop] = pt
+            f["m0"][start:stop] = m0
+            f.flush()
+            f["blocks_done"][0] = block + 1  # only after the block is on disk
+            f.flush()
+            times.add("write", time.perf_counter() - tick)
+            bar.update(stop - start)
+            bar.set_postfix({stage: f"{share:.0%}" for stage, share in times.shares().items()})
+        bar.close()
+    finally:
+        f.close()
+    _finish(partial, out)
+    return out
+
+
+def write_virtual_dataset(out: Path, shards: list[Path]) -> Path:
+    """Write ``out`` as an HDF5 virtual dataset concatenating the shards along N."""
+    import h5py
+
+    sizes, shapes = [], {}
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            sizes.append(f["X_jets"].shape[0])
+            for key in ("X_jets", "y", "pt", "m0"):
+                shapes[key] = (f[key].shape[1:], f[key].dtype)
+    total = sum(sizes)
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w", libver="latest") as f:
+        for key, (tail, dtype) in shapes.items():
+            layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+            offset = 0
+            for shard, size in zip(shards, sizes):
+                # Relative names: HDF5 resolves them beside the virtual file, so the set can move together.
+                layout[offset : offset + size] = h5py.VirtualSource(os.path.relpath(shard, out.parent), key, shape=(size, *tail))
+                offset += size
+            f.create_virtual_dataset(key, layout, fillvalue=0)
+        f.attrs["generator"] = "jetfast generate (virtual dataset over rank shards)"
+        f.attrs["shards"] = json.dumps([shard.name for shard in shards])
+    os.replace(tmp, out)
+    return out
+
+
+def generate(run_dir, n: int, out, **kwargs) -> Path:
+    """Generate ``n`` jets into ``out``; under torchrun, shards per rank plus a virtual dataset."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return generate_file(run_dir, n, out, **kwargs)
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    out = Path(out)
+    share = n // world + (1 if rank < n % world else 0)
+    if torch.cuda.is_available():
+        kwargs.setdefault("device", f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    shards = [shard_path(out, r, world) for r in range(world)]
+    try:
+        generate_file(run_dir, share, shards[rank], rank=rank, world_size=world, progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
+        dist.barrier()
+        if rank == 0:
+            if out.exists() and not kwargs.get("overwrite", False):
+                raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+            write_virtual_dataset(out, shards)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="a trained run: VAE (train-vae), bins.npz (fit-bins) and gpt/ (train-gpt)")
+    # --num-jets is the spelling to use under torchrun, whose own parser mistakes --n for its --nnodes/--nproc-per-node.
+    parser.add_argument("--n", "--num-jets", dest="n", type=int, required=True, help="number of jets to generate (in total, across ranks)")
+    parser.add_argument("--out", required=True, help="output HDF5 file, in the input layout (X_jets, y, pt, m0)")
+    parser.add_argument("--cls", choices=_CLASS_CHOICES, default="mix", help="class of the jets: quark, gluon, a 50/50 mix (default), or unconditional")
+    parser.add_argument("--batch-size", type=int, default=256, help="jets per block (memory and resume granularity; default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="master seed (default 0); the same seed gives the same file")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--gpt-dir", default=None, help="Transformer run directory (default RUN_DIR/gpt)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most probable codes")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    parser.epilog = (
+        "Under torchrun (torchrun --nproc-per-node W -m jetfast.cli generate RUN --num-jets N --out OUT), each rank "
+        "writes OUT.rank{r}-of-{W}.h5 and rank 0 writes OUT as a virtual dataset over them."
+    )
+
+
+def run(args) -> int:
+    sampling = {"temperature": args.temperature}
+    if args.top_k is not None:
+        sampling["top_k"] = args.top_k
+    if args.top_p is not None:
+        sampling["top_p"] = args.top_p
+    start = time.perf_counter()
+    times = StageTimes()
+    out = generate(
+        args.run_dir, args.n, args.out, cls=args.cls, batch_size=args.batch_size, seed=args.seed,
+        resume=args.resume, overwrite=args.overwrite, gpt_dir=args.gpt_dir, device=args.device, times=times, **sampling,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        seconds = time.perf_counter() - start
+        shares = ", ".join(f"{stage} {share:.0%}" for stage, share in times.shares().items())
+        print(f"wrote {args.n} jets to {out} in {seconds:.1f} s ({args.n / seconds:.1f} jets/s; {shares})")
+    return 0
