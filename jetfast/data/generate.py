@@ -185,6 +185,7 @@ def _simulate_units(units, workers):
 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
@@ -196,7 +197,13 @@ def _simulate_units(units, workers):
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            result = pending.popleft().result()
+            try:
+                result = pending.popleft().result()
+            except BrokenProcessPool as exc:
+                raise RuntimeError(
+                    "a generator worker process died (killed, or out of memory); no file was written. "
+                    "Try fewer --workers."
+                ) from exc
             for unit in todo:
                 pending.append(executor.submit(simulate_unit, *unit))
                 break

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     def terminate(signum, frame):
         # Unwind normally on `kill` so the temporary file is removed.
+        print("terminated; no file written", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     previous_handler = signal.signal(signal.SIGTERM, terminate)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             detector=detector,
             progress=not args.quiet,
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"jetfast data generate: error: {exc}", file=sys.stderr)
         return 2
     finally:
