@@ -173,6 +173,7 @@ class JetLoader:
         self._native = None
         self._h5file = None
         self._generation = 0
+        self._closed = False
 
         self.file_jets = validate_jet_file(self.path, self.keys)
         self._read_layout_and_scalars()
@@ -254,6 +255,7 @@ class JetLoader:
                 raise JetReadError(str(exc)) from None
         if self._native is not None:
             self.backend = "native"
+            self._read_error = c.ReadError
             return
         if required:
             raise RuntimeError(f"native backend requested but unavailable: {reason}")
@@ -282,7 +284,7 @@ class JetLoader:
         return order
 
     def __iter__(self):
-        if self._finalizer is not None and not self._finalizer.alive:
+        if self._closed:
             raise RuntimeError("this JetLoader is closed")
         order = self.epoch_order()
         self.epoch += 1
@@ -301,6 +303,8 @@ class JetLoader:
         return batch
 
     def _check_current(self, generation: int):
+        if self._closed:
+            raise RuntimeError("this JetLoader was closed during iteration")
         if generation != self._generation:
             raise RuntimeError("a newer iteration over this JetLoader started; only the newest one can be used")
 
@@ -312,16 +316,14 @@ class JetLoader:
                 self._check_current(generation)
                 try:
                     images = native.next()
-                except self._native_errors() as exc:
+                except self._read_error as exc:
                     raise JetReadError(str(exc)) from None
+                if images is None:  # stopped under us: only close() does that
+                    raise RuntimeError("this JetLoader was closed during iteration")
                 yield self._batch_dict(torch.from_numpy(images), order[start : start + self.batch_size])
         finally:
             if generation == self._generation and self._native is not None:
                 native.stop()
-
-    @staticmethod
-    def _native_errors():
-        return _native_module().ReadError
 
     def _iter_h5py(self, order: np.ndarray, generation: int):
         import h5py
@@ -379,7 +381,7 @@ class JetLoader:
 
     def close(self) -> None:
         """Stop the worker threads and close the file; the loader cannot be iterated afterwards."""
-        self._generation += 1
+        self._closed = True
         self._finalizer()
         self._native = None
         self._h5file = None
