@@ -1,0 +1,357 @@
+"""jetfast evaluate: observables against hand computations, metrics against scipy and
+naive references, and the whole report on synthetic jet files."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from scipy.stats import wasserstein_distance
+
+from jetfast.data.format import JetFileError
+from jetfast.data.kinematics import CELL_SIZE, cell_centres, jet_pt_mass
+from jetfast.evaluate import metrics
+from jetfast.evaluate.observables import (
+    CORE_RADII,
+    DEFAULT_THRESHOLDS,
+    OBSERVABLES,
+    PROFILE_EDGES,
+    compute_observables,
+    radial_profile,
+)
+from jetfast.evaluate.report import evaluate, read_jets
+from tests.jetfiles import jet_images, write_jet_file
+
+C = 62  # the central pixel: the jet axis
+COORDS = cell_centres()
+
+
+def _dr(i, j):
+    return float(np.hypot(COORDS[i], COORDS[j]))
+
+
+def _empty(n=1):
+    return np.zeros((n, 125, 125, 3), np.float32)
+
+
+# -- observables on hand-made images ----------------------------------------------------------
+def test_one_pixel():
+    images = _empty()
+    images[0, C, C, 1] = 5.0
+    obs = compute_observables(images)
+    assert list(obs) == list(OBSERVABLES)
+    assert obs["ecal_sum"][0] == 5.0 and obs["tracks_sum"][0] == 0 and obs["hcal_sum"][0] == 0
+    assert obs["ecal_mult"][0] == 1 and obs["tracks_mult"][0] == 0 and obs["hcal_mult"][0] == 0
+    assert obs["pt"][0] == pytest.approx(5.0) and obs["mass"][0] == pytest.approx(0.0, abs=1e-3)
+    assert obs["girth"][0] == 0.0
+    for r in ("frac_dr005", "frac_dr01", "frac_dr02", "leading_frac"):
+        assert obs[r][0] == pytest.approx(1.0)
+
+
+def test_two_pixels_kinematics_and_shapes():
+    images = _empty()
+    # 3 GeV three cells to the side in phi, 1 GeV five cells up in eta; plus a Tracks pixel
+    # that must not enter any calorimeter observable.
+    images[0, C, C + 3, 1] = 3.0
+    images[0, C + 5, C, 2] = 1.0
+    images[0, C + 1, C + 1, 0] = 7.0
+    obs = compute_observables(images)
+    eta1, phi1, eta2, phi2 = 0.0, COORDS[C + 3], COORDS[C + 5], 0.0
+    px = 3 * np.cos(phi1) + 1 * np.cos(phi2)
+    py = 3 * np.sin(phi1) + 1 * np.sin(phi2)
+    mass2 = 2 * 3 * 1 * (np.cosh(eta1 - eta2) - np.cos(phi1 - phi2))  # two massless particles
+    assert obs["pt"][0] == pytest.approx(np.hypot(px, py), rel=1e-5)
+    assert obs["mass"][0] == pytest.approx(np.sqrt(mass2), rel=1e-4)
+    dr1, dr2 = _dr(C, C + 3), _dr(C + 5, C)
+    assert obs["girth"][0] == pytest.approx((3 * dr1 + 1 * dr2) / 4, rel=1e-5)
+    expected = {r: (3 * (dr1 < r) + 1 * (dr2 < r)) / 4 for r in CORE_RADII}  # dr1=0.052, dr2=0.087
+    assert obs["frac_dr005"][0] == pytest.approx(expected[0.05])
+    assert obs["frac_dr01"][0] == pytest.approx(expected[0.1])
+    assert obs["frac_dr02"][0] == pytest.approx(expected[0.2])
+    assert obs["leading_frac"][0] == pytest.approx(0.75)
+    assert obs["tracks_sum"][0] == 7.0 and obs["tracks_mult"][0] == 1
+    assert obs["ecal_mult"][0] == 1 and obs["hcal_mult"][0] == 1
+
+
+def test_hcal_tower_block():
+    tower = 2.5
+    images = _empty()
+    images[0, 60:65, 58:63, 2] = tower / 25  # one 5x5 tower, off centre
+    obs = compute_observables(images)
+    assert obs["hcal_sum"][0] == pytest.approx(tower, rel=1e-6)
+    assert obs["hcal_mult"][0] == 25
+    assert obs["leading_frac"][0] == pytest.approx(1 / 25, rel=1e-5)
+    cells = [(i, j) for i in range(60, 65) for j in range(58, 63)]
+    assert obs["girth"][0] == pytest.approx(np.mean([_dr(i, j) for i, j in cells]), rel=1e-5)
+    assert obs["frac_dr005"][0] == pytest.approx(np.mean([_dr(i, j) < 0.05 for i, j in cells]))
+    profile = radial_profile(images)[0]
+    expected = np.histogram([_dr(i, j) for i, j in cells], bins=PROFILE_EDGES)[0] / 25
+    np.testing.assert_allclose(profile, expected, atol=1e-6)
+
+
+def test_threshold_is_strict_and_configurable():
+    images = _empty()
+    images[0, 10, 10] = DEFAULT_THRESHOLDS  # exactly at threshold: not above
+    images[0, 11, 11] = np.array(DEFAULT_THRESHOLDS, np.float32) * 1.5
+    obs = compute_observables(images)
+    assert [obs[f"{c}_mult"][0] for c in ("tracks", "ecal", "hcal")] == [1, 1, 1]
+    obs = compute_observables(images, thresholds=(0.0, 0.0, 1.0))
+    assert [obs[f"{c}_mult"][0] for c in ("tracks", "ecal", "hcal")] == [2, 2, 0]
+    with pytest.raises(ValueError, match="thresholds"):
+        compute_observables(images, thresholds=(1.0, 2.0))
+
+
+def test_empty_jets_and_empty_batch():
+    obs = compute_observables(_empty(2))
+    for name, values in obs.items():
+        assert values.shape == (2,) and np.all(values == 0), name
+    obs = compute_observables(np.zeros((0, 125, 125, 3), np.float32), with_profile=True)
+    assert all(len(v) == 0 for v in obs.values())
+    assert obs["radial_profile"].shape == (0, len(PROFILE_EDGES) - 1)
+
+
+@pytest.mark.parametrize("shape", [(125, 125, 3), (2, 125, 125), (2, 125, 124, 3), (2, 3, 125, 125)])
+def test_bad_shapes(shape):
+    with pytest.raises(ValueError, match="expected jet images"):
+        compute_observables(np.zeros(shape, np.float32))
+
+
+def test_random_images_against_per_jet_reference():
+    rng = np.random.default_rng()
+    n, size = 5, 31  # odd, small images: the functions take any square size
+    images = (rng.random((n, size, size, 3)) < 0.1) * rng.exponential(2.0, (n, size, size, 3))
+    images = images.astype(np.float32)
+    obs = compute_observables(images, with_profile=True)
+    coords = cell_centres(size, CELL_SIZE)
+    dr = np.hypot(coords[:, None], coords[None, :])
+    pt, mass = jet_pt_mass(images)
+    np.testing.assert_allclose(obs["pt"], pt, rtol=1e-5)
+    np.testing.assert_allclose(obs["mass"], mass, rtol=1e-4, atol=1e-4)
+    for k in range(n):
+        calo = images[k, :, :, 1].astype(np.float64) + images[k, :, :, 2]
+        total = calo.sum()
+        assert obs["girth"][k] == pytest.approx((calo * dr).sum() / total, rel=1e-5)
+        assert obs["frac_dr01"][k] == pytest.approx(calo[dr < 0.1].sum() / total, rel=1e-5)
+        assert obs["leading_frac"][k] == pytest.approx(calo.max() / total, rel=1e-5)
+        assert obs["ecal_mult"][k] == np.count_nonzero(images[k, :, :, 1] > DEFAULT_THRESHOLDS[1])
+        assert obs["tracks_sum"][k] == pytest.approx(images[k, :, :, 0].sum(dtype=np.float64), rel=1e-6)
+        expected = np.histogram(dr, bins=PROFILE_EDGES, weights=calo)[0] / total
+        np.testing.assert_allclose(obs["radial_profile"][k], expected, atol=1e-6)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def test_wasserstein_matches_scipy_and_naive_bootstrap():
+    rng = np.random.default_rng()
+    u, v = rng.normal(size=301), rng.exponential(size=157)
+    value, err = metrics.wasserstein(u, v, bootstrap=400, rng=rng)
+    assert value == pytest.approx(wasserstein_distance(u, v))
+    naive = [wasserstein_distance(rng.choice(u, len(u)), rng.choice(v, len(v))) for _ in range(400)]
+    assert err == pytest.approx(np.std(naive, ddof=1), rel=0.25)
+    assert np.isnan(metrics.wasserstein(u, v)[1])
+    with pytest.raises(metrics.TooFewJets):
+        metrics.wasserstein(u, [])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.wasserstein(u, [np.nan])
+
+
+def test_distance_table_floor():
+    rng = np.random.default_rng()
+    real = {"a": rng.normal(size=3000), "b": rng.exponential(size=3000)}
+    same = {"a": rng.normal(size=2001), "b": rng.exponential(size=2001)}
+    shifted = {"a": rng.normal(0.5, 1, size=2001), "b": 2 * rng.exponential(size=2001)}
+    ok = metrics.distance_table(real, same, bootstrap=20)
+    bad = metrics.distance_table(real, shifted, bootstrap=20)
+    for name in real:
+        assert 0.2 < ok[name]["ratio"] < 4
+        assert bad[name]["ratio"] > 4
+        assert ok[name]["n_half"] == 1500 and ok[name]["floor_err"] > 0
+    assert bad["a"]["w"] == pytest.approx(0.5, abs=0.1)
+    assert bad["a"]["w_norm"] == pytest.approx(bad["a"]["w"] / real["a"].std())
+
+
+def test_classifier_two_sample_test():
+    rng = np.random.default_rng()
+    real = rng.normal(size=(800, 4)).astype(np.float32)
+    same = rng.normal(size=(900, 4)).astype(np.float32)
+    other = rng.normal(size=(900, 4)).astype(np.float32)
+    other[:, 2] *= 3.0
+    ok = metrics.classifier_two_sample_test(real, same, bootstrap=20)
+    bad = metrics.classifier_two_sample_test(real, other, bootstrap=20)
+    assert ok["n_per_side"] == 800 and len(ok["fold_aucs"]) == 3
+    assert abs(ok["auc"] - 0.5) < 0.08
+    assert bad["auc"] > 0.7 and bad["auc_err"] > 0
+    with pytest.raises(metrics.TooFewJets, match="two-sample"):
+        metrics.classifier_two_sample_test(real[:10], same)
+
+
+def test_quark_gluon_transfer_needs_both_classes():
+    rng = np.random.default_rng()
+    x = rng.normal(size=(200, 3))
+    y = (np.arange(200) % 2).astype(np.float32)
+    x[y == 1, 0] += 2.0
+    result = metrics.quark_gluon_transfer(x, y, x, y, bootstrap=10)
+    assert result["auc_real"] > 0.8 and result["auc_gen"] > 0.8
+    with pytest.raises(metrics.TooFewJets, match="each class"):
+        metrics.quark_gluon_transfer(x, y, x, np.ones(200), bootstrap=10)
+
+
+# -- the whole report -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """One file of 1400 synthetic jets; real = its first 700, generated files from the rest."""
+    d = tmp_path_factory.mktemp("evaluate")
+    images, labels = jet_images(1400, seed=int(np.random.default_rng().integers(1 << 30)))
+    write_jet_file(d / "real.h5", images=images, labels=labels)
+    write_jet_file(d / "same.h5", images=images[700:], labels=labels[700:], compression="gzip", chunk=50)
+    write_jet_file(d / "scaled.h5", images=2 * images[700:], labels=labels[700:])
+    return d, images, labels
+
+
+def test_real_against_real_is_at_the_floor(synthetic):
+    d, _, _ = synthetic
+    m = evaluate(d / "real.h5", d / "same.h5", d / "out_same", real_indices=np.arange(700),
+                 bootstrap=10, plots=False, progress=False)
+    assert m["real"]["n_used"] == 700 and m["gen"]["n_used"] == 700
+    assert m["c2st"]["auc"] < 0.6
+    ratios = [v["ratio"] for v in m["distances"].values()]
+    assert np.median(ratios) < 2.0
+    qg = m["quark_gluon"]
+    assert qg["auc_real"] > 0.8 and abs(qg["auc_real"] - qg["auc_gen"]) < 0.1
+    assert set(m["distances_by_class"]) == {"quark", "gluon"}
+
+
+def test_scaled_jets_are_detected(synthetic):
+    d, _, _ = synthetic
+    m = evaluate(d / "real.h5", d / "scaled.h5", d / "out_scaled", real_indices=np.arange(700),
+                 bootstrap=10, plots=False, progress=False)
+    assert m["c2st"]["auc"] > 0.9
+    for name in ("tracks_sum", "ecal_sum", "hcal_sum", "pt", "mass"):
+        assert m["distances"][name]["ratio"] > 5, name
+    # Shapes do not change under a global scale: those stay near the floor.
+    assert m["distances"]["girth"]["ratio"] < 3
+
+
+def test_quark_vs_gluon_is_detected(synthetic, tmp_path):
+    _, images, labels = synthetic
+    quarks, gluons = images[labels == 1][:300], images[labels == 0][:300]
+    write_jet_file(tmp_path / "q.h5", images=quarks, labels=np.ones(len(quarks)))
+    write_jet_file(tmp_path / "g.h5", images=gluons, labels=np.zeros(len(gluons)))
+    m = evaluate(tmp_path / "q.h5", tmp_path / "g.h5", tmp_path / "out", bootstrap=0, plots=False, progress=False)
+    assert m["c2st"]["auc"] > 0.8
+    assert m["distances"]["girth"]["ratio"] > 5
+    assert "skipped" in m["quark_gluon"]  # one class per file
+
+
+def test_report_files_and_plots(synthetic):
+    d, _, _ = synthetic
+    out = d / "out_report"
+    m = evaluate(d / "real.h5", d / "same.h5", out, max_jets=150, bootstrap=5, progress=False)
+    assert m["real"]["n_used"] == 150 and m["gen"]["n_used"] == 150
+    stored = json.loads((out / "metrics.json").read_text())
+    assert stored["distances"]["pt"]["w"] == pytest.approx(m["distances"]["pt"]["w"])
+    assert stored["c2st"]["auc"] == pytest.approx(m["c2st"]["auc"])
+    md = (out / "report.md").read_text()
+    assert "| pt |" in md and "floor" in md and "plots/observables.png" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(m["plots"])
+    for rel in m["plots"].values():
+        assert (out / rel).stat().st_size > 10_000, rel
+    for name in ("observables", "classes", "mean_images", "jets_real", "jets_generated", "radial_profile"):
+        assert name in m["plots"]
+    assert not list(out.glob("*.tmp"))
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_nonfinite_jets_are_dropped_and_counted(synthetic, tmp_path):
+    _, images, labels = synthetic
+    bad = images[:100].copy()
+    bad[3, 60, 60, 1] = np.nan
+    bad[7, 0, 0, 2] = np.inf
+    write_jet_file(tmp_path / "bad.h5", images=bad, labels=labels[:100])
+    sample = read_jets(tmp_path / "bad.h5", progress=False)
+    assert sample.n == 98 and sample.n_nonfinite == 2
+    assert any("NaN or inf" in note for note in sample.notes)
+    assert np.isfinite(sample.mean_image()).all()
+    bad[:] = np.nan
+    write_jet_file(tmp_path / "nan.h5", images=bad, labels=labels[:100])
+    with pytest.raises(JetFileError, match="all 100 selected jets have NaN"):
+        read_jets(tmp_path / "nan.h5", progress=False)
+
+
+def test_bad_files(synthetic, tmp_path):
+    d, _, _ = synthetic
+    with pytest.raises(FileNotFoundError, match="not found"):
+        evaluate(tmp_path / "missing.h5", d / "same.h5", tmp_path / "o", progress=False)
+    with h5py.File(tmp_path / "nokey.h5", "w") as f:
+        f["images"] = np.zeros((3, 125, 125, 3), np.float32)
+    with pytest.raises(JetFileError, match="no dataset 'X_jets'"):
+        read_jets(tmp_path / "nokey.h5", progress=False)
+    with h5py.File(tmp_path / "shape.h5", "w") as f:
+        f["X_jets"] = np.zeros((3, 3, 125, 125), np.float32)
+    with pytest.raises(JetFileError, match="channels last"):
+        read_jets(tmp_path / "shape.h5", progress=False)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(JetFileError, match="not a readable HDF5"):
+        read_jets(tmp_path / "text.h5", progress=False)
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f["X_jets"] = _empty(0)
+        f["y"] = np.zeros(0, np.float32)
+    with pytest.raises(JetFileError, match="no jets"):
+        read_jets(tmp_path / "empty.h5", progress=False)
+    with pytest.raises(JetFileError, match="different file"):
+        read_jets(d / "same.h5", np.array([0, 700]), progress=False)
+
+
+def test_few_jets_skip_the_classifiers_but_still_report(synthetic, tmp_path):
+    d, images, labels = synthetic
+    write_jet_file(tmp_path / "few.h5", images=images[:12], labels=labels[:12])
+    m = evaluate(d / "real.h5", tmp_path / "few.h5", tmp_path / "out", bootstrap=0, plots=False, progress=False)
+    assert "needs >= 30" in m["c2st"]["skipped"]
+    assert "skipped" in m["quark_gluon"]
+    assert "Skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_labels_without_classes_are_tolerated(synthetic, tmp_path):
+    _, images, _ = synthetic
+    path = tmp_path / "nolabels.h5"
+    with h5py.File(path, "w") as f:
+        f["X_jets"] = images[:40]
+        f["y"] = np.full(40, 7.0, np.float32)  # not a 0/1 label
+    sample = read_jets(path, progress=False)
+    assert sample.labels is None and "other than 0 and 1" in sample.label_note
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_cli_help(capsys):
+    from jetfast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--real", "--gen", "--out", "--run", "--max-jets", "--threshold", "--bootstrap", "--seed"):
+        assert option in text
+
+
+def test_cli_with_run_split_and_errors(synthetic, tmp_path, capsys):
+    from jetfast.cli import main
+
+    d, _, _ = synthetic
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    test = np.arange(0, 700, 3)
+    np.savez(run_dir / "split.npz", train=np.arange(1, 700, 3), val=np.arange(2, 700, 3), test=test)
+    code = main(["evaluate", "--real", str(d / "real.h5"), "--gen", str(d / "same.h5"), "--run", str(run_dir),
+                 "--no-plots", "--bootstrap", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "report:" in out
+    stored = json.loads((run_dir / "eval" / "same" / "metrics.json").read_text())
+    assert stored["real"]["n_used"] == len(test) and "test split" in stored["real"]["selection"]
+
+    code = main(["evaluate", "--real", str(tmp_path / "missing.h5"), "--gen", str(d / "same.h5"),
+                 "--out", str(tmp_path / "o")])
+    assert code == 1 and "not found" in capsys.readouterr().err
+    assert main(["evaluate", "--real", str(d / "real.h5"), "--gen", str(d / "same.h5")]) == 2
