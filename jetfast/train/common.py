@@ -389,6 +389,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     if keys is None:
@@ -410,6 +411,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
                 ax.plot(xs, ys, style, marker="o", ms=3, label=prefix)
         ax.set_title(quantity)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if positive:
             ax.set_yscale("log")
         ax.legend()
