@@ -289,6 +289,18 @@ def test_failed_run_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenDetector(Detector):
+    def render(self, *args, **kwargs):
+        raise RuntimeError("detector failure")
+
+
+def test_worker_failure_stops_the_run_and_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError, match="detector failure"):
+        gen.generate_jets(64, tmp_path / "jets.h5", seed=SEED, workers=2, detector=BrokenDetector(), progress=False)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
