@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 
 import h5py
-import numpy as np
 import pytest
 import torch
 

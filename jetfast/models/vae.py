@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from jetfast.data.format import MODEL_SIZE
 

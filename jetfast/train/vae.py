@@ -17,10 +17,13 @@ and ``best.pt`` follow the validation loss, and the test jets are left for
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jetfast.train.common import RunDir
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -208,8 +211,8 @@ def _sync_buffers(module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def train(args: argparse.Namespace) -> "RunDir":  # noqa: F821 - RunDir imported below
-    import numpy as np
+def train(args: argparse.Namespace) -> RunDir:
+    """Run the training described by the ``train-vae`` arguments; return the run directory."""
     import torch
     from tqdm.auto import tqdm
 
@@ -220,7 +223,6 @@ def train(args: argparse.Namespace) -> "RunDir":  # noqa: F821 - RunDir imported
     from jetfast.train.common import (
         EarlyStopping,
         RunDir,
-        TrainingDiverged,
         all_reduce_mean,
         barrier,
         check_finite,
