@@ -24,7 +24,16 @@ import numpy as np
 
 from jetfast.data.detector import CMS_LIKE, Detector
 from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, QUARK
-from jetfast.data.pythia import PARTICLE_ETA_MARGIN, JetSelection, JetSource, cluster_jets, pythia_seed, select_jets
+from jetfast.data.pythia import (
+    PARTICLE_ETA_MARGIN,
+    JetSelection,
+    JetSource,
+    cluster_jets,
+    pythia_seed,
+    pythia_settings,
+    select_jets,
+    versions,
+)
 
 UNIT_JETS = 16  # jets per work unit; part of what the seed means, so fixed
 COMPRESSIONS = ("lzf", "gzip", "none")
@@ -70,7 +79,8 @@ def generate_jets(
     ]
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        _write_file(tmp, units, n, labels, seed, quark_fraction, selection, detector, compression, chunk, workers, progress)
+        attrs = _file_attributes(n, seed, quark_fraction, selection, detector, compression)
+        _write_file(tmp, units, labels, attrs, compression, chunk, workers, progress)
         os.replace(tmp, out)
     finally:
         # Reached with the temporary file still there only when the run failed.
@@ -112,12 +122,35 @@ def _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, 
         raise PermissionError(f"cannot write to directory {directory}; choose a writable location")
 
 
-def _write_file(tmp, units, n, labels, seed, quark_fraction, selection, detector, compression, chunk, workers, progress):
+def _file_attributes(n, seed, quark_fraction, selection: JetSelection, detector: Detector, compression) -> dict:
+    """Everything needed to know how the file was made (and to make it again)."""
+    return {
+        "generator": "jetfast data generate (Pythia 8 + FastJet + CMS-like detector model)",
+        "n": n,
+        "seed": seed,
+        "quark_fraction": quark_fraction,
+        "label_convention": "y = 1 quark, y = 0 gluon (flavour of the matched hard parton)",
+        "pt_min": selection.pt_min,
+        "pt_max": selection.pt_max,
+        "eta_max": selection.eta_max,
+        "pthat_min_fraction": selection.pthat_min_fraction,
+        "jet_algorithm": "anti-kT R = 0.4 on visible final-state particles (FastJet)",
+        "parton_matching": "outgoing hard parton (|status| = 23) within Delta R < 0.4",
+        "pythia_settings_quark": json.dumps(pythia_settings(True, selection)),
+        "pythia_settings_gluon": json.dumps(pythia_settings(False, selection)),
+        "detector": json.dumps(detector.to_dict()),
+        "units": "GeV; pixels are pT (Tracks) and E_T (ECAL, HCAL) in (eta, phi) cells of 0.0174",
+        "work_unit_jets": UNIT_JETS,
+        "compression": compression,
+        **{f"version_{name}": value for name, value in versions().items()},
+    }
+
+
+def _write_file(tmp, units, labels, attrs, compression, chunk, workers, progress):
     import h5py
     from tqdm.auto import tqdm
 
-    from jetfast.data.pythia import pythia_settings, versions
-
+    n = len(labels)
     chunk = min(chunk, n)
     if compression == "none":
         layout = {}
@@ -125,52 +158,33 @@ def _write_file(tmp, units, n, labels, seed, quark_fraction, selection, detector
         layout = {"chunks": (chunk, IMAGE_SIZE, IMAGE_SIZE, 3), "compression": compression}
         if compression == "gzip":
             layout["shuffle"] = True
-    n_events = 0
+    keys = ("X_jets", "y", "pt", "m0")
     with h5py.File(tmp, "w") as f:
-        images = f.create_dataset(IMAGE_KEY, (n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32, **layout)
-        scalars = {key: f.create_dataset(key, (n,), np.float32) for key in ("y", "pt", "m0")}
-        attrs = {
-            "generator": "jetfast data generate (Pythia 8 + FastJet + CMS-like detector model)",
-            "n": n,
-            "seed": seed,
-            "quark_fraction": quark_fraction,
-            "label_convention": "y = 1 quark, y = 0 gluon (flavour of the matched hard parton)",
-            "pt_min": selection.pt_min,
-            "pt_max": selection.pt_max,
-            "eta_max": selection.eta_max,
-            "pthat_min_fraction": selection.pthat_min_fraction,
-            "jet_algorithm": "anti-kT R = 0.4 on visible final-state particles (FastJet)",
-            "parton_matching": "outgoing hard parton (|status| = 23) within Delta R < 0.4",
-            "pythia_settings_quark": json.dumps(pythia_settings(True, selection)),
-            "pythia_settings_gluon": json.dumps(pythia_settings(False, selection)),
-            "detector": json.dumps(detector.to_dict()),
-            "units": "GeV; pixels are pT (Tracks) and E_T (ECAL, HCAL) in (eta, phi) cells of 0.0174",
-            "work_unit_jets": UNIT_JETS,
-            "compression": compression,
-            **{f"version_{name}": value for name, value in versions().items()},
-        }
+        datasets = {IMAGE_KEY: f.create_dataset(IMAGE_KEY, (n, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32, **layout)}
+        datasets.update({key: f.create_dataset(key, (n,), np.float32) for key in keys[1:]})
         f.attrs.update(attrs)
 
-        buffered = []  # finished units not yet written, in order
-        written = 0
+        pending = {key: [] for key in keys}  # simulated jets not yet written, in order
+        written = n_events = 0
         with tqdm(total=n, unit="jet", desc="simulating jets", disable=not progress, smoothing=0.1) as bar:
             for result in _simulate_units(units, workers):
-                buffered.append(result)
-                bar.update(len(result["y"]))
+                for key in keys:
+                    pending[key].append(result[key])
                 n_events += result["events"]
-                available = sum(len(r["y"]) for r in buffered)
-                # Write whole chunks: a partial chunk would be compressed twice.
-                if available >= chunk or written + available == n:
-                    block = {key: np.concatenate([r[key] for r in buffered]) for key in ("X_jets", "y", "pt", "m0")}
-                    stop = written + len(block["y"])
-                    if not np.array_equal(block["y"], labels[written:stop]):
-                        raise RuntimeError("internal error: simulated jets arrived out of order")
-                    images[written:stop] = block["X_jets"]
-                    for key, dataset in scalars.items():
-                        dataset[written:stop] = block[key]
-                    written = stop
-                    buffered.clear()
+                bar.update(len(result["y"]))
                 bar.set_postfix(events=n_events, refresh=False)
+                block = {key: np.concatenate(parts) for key, parts in pending.items()}
+                # Write whole chunks only (a partial chunk would be compressed twice), and the tail at the end.
+                count = len(block["y"]) if written + len(block["y"]) == n else len(block["y"]) // chunk * chunk
+                if count == 0:
+                    continue
+                stop = written + count
+                if not np.array_equal(block["y"][:count], labels[written:stop]):
+                    raise RuntimeError("internal error: simulated jets arrived out of order")
+                for key in keys:
+                    datasets[key][written:stop] = block[key][:count]
+                    pending[key] = [block[key][count:]]
+                written = stop
         f.attrs["events"] = n_events
         if written != n:
             raise RuntimeError(f"internal error: wrote {written} of {n} jets")
