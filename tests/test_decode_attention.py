@@ -74,7 +74,7 @@ def assert_close_to_reference(kernel_error, torch_error, ref_max, dtype):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 @pytest.mark.parametrize("head_dim", [32, 64, 24])
-@pytest.mark.parametrize("length", [1, 7, 128])
+@pytest.mark.parametrize("length", [1, 7, 50, 128])
 def test_cpu_path_matches_fp64_reference(dtype, head_dim, length):
     seed = int.from_bytes(os.urandom(4), "little")
     q, k_cache, v_cache = make_inputs(3, 5, 131, head_dim, length, dtype, seed)
