@@ -300,6 +300,11 @@ def test_bad_files(synthetic, tmp_path):
         f["y"] = np.zeros(0, np.float32)
     with pytest.raises(JetFileError, match="no jets"):
         read_jets(tmp_path / "empty.h5", progress=False)
+    with h5py.File(tmp_path / "partial.h5", "w") as f:
+        f["X_jets"] = _empty(2)
+        f["blocks_done"] = np.zeros(1, np.int64)
+    with pytest.raises(JetFileError, match="unfinished"):
+        read_jets(tmp_path / "partial.h5", progress=False)
     with pytest.raises(JetFileError, match="different file"):
         read_jets(d / "same.h5", np.array([0, 700]), progress=False)
 
@@ -318,7 +323,7 @@ def test_labels_without_classes_are_tolerated(synthetic, tmp_path):
     path = tmp_path / "nolabels.h5"
     with h5py.File(path, "w") as f:
         f["X_jets"] = images[:40]
-        f["y"] = np.full(40, 7.0, np.float32)  # not a 0/1 label
+        f["y"] = np.full(40, -1.0, np.float32)  # unconditional generation
     sample = read_jets(path, progress=False)
     assert sample.labels is None and "other than 0 and 1" in sample.label_note
 
