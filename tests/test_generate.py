@@ -114,16 +114,33 @@ def test_ecal_and_hcal_resolution_match_their_formulas():
     rows, cols, eta, parts = grid_particles(4000, 22, 20.0, 1, rng)
     image = CMS_LIKE.render(*parts, 0.0, 0.0, rng=rng)
     ratio = image[rows, cols, ECAL] * np.cosh(eta) / 20.0
-    sigma = np.hypot(0.03 / np.sqrt(20.0), 0.005)
+    sigma = np.sqrt((0.03 / np.sqrt(20.0)) ** 2 + 0.005**2 + (0.04 / 20.0) ** 2)
     assert abs(ratio.mean() - 1) < 4 * sigma / np.sqrt(ratio.size), SEED
     assert abs(ratio.std() / sigma - 1) < 0.1, SEED
 
     rows, cols, eta, parts = grid_particles(600, 130, 80.0, 5, rng)
     image = CMS_LIKE.render(*parts, 0.0, 0.0, rng=rng)
     ratio = image[rows, cols, HCAL] * 25 * np.cosh(eta) / 80.0
-    sigma = np.hypot(1.0 / np.sqrt(80.0), 0.05)
+    sigma = np.sqrt(1.0 / 80.0 + 0.05**2 + (0.25 / 80.0) ** 2)
     assert abs(ratio.mean() - 1) < 4 * sigma / np.sqrt(ratio.size), SEED
     assert abs(ratio.std() / sigma - 1) < 0.15, SEED
+
+
+def test_noise_only_image_has_the_expected_rate_of_hits():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(SEED)
+    images = np.stack([CMS_LIKE.render([], [], [], [], [], [], 0.7, 0.0, rng=rng) for _ in range(20)])
+    assert not images[..., TRACKS].any()
+    expected = norm.sf(CMS_LIKE.ecal_threshold / CMS_LIKE.ecal_noise)  # ~0.6% of cells
+    rate = np.count_nonzero(images[..., ECAL]) / images[..., ECAL].size
+    assert abs(rate - expected) < 5 * np.sqrt(expected / images[..., ECAL].size), (rate, expected, SEED)
+    lit = images[..., ECAL] > 0
+    # a hit holds at least the threshold energy, as E_T at its row's eta
+    row_eta = 0.7 + cell_centres()
+    assert (images[..., ECAL] * np.cosh(row_eta)[None, :, None] >= CMS_LIKE.ecal_threshold * (1 - 1e-5))[lit].all()
+    hcal_rate = np.count_nonzero(images[..., HCAL]) / images[..., HCAL].size
+    assert hcal_rate < 0.01
 
 
 def test_smeared_images_are_never_negative():

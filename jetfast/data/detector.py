@@ -11,18 +11,21 @@ with phi differences wrapped to [-pi, pi). Channels, in GeV, float32, never nega
   roughly the CMS silicon tracker. Muons leave a track and nothing else.
 * **ECAL**: transverse energy of photons and electrons. Each particle's energy is
   smeared with sigma(E)/E = 3%/sqrt(E) (+) 0.5% and then converted to E_T = E/cosh(eta).
-  Cells whose energy is below ``ecal_threshold`` are zero-suppressed.
+  Every crystal adds Gaussian electronic noise (40 MeV, as in the CMS barrel), and
+  cells whose energy is below ``ecal_threshold`` (100 MeV, 2.5 sigma) are
+  zero-suppressed, so ~0.6% of the cells hold a noise hit, as in real data.
 * **HCAL**: transverse energy of hadrons, charged and neutral, summed in 5 x 5-cell
   towers aligned to the image grid (125 = 25 towers of 5). The tower energy is
-  smeared with sigma(E)/E = 100%/sqrt(E) (+) 5%, towers below ``hcal_threshold``
-  are zero-suppressed, and each tower's E_T is divided by 25 and copied to its 25
-  cells, exactly as in the CMS Open Data file, so HCAL is constant on 5 x 5 blocks.
+  smeared with sigma(E)/E = 100%/sqrt(E) (+) 5%, gets 250 MeV of noise, towers
+  below ``hcal_threshold`` (1 GeV) are zero-suppressed, and each tower's E_T is
+  divided by 25 and copied to its 25 cells, exactly as in the CMS Open Data file,
+  so HCAL is constant on 5 x 5 blocks.
 
 What is left out, on purpose: the magnetic field (charged particles hit the
 calorimeters where their track points), the hadrons' share of energy in the ECAL,
-pile-up and electronic noise (only the zero-suppression thresholds that noise
-implies). Neutrinos are invisible. Gaussian smearing that would make a deposit
-negative is clipped to zero.
+and pile-up. Neutrinos are invisible. Noise is converted to E_T at the cell (or
+tower) centre. Deposits that smearing would make negative are clipped to zero.
+``Detector(smear=False)`` turns off resolution and noise: exact deposits.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ class Detector:
     track_pt_min: float = 0.5
     track_resolution: tuple[float, float] = (0.007, 0.00015)  # (constant, per GeV of pT)
     ecal_resolution: tuple[float, float] = (0.03, 0.005)  # (stochastic, constant)
-    ecal_threshold: float = 0.1  # cell energy; about 3 sigma of crystal noise
+    ecal_noise: float = 0.04  # per crystal
+    ecal_threshold: float = 0.1  # cell energy
     hcal_resolution: tuple[float, float] = (1.0, 0.05)  # (stochastic, constant)
+    hcal_noise: float = 0.25  # per tower
     hcal_threshold: float = 1.0  # tower energy
-    smear: bool = True  # False gives the exact deposits (for tests and studies)
+    smear: bool = True  # False: no resolution, no noise, the exact deposits (for tests and studies)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,7 +113,12 @@ class Detector:
             em_e = np.clip(em_e * (1.0 + rng.standard_normal(em_e.size) * sigma), 0.0, None)
         ecal_e = _sum_by(cell[em], em_e, size * size)
         ecal_et = _sum_by(cell[em], em_e / np.cosh(eta[em]), size * size)
-        image[ECAL] = np.where(ecal_e >= self.ecal_threshold, ecal_et, 0.0)
+        row_eta = jet_eta + (np.arange(size) - (size - 1) / 2.0) * CELL_SIZE
+        if self.smear and self.ecal_noise > 0:
+            noise = rng.standard_normal(size * size) * self.ecal_noise
+            ecal_e += noise
+            ecal_et += noise / np.repeat(np.cosh(row_eta), size)
+        image[ECAL] = np.where(ecal_e >= self.ecal_threshold, np.clip(ecal_et, 0.0, None), 0.0)
 
         # HCAL: sum hadrons into towers, smear the tower, threshold, spread E_T/25 over its cells.
         towers = size // TOWER
@@ -122,7 +132,11 @@ class Detector:
             scale = np.clip(1.0 + rng.standard_normal(int(lit.sum())) * sigma, 0.0, None)
             tower_e[lit] *= scale
             tower_et[lit] *= scale
-        tower_et = np.where(tower_e >= self.hcal_threshold, tower_et, 0.0).reshape(towers, towers)
+            if self.hcal_noise > 0:
+                noise = rng.standard_normal(towers * towers) * self.hcal_noise
+                tower_e += noise
+                tower_et += noise / np.repeat(np.cosh(row_eta[TOWER // 2 :: TOWER]), towers)
+        tower_et = np.where(tower_e >= self.hcal_threshold, np.clip(tower_et, 0.0, None), 0.0).reshape(towers, towers)
         hcal = np.repeat(np.repeat(tower_et / (TOWER * TOWER), TOWER, axis=0), TOWER, axis=1)
         image[HCAL] = hcal.reshape(-1)
 
