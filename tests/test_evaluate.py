@@ -150,6 +150,9 @@ def test_wasserstein_matches_scipy_and_naive_bootstrap():
     naive = [wasserstein_distance(rng.choice(u, len(u)), rng.choice(v, len(v))) for _ in range(400)]
     assert err == pytest.approx(np.std(naive, ddof=1), rel=0.25)
     assert np.isnan(metrics.wasserstein(u, v)[1])
+    # The subsampled bootstrap of large samples estimates the same error.
+    sub = metrics.wasserstein(u, v, bootstrap=400, rng=rng, max_bootstrap_size=150)
+    assert sub[0] == value and sub[1] == pytest.approx(err, rel=0.35)
     with pytest.raises(metrics.TooFewJets):
         metrics.wasserstein(u, [])
     with pytest.raises(ValueError, match="NaN"):
@@ -356,7 +359,18 @@ def test_cli_with_run_split_and_errors(synthetic, tmp_path, capsys):
     stored = json.loads((run_dir / "eval" / "same" / "metrics.json").read_text())
     assert stored["real"]["n_used"] == len(test) and "test split" in stored["real"]["selection"]
 
+    # Without --real the run's own data file (config.json "data") is the real sample.
+    (run_dir / "config.json").write_text(json.dumps({"data": str(d / "real.h5")}))
+    code = main(["evaluate", "--gen", str(d / "same.h5"), "--run", str(run_dir), "--out", str(tmp_path / "o2"),
+                 "--no-plots", "--bootstrap", "0", "--max-jets", "100"])
+    assert code == 0
+    stored = json.loads((tmp_path / "o2" / "metrics.json").read_text())
+    assert stored["real"]["path"] == str(d / "real.h5") and stored["real"]["n_used"] == 100
+    capsys.readouterr()
+
     code = main(["evaluate", "--real", str(tmp_path / "missing.h5"), "--gen", str(d / "same.h5"),
                  "--out", str(tmp_path / "o")])
     assert code == 1 and "not found" in capsys.readouterr().err
     assert main(["evaluate", "--real", str(d / "real.h5"), "--gen", str(d / "same.h5")]) == 2
+    assert main(["evaluate", "--gen", str(d / "same.h5"), "--out", str(tmp_path / "o3")]) == 1
+    assert "give --real" in capsys.readouterr().err

@@ -420,8 +420,9 @@ def plot_radial_profile(real: JetSample, gen: JetSample, path: Path) -> Path:
             ax.stairs(r.mean(0), PROFILE_EDGES, color=color, linewidth=1.5, label=f"{label} real")
             ax.errorbar(centres, g.mean(0), yerr=g.std(0) / np.sqrt(len(g)), fmt="o", ms=3, color=color,
                         label=f"{label} generated")
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ax_ratio.plot(centres, g.mean(0) / r.mean(0), "o-", ms=3, color=color)
+            # The ratio only where real jets carry at least 0.1% of their pT: beyond, it is noise.
+            shown = r.mean(0) > 1e-3
+            ax_ratio.plot(centres[shown], g.mean(0)[shown] / r.mean(0)[shown], "o-", ms=3, color=color)
         ax.set_yscale("log")
         ax.set_ylabel(r"mean $p_T$ fraction per annulus")
         ax.legend(frameon=False, ncol=2, fontsize=9)
@@ -721,7 +722,8 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
 
 # -- the command ---------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--real", required=True, metavar="FILE", help="real jets (HDF5, ML4SCI layout)")
+    parser.add_argument("--real", metavar="FILE",
+                        help="real jets (HDF5, ML4SCI layout; default with --run: the run's training data file)")
     parser.add_argument("--gen", required=True, metavar="FILE", help="generated jets (HDF5, same layout)")
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default with --run: RUN_DIR/eval/<name of --gen>)")
@@ -754,12 +756,25 @@ def _test_indices(run_dir: str) -> np.ndarray:
     return np.asarray(split["test"], np.int64)
 
 
+def _run_data_file(run_dir: str | None) -> str:
+    """The data file a training run was trained on (its config.json "data")."""
+    config_path = Path(run_dir or ".") / "config.json"
+    if run_dir is None or not config_path.is_file():
+        raise FileNotFoundError("give --real FILE (or --run RUN_DIR of a run whose config.json names its data file)")
+    data = json.loads(config_path.read_text()).get("data")
+    if not data:
+        raise KeyError(f"{config_path} does not name a data file; give --real FILE")
+    return data
+
+
 def run(args) -> int:
     if args.out is None and args.run is None:
         print("jetfast evaluate: give --out DIR (or --run RUN_DIR to write into RUN_DIR/eval/)", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / "eval" / Path(args.gen).stem
     try:
+        if args.real is None:
+            args.real = _run_data_file(args.run)
         if args.run:
             indices = _test_indices(args.run)
             note = f"test split of {args.run} ({len(indices)} jets)"
@@ -771,7 +786,8 @@ def run(args) -> int:
                            thresholds=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
                            plots=not args.no_plots, real_note=note)
     except (OSError, ValueError, KeyError) as exc:
-        print(f"jetfast evaluate: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no repr quotes
+        print(f"jetfast evaluate: error: {message}", file=sys.stderr)
         return 1
     c2st = metrics["c2st"]
     if "auc" in c2st:
