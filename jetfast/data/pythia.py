@@ -78,9 +78,6 @@ class Particles:
     def __len__(self):
         return len(self.pt)
 
-    def select(self, mask) -> "Particles":
-        return Particles(*(getattr(self, f.name)[mask] for f in dataclasses.fields(self)))
-
 
 @dataclasses.dataclass
 class Jets:
@@ -249,7 +246,7 @@ _banner_shown = False
 
 
 def cluster_jets(particles: Particles, radius: float = JET_RADIUS, pt_min: float = 5.0) -> Jets:
-    """Anti-kT jets of the particles with pT > ``pt_min``, leading first.
+    """Anti-kT jets above ``pt_min`` (GeV) made of the particles, leading first.
 
     Uses FastJet's classic ``ClusterSequence`` on a list of ``PseudoJet``: for the
     ~250 central particles of an event this takes ~0.6 ms, where the awkward-array
