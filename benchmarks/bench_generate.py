@@ -15,11 +15,11 @@ import time
 import numpy as np
 import pytest
 
-from jetfast.data import generate as gen
-from jetfast.data.pythia import JetSelection
-
 pytest.importorskip("pythia8mc")
 pytest.importorskip("fastjet")
+
+from jetfast.data import generate as gen  # noqa: E402
+from jetfast.data.pythia import JetSelection  # noqa: E402
 
 SELECTION = JetSelection()
 EVENTS, JETS = 100, 32
