@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common/cuda_info.h"
+#include "kmeans/kmeans_bind.h"
 #include "quantize/quantize_bind.h"
 #ifdef JETFAST_WITH_PREFETCH
 #include "prefetch/prefetch_bind.h"
@@ -22,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &jetfast::cuda_device_count,
         "Number of CUDA devices the runtime sees (0 without a driver or without a CUDA build)");
   jetfast::bind_quantize(m);
+  jetfast::bind_kmeans(m);
 #ifdef JETFAST_WITH_PREFETCH
   jetfast::bind_prefetch(m);
 #endif
