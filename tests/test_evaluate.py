@@ -189,6 +189,16 @@ def test_classifier_two_sample_test():
         metrics.classifier_two_sample_test(real[:10], same)
 
 
+def test_cnn_two_sample_test_sees_images():
+    real, _ = jet_images(240, seed=int(np.random.default_rng().integers(1 << 30)))
+    gen, _ = jet_images(240, seed=int(np.random.default_rng().integers(1 << 30)))
+    coarse = lambda im: im.reshape(len(im), 25, 5, 25, 5, 3).sum(axis=(2, 4))  # noqa: E731
+    far = metrics.cnn_two_sample_test(coarse(real), 5 * coarse(gen), epochs=4, bootstrap=10)
+    assert far["auc"] > 0.85 and far["n_test"] == 160
+    with pytest.raises(metrics.TooFewJets, match="CNN"):
+        metrics.cnn_two_sample_test(coarse(real[:10]), coarse(gen))
+
+
 def test_quark_gluon_transfer_needs_both_classes():
     rng = np.random.default_rng()
     x = rng.normal(size=(200, 3))
@@ -250,8 +260,9 @@ def test_quark_vs_gluon_is_detected(synthetic, tmp_path):
 def test_report_files_and_plots(synthetic):
     d, _, _ = synthetic
     out = d / "out_report"
-    m = evaluate(d / "real.h5", d / "same.h5", out, max_jets=150, bootstrap=5, progress=False)
-    assert m["real"]["n_used"] == 150 and m["gen"]["n_used"] == 150
+    m = evaluate(d / "real.h5", d / "same.h5", out, max_jets=100, bootstrap=5, progress=False, cnn=True)
+    assert m["c2st_cnn"]["n_per_side"] == 100 and 0 <= m["c2st_cnn"]["auc"] <= 1
+    assert m["real"]["n_used"] == 100 and m["gen"]["n_used"] == 100
     stored = json.loads((out / "metrics.json").read_text())
     assert stored["distances"]["pt"]["w"] == pytest.approx(m["distances"]["pt"]["w"])
     assert stored["c2st"]["auc"] == pytest.approx(m["c2st"]["auc"])

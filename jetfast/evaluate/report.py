@@ -56,6 +56,8 @@ class JetSample:
     jets_per_key: dict  # "all" / class -> number of jets in image_sum
     spectrum: np.ndarray  # (3, len(SPECTRUM_EDGES) - 1) pixel counts per channel
     examples: np.ndarray  # (k, 125, 125, 3) a few random jets
+    coarse: np.ndarray | None = None  # (m, 25, 25, 3) 5x5-summed images of random jets, for the CNN test
+    coarse_labels: np.ndarray | None = None
     n_nonfinite: int = 0
     n_negative: int = 0
     label_note: str = ""
@@ -108,11 +110,14 @@ def read_jets(
     chunk_jets: int = DEFAULT_CHUNK_JETS,
     progress: bool = True,
     desc: str = "reading",
+    keep_coarse: int = 0,
 ) -> JetSample:
     """Stream the selected jets of ``path`` (all, or sorted ``indices``) into a :class:`JetSample`.
 
     Reads whole HDF5 chunks in file order, so each compressed chunk is decoded once even
-    when the selection is sparse; memory stays at about ``chunk_jets`` images.
+    when the selection is sparse; memory stays at about ``chunk_jets`` images. With
+    ``keep_coarse`` it also keeps that many random jets summed over 5x5 pixels (one HCAL
+    tower each), (m, 25, 25, 3), for the image classifier test.
     """
     import h5py
     from tqdm.auto import tqdm
@@ -132,6 +137,8 @@ def read_jets(
         if len(selected) == 0:
             raise JetFileError(f"{path}: no jets to evaluate (the file or the selection is empty)")
         examples_wanted = set(rng.choice(selected, size=min(N_EXAMPLES, len(selected)), replace=False).tolist())
+        coarse_wanted = np.sort(rng.choice(selected, size=min(keep_coarse, len(selected)), replace=False))
+        coarse, coarse_labels = [], []
         ds = f[IMAGE_KEY]
         rows_per_chunk = ds.chunks[0] if ds.chunks else 1
         block = max(rows_per_chunk, (chunk_jets // rows_per_chunk) * rows_per_chunk)
@@ -192,6 +199,12 @@ def read_jets(
             for i, row in enumerate(rows):
                 if int(row) in examples_wanted:
                     examples.append(images[i].copy())
+            if len(coarse_wanted):
+                mine = np.isin(rows, coarse_wanted)
+                k = int(mine.sum())
+                coarse.append(images[mine].reshape(k, 25, 5, 25, 5, 3).sum(axis=(2, 4)))
+                if labels_file is not None:
+                    coarse_labels.append(labels_file[rows[mine]])
             bar.update(hi_sel - lo_sel)
         bar.close()
 
@@ -213,6 +226,8 @@ def read_jets(
         jets_per_key=jets_per_key,
         spectrum=spectrum,
         examples=np.stack(examples) if examples else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+        coarse=np.concatenate(coarse) if coarse else None,
+        coarse_labels=np.concatenate(coarse_labels) if coarse_labels else None,
         n_nonfinite=n_nonfinite,
         n_negative=n_negative,
         label_note=label_note,
@@ -564,14 +579,17 @@ def evaluate(
     progress: bool = True,
     chunk_jets: int = DEFAULT_CHUNK_JETS,
     real_note: str = "",
+    cnn: bool = False,
 ) -> dict:
     """Compare generated jets with real ones; write report.md/html, metrics.json, plots/; return the metrics.
 
     ``real_indices`` selects real jets (e.g. a test split); ``max_jets`` caps each side with
-    a random subset; ``thresholds`` are the pixel thresholds (GeV) of the multiplicities.
+    a random subset; ``thresholds`` are the pixel thresholds (GeV) of the multiplicities;
+    ``cnn`` adds the image-level two-sample test (a small CNN, torch; slower).
     """
     from jetfast.evaluate.metrics import (
-        TooFewJets, classifier_two_sample_test, distance_table, features_matrix, quark_gluon_transfer,
+        TooFewJets, classifier_two_sample_test, cnn_two_sample_test, distance_table, features_matrix,
+        quark_gluon_transfer,
     )
 
     t0 = time.perf_counter()
@@ -583,10 +601,11 @@ def evaluate(
     if len(thresholds) != 3 or min(thresholds) < 0:
         raise ValueError(f"thresholds must be 3 non-negative numbers (Tracks, ECAL, HCAL); got {thresholds}")
     out_dir = Path(out_dir)
+    keep_coarse = 10_000 if cnn else 0
     real = read_jets(real_path, real_indices, max_jets=max_jets, thresholds=thresholds, seed=seed,
-                     chunk_jets=chunk_jets, progress=progress, desc="real jets")
+                     chunk_jets=chunk_jets, progress=progress, desc="real jets", keep_coarse=keep_coarse)
     gen = read_jets(gen_path, None, max_jets=max_jets, thresholds=thresholds, seed=seed + 1,
-                    chunk_jets=chunk_jets, progress=progress, desc="generated jets")
+                    chunk_jets=chunk_jets, progress=progress, desc="generated jets", keep_coarse=keep_coarse)
     t_read = time.perf_counter() - t0
 
     metrics = {
@@ -627,6 +646,11 @@ def evaluate(
         metrics["c2st"] = classifier_two_sample_test(real_x, gen_x, bootstrap=bootstrap, seed=seed)
     except TooFewJets as exc:
         metrics["c2st"] = {"skipped": str(exc)}
+    if cnn:
+        try:
+            metrics["c2st_cnn"] = cnn_two_sample_test(real.coarse, gen.coarse, bootstrap=bootstrap, seed=seed)
+        except TooFewJets as exc:
+            metrics["c2st_cnn"] = {"skipped": str(exc)}
     if with_classes:
         try:
             metrics["quark_gluon"] = quark_gluon_transfer(real_x, real.labels, gen_x, gen.labels,
@@ -681,6 +705,15 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
             "A gradient-boosted classifier is trained to tell real from generated jets using the observables "
             "below; 0.5 means it cannot, 1.0 means it always can.",
         ]
+    cnn = m.get("c2st_cnn")
+    if cnn is not None and "skipped" in cnn:
+        c2st_text.append(f"Image CNN test skipped: {cnn['skipped']}")
+    elif cnn is not None:
+        c2st_text.append(
+            f"Image-level test: a small CNN on 25x25 tower-summed images ({cnn['n_per_side']} jets per side, "
+            f"{cnn['n_test']} held out) reaches ROC AUC = **{_pm(cnn['auc'], cnn['auc_err'])}** — "
+            f"{_c2st_verdict(cnn['auc'], cnn['auc_err'])}."
+        )
     sections.append({"heading": "Classifier two-sample test", "text": c2st_text})
 
     qg = m["quark_gluon"]
@@ -737,6 +770,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bootstrap", type=int, default=50, metavar="B",
                         help="bootstrap replicas for the errors (default: %(default)s; 0 = no errors)")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsampling, halves and classifiers")
+    parser.add_argument("--cnn", action="store_true",
+                        help="add an image-level two-sample test: a small CNN on 25x25 tower-summed images "
+                             "(torch; about a minute on 2 cores)")
     parser.add_argument("--no-plots", action="store_true", help="write numbers only (faster)")
 
 
@@ -784,7 +820,7 @@ def run(args) -> int:
                   "on flatter it — pass --run RUN_DIR to use its held-out test split", file=sys.stderr)
         metrics = evaluate(args.real, args.gen, out, real_indices=indices, max_jets=args.max_jets,
                            thresholds=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
-                           plots=not args.no_plots, real_note=note)
+                           plots=not args.no_plots, real_note=note, cnn=args.cnn)
     except (OSError, ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no repr quotes
         print(f"jetfast evaluate: error: {message}", file=sys.stderr)
@@ -792,6 +828,8 @@ def run(args) -> int:
     c2st = metrics["c2st"]
     if "auc" in c2st:
         print(f"classifier two-sample AUC: {_pm(c2st['auc'], c2st['auc_err'])} (0.5 = indistinguishable)")
+    if "auc" in metrics.get("c2st_cnn", {}):
+        print(f"image CNN two-sample AUC: {_pm(metrics['c2st_cnn']['auc'], metrics['c2st_cnn']['auc_err'])}")
     summary = metrics["summary"]
     if summary["median_ratio"] is not None:
         print(f"median distance / noise floor: {summary['median_ratio']:.2f} (1 = as close as two real samples); "
