@@ -257,3 +257,26 @@ def test_train_gpt_bad_codes_files_are_clear_errors(tmp_path, capsys, replace, m
 def test_train_gpt_missing_codes_file_says_what_to_do(tmp_path, capsys):
     assert run_train(tmp_path, "--epochs", "1", *TINY) == 2
     assert "jetfast encode" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_gpt_under_torchrun_two_processes(tmp_path):
+    """DDP on CPU (gloo): both ranks train on their shards, rank 0 writes the run directory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_codes_file(tmp_path / "codes.h5", n=200)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetfast.cli",
+         "train-gpt", str(tmp_path), "--epochs", "2", *TINY],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    metrics = [json.loads(line) for line in (tmp_path / "gpt" / "metrics.jsonl").read_text().splitlines()]
+    assert config["world_size"] == 2 and len(metrics) == 2
+    # Two ranks split each epoch: 2 x ceil((train // 2) / 64) steps in all.
+    assert metrics[-1]["step"] == 2 * math.ceil((config["n_train"] // 2) / 64)
