@@ -33,6 +33,9 @@ LAYOUTS = {
     "gzip+shuffle": dict(compression="gzip", shuffle=True),
     "lzf+shuffle": dict(compression="lzf", shuffle=True),
     "contiguous": dict(chunk=None),
+    # Chunks that cut the images (partial at every edge), as h5py's automatic chunking makes.
+    "lzf tiles": dict(chunks=(9, 16, 50, 2), compression="lzf"),
+    "gzip auto": dict(chunks=True, compression="gzip", shuffle=True),
 }
 N = 101  # with chunks of 7: the last chunk is partial and no batch size divides N
 
@@ -52,6 +55,11 @@ def files(jets, tmp_path_factory):
     paths = {}
     for name, layout in LAYOUTS.items():
         paths[name] = root / f"{name}.h5"
+        if "chunks" in layout:
+            with h5py.File(paths[name], "w") as f:
+                f.create_dataset("X_jets", data=images, **layout)
+                f["y"] = labels
+            continue
         write_jet_file(paths[name], images=images, labels=labels, **{"chunk": 7, **layout})
     return paths
 

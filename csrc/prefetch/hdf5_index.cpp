@@ -43,6 +43,14 @@ const char* filter_name(int id) {
   }
 }
 
+// Element coordinates of chunk `flat` (row-major over the chunk grid).
+void chunk_offset(const DatasetIndex& index, int64_t flat, hsize_t offset[4]) {
+  for (int axis = 3; axis >= 0; --axis) {
+    offset[axis] = static_cast<hsize_t>((flat % index.grid[axis]) * index.chunk_dims[axis]);
+    flat /= index.grid[axis];
+  }
+}
+
 // 0 or `base`: whichever makes the bytes at a chunk's address equal what
 // H5Dread_chunk returns for it (HDF5 versions differ in what they report).
 uint64_t chunk_address_shift(const std::string& path, const std::string& name, hid_t dset, const DatasetIndex& index,
@@ -51,7 +59,8 @@ uint64_t chunk_address_shift(const std::string& path, const std::string& name, h
     const ChunkLocation& loc = index.chunks[c];
     if (!loc.allocated || loc.stored_size == 0) continue;
     std::vector<uint8_t> expected(loc.stored_size), found(loc.stored_size);
-    hsize_t offset[4] = {static_cast<hsize_t>(c) * static_cast<hsize_t>(index.chunk_rows), 0, 0, 0};
+    hsize_t offset[4];
+    chunk_offset(index, static_cast<int64_t>(c), offset);
     uint32_t filters = 0;
     if (H5Dread_chunk(dset, H5P_DEFAULT, offset, &filters, expected.data()) < 0) break;
     std::ifstream file(path, std::ios::binary);
@@ -133,10 +142,18 @@ DatasetIndex read_dataset_index(const std::string& path, const std::string& name
 
   hsize_t chunk_dims[4] = {0, 0, 0, 0};
   if (H5Pget_chunk(dcpl.id, 4, chunk_dims) != 4) throw UnsupportedLayout(path + ":" + name + " has unreadable chunk dims");
-  if (chunk_dims[1] != dims[1] || chunk_dims[2] != dims[2] || chunk_dims[3] != dims[3])
-    throw UnsupportedLayout(path + ":" + name + " has chunks that do not hold whole images");
   index.chunked = true;
-  index.chunk_rows = static_cast<int64_t>(chunk_dims[0]);
+  for (int axis = 0; axis < 4; ++axis) {
+    index.chunk_dims[axis] = static_cast<int64_t>(chunk_dims[axis]);
+    index.grid[axis] = index.chunk_dims[axis] == 0 ? 0
+                                                   : (static_cast<int64_t>(dims[axis]) + index.chunk_dims[axis] - 1) /
+                                                         index.chunk_dims[axis];
+  }
+  index.chunk_rows = index.chunk_dims[0];
+  // A chunk row is decoded whole; refuse rows too large to hold a few of in memory.
+  if (index.row_bytes() > (uint64_t{2} << 30))
+    throw UnsupportedLayout(path + ":" + name + " has chunks spanning " + std::to_string(index.chunk_rows) +
+                            " jets (" + std::to_string(index.row_bytes() >> 20) + " MiB per chunk row decoded)");
 
   const int nfilters = H5Pget_nfilters(dcpl.id);
   for (int i = 0; i < nfilters; ++i) {
@@ -151,11 +168,12 @@ DatasetIndex read_dataset_index(const std::string& path, const std::string& name
     index.filters.push_back(static_cast<int>(id));
   }
 
-  const int64_t num_chunks = index.num_jets == 0 ? 0 : (index.num_jets + index.chunk_rows - 1) / index.chunk_rows;
+  const int64_t num_chunks = index.grid[0] * index.grid[1] * index.grid[2] * index.grid[3];
   index.chunks.resize(static_cast<size_t>(num_chunks));
   for (int64_t c = 0; c < num_chunks; ++c) {
     // By coordinate: a B-tree lookup each; by ordinal index is a scan each in HDF5 1.10.
-    hsize_t offset[4] = {static_cast<hsize_t>(c * index.chunk_rows), 0, 0, 0};
+    hsize_t offset[4];
+    chunk_offset(index, c, offset);
     unsigned mask = 0;
     haddr_t address = HADDR_UNDEF;
     hsize_t size = 0;

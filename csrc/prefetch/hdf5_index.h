@@ -38,14 +38,23 @@ struct DatasetIndex {
   int64_t jet_floats = 0;         // 125 * 125 * 3
   int64_t height = 0, width = 0, channels = 0;
   bool chunked = false;
-  int64_t chunk_rows = 0;         // jets per chunk (chunked)
+  int64_t chunk_rows = 0;         // jets per chunk (chunked): chunk_dims[0]
+  int64_t chunk_dims[4] = {0, 0, 0, 0};
+  int64_t grid[4] = {0, 0, 0, 0};  // chunks along each axis
   std::vector<int> filters;       // pipeline in the order applied when writing
-  std::vector<ChunkLocation> chunks;
+  std::vector<ChunkLocation> chunks;  // row-major over grid
   uint64_t contiguous_address = 0;  // contiguous layout
   bool contiguous_allocated = false;
   uint64_t file_size = 0;
 
-  uint64_t chunk_bytes() const { return static_cast<uint64_t>(chunk_rows) * jet_floats * 4; }
+  // Decoded bytes of one stored chunk (edge chunks are stored at full size too).
+  uint64_t chunk_bytes() const {
+    return static_cast<uint64_t>(chunk_dims[0] * chunk_dims[1] * chunk_dims[2] * chunk_dims[3]) * 4;
+  }
+  // A "chunk row": all chunks at one position along N, i.e. chunk_rows whole jets.
+  int64_t chunks_per_row() const { return grid[1] * grid[2] * grid[3]; }
+  uint64_t row_bytes() const { return static_cast<uint64_t>(chunk_rows) * jet_floats * 4; }
+  bool whole_images() const { return chunks_per_row() == 1; }
 };
 
 // Reads layout, filters and chunk index of `name` (N, H, W, C) float32 in `path`.

@@ -64,6 +64,7 @@ py::dict describe(const Prefetcher& prefetcher) {
   d["num_jets"] = index.num_jets;
   d["layout"] = index.chunked ? "chunked" : "contiguous";
   d["chunk_rows"] = index.chunk_rows;
+  d["chunk_shape"] = py::make_tuple(index.chunk_dims[0], index.chunk_dims[1], index.chunk_dims[2], index.chunk_dims[3]);
   d["filters"] = index.filters;
   d["num_chunks"] = index.chunks.size();
   d["buffers_allocated"] = prefetcher.pool() ? prefetcher.pool()->allocated() : 0;

@@ -1,6 +1,7 @@
 #include "prefetch/prefetcher.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,6 +17,30 @@ namespace jetfast {
 
 // ---- buffers ----------------------------------------------------------------------------
 
+namespace {
+
+// Batch and chunk-row buffers are tens of MB and written or read in scattered
+// pieces; on 2 MiB pages (transparent huge pages, on request) those pieces stop
+// costing a TLB miss each, which for chunks that cut the images is most of the time.
+void* allocate_large(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const bool huge = bytes >= 2 * kHuge;
+  const size_t align = huge ? kHuge : 64;
+  const size_t size = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, size);
+  if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (huge) madvise(p, size, MADV_HUGEPAGE);  // a hint: failure only costs speed
+#endif
+  return p;
+}
+
+std::shared_ptr<uint8_t[]> allocate_row(size_t bytes) {
+  return std::shared_ptr<uint8_t[]>(static_cast<uint8_t*>(allocate_large(bytes)), [](uint8_t* p) { std::free(p); });
+}
+
+}  // namespace
+
 BufferPool::~BufferPool() {
   for (float* b : free_) std::free(b);
 }
@@ -30,9 +55,7 @@ float* BufferPool::acquire() {
     }
     ++allocated_;
   }
-  const size_t bytes = (static_cast<size_t>(floats_) * sizeof(float) + 63) / 64 * 64;
-  float* b = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
-  if (!b) throw std::bad_alloc();
+  float* b = static_cast<float*>(allocate_large(static_cast<size_t>(floats_) * sizeof(float)));
   // NaN poison: a pixel the writer forgets shows up in every comparison.
   std::fill(b, b + floats_, std::numeric_limits<float>::quiet_NaN());
   return b;
@@ -154,7 +177,8 @@ Prefetcher::~Prefetcher() {
 std::string Prefetcher::chunk_context(int64_t chunk) const {
   std::string where = index_.path + ":" + index_.name;
   if (!index_.chunked) return where + " jet " + std::to_string(chunk);
-  const int64_t first = chunk * index_.chunk_rows;
+  const int64_t row = chunk / index_.chunks_per_row();
+  const int64_t first = row * index_.chunk_rows;
   const int64_t last = std::min(index_.num_jets, first + index_.chunk_rows) - 1;
   const ChunkLocation& loc = index_.chunks[static_cast<size_t>(chunk)];
   return where + " chunk " + std::to_string(chunk) + " (jets " + std::to_string(first) + ".." + std::to_string(last) +
@@ -224,24 +248,61 @@ void Prefetcher::decode_chunk(int64_t chunk, uint8_t* dst, Scratch& scratch) {
   }
 }
 
-const uint8_t* Prefetcher::acquire_chunk(int64_t chunk, Scratch& scratch,
-                                         std::shared_ptr<std::vector<uint8_t>>& hold) {
-  const uint64_t bytes = index_.chunk_bytes();
-  if (chunk_users_[static_cast<size_t>(chunk)] == 1) {
-    scratch.decoded.resize(bytes);
-    decode_chunk(chunk, scratch.decoded.data(), scratch);
-    return scratch.decoded.data();
+void Prefetcher::decode_row(int64_t row, uint8_t* dst, Scratch& scratch) {
+  if (index_.whole_images()) {
+    decode_chunk(row, dst, scratch);
+    return;
+  }
+  // Chunks cut the images: decode each and copy its block to where it lies in the
+  // jets (on huge pages, see allocate_large, these scattered copies stay cheap).
+  const int64_t* cd = index_.chunk_dims;
+  const int64_t H = index_.height, W = index_.width, C = index_.channels;
+  scratch.piece.resize(index_.chunk_bytes());
+  const float* piece = reinterpret_cast<const float*>(scratch.piece.data());
+  float* jets = reinterpret_cast<float*>(dst);
+  const int64_t per_row = index_.chunks_per_row();
+  for (int64_t k = 0; k < per_row; ++k) {
+    decode_chunk(row * per_row + k, scratch.piece.data(), scratch);
+    const int64_t k3 = k % index_.grid[3], k2 = k / index_.grid[3] % index_.grid[2];
+    const int64_t k1 = k / (index_.grid[3] * index_.grid[2]);
+    const int64_t y0 = k1 * cd[1], x0 = k2 * cd[2], c0 = k3 * cd[3];
+    const int64_t ny = std::min(cd[1], H - y0), nx = std::min(cd[2], W - x0), nc = std::min(cd[3], C - c0);
+    for (int64_t r = 0; r < cd[0]; ++r)
+      for (int64_t y = 0; y < ny; ++y)
+        for (int64_t x = 0; x < nx; ++x) {
+          const float* from = piece + ((r * cd[1] + y) * cd[2] + x) * cd[3];
+          float* to = jets + ((r * H + y0 + y) * W + x0 + x) * C + c0;
+          std::memcpy(to, from, static_cast<size_t>(nc) * sizeof(float));
+        }
+  }
+}
+
+const uint8_t* Prefetcher::acquire_row(int64_t row, Scratch& scratch, std::shared_ptr<uint8_t[]>& hold) {
+  const uint64_t bytes = index_.row_bytes();
+  if (chunk_users_[static_cast<size_t>(row)] == 1) {
+    if (scratch.row_capacity < bytes) {
+      scratch.row = allocate_row(bytes);
+      scratch.row_capacity = bytes;
+    }
+    decode_row(row, scratch.row.get(), scratch);
+    return scratch.row.get();
   }
   std::unique_lock<std::mutex> lock(cache_mutex_);
-  auto [it, inserted] = cache_.try_emplace(chunk);
+  auto [it, inserted] = cache_.try_emplace(row);
   CachedChunk& entry = it->second;  // stays valid: erased only after its last user released it
   if (inserted) {
-    entry.remaining = chunk_users_[static_cast<size_t>(chunk)];
+    entry.remaining = chunk_users_[static_cast<size_t>(row)];
+    // Reuse a row buffer: fresh ones cost page faults (and huge-page zeroing) every time.
+    std::shared_ptr<uint8_t[]> decoded;
+    if (!free_rows_.empty()) {
+      decoded = std::move(free_rows_.back());
+      free_rows_.pop_back();
+    }
     lock.unlock();
-    auto decoded = std::make_shared<std::vector<uint8_t>>(bytes);
     std::string error;
     try {
-      decode_chunk(chunk, decoded->data(), scratch);
+      if (!decoded) decoded = allocate_row(bytes);  // not value-initialised: every byte gets decoded
+      decode_row(row, decoded.get(), scratch);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -260,14 +321,18 @@ const uint8_t* Prefetcher::acquire_chunk(int64_t chunk, Scratch& scratch,
   if (entry.state == CachedChunk::State::kFailed) throw ReadError(entry.error);
   if (entry.state == CachedChunk::State::kDecoding) throw ReadError("stopped");
   hold = entry.bytes;
-  return hold->data();
+  return hold.get();
 }
 
-void Prefetcher::release_chunk(int64_t chunk) {
-  if (chunk_users_[static_cast<size_t>(chunk)] == 1) return;
+void Prefetcher::release_row(int64_t row) {
+  if (chunk_users_[static_cast<size_t>(row)] == 1) return;
   std::lock_guard<std::mutex> lock(cache_mutex_);
-  auto it = cache_.find(chunk);
-  if (it != cache_.end() && --it->second.remaining == 0) cache_.erase(it);
+  auto it = cache_.find(row);
+  if (it != cache_.end() && --it->second.remaining == 0) {
+    if (it->second.bytes && free_rows_.size() < static_cast<size_t>(prefetch_) + 2)
+      free_rows_.push_back(std::move(it->second.bytes));
+    cache_.erase(it);
+  }
 }
 
 void Prefetcher::fill_batch(int64_t batch, float* out, Scratch& scratch) {
@@ -292,13 +357,13 @@ void Prefetcher::fill_batch(int64_t batch, float* out, Scratch& scratch) {
     const int64_t chunk = plan[begin].chunk;
     size_t end = begin;
     while (end < plan.size() && plan[end].chunk == chunk) ++end;
-    std::shared_ptr<std::vector<uint8_t>> hold;
-    const uint8_t* jets = acquire_chunk(chunk, scratch, hold);
+    std::shared_ptr<uint8_t[]> hold;
+    const uint8_t* jets = acquire_row(chunk, scratch, hold);
     for (size_t k = begin; k < end; ++k)
       write_model_jet(reinterpret_cast<const float*>(jets + plan[k].row * jet_bytes),
                       out + plan[k].position * kModelJetFloats, params_);
     hold.reset();
-    release_chunk(chunk);
+    release_row(chunk);
     begin = end;
   }
 }
@@ -340,6 +405,10 @@ void Prefetcher::start(const int64_t* order, int64_t count, int64_t batch_size) 
     if (order[i] < 0 || order[i] >= index_.num_jets)
       throw std::out_of_range("index " + std::to_string(order[i]) + " out of range for " + index_.path +
                               " with " + std::to_string(index_.num_jets) + " jets");
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    if (!free_rows_.empty() && free_rows_.size() > static_cast<size_t>(prefetch_) + 2) free_rows_.clear();
+  }
   const int64_t floats = batch_size * kModelJetFloats;
   if (!pool_ || pool_->floats() != floats)
     pool_ = std::make_shared<BufferPool>(floats, static_cast<size_t>(prefetch_) + 2);
@@ -348,7 +417,7 @@ void Prefetcher::start(const int64_t* order, int64_t count, int64_t batch_size) 
   num_batches_ = (count + batch_size - 1) / batch_size;
   const int64_t rows = index_.chunked ? index_.chunk_rows : 1;
   plans_.assign(static_cast<size_t>(num_batches_), {});
-  chunk_users_.assign(index_.chunked ? index_.chunks.size() : 0, 0);
+  chunk_users_.assign(index_.chunked ? static_cast<size_t>(index_.grid[0]) : 0, 0);
   for (int64_t b = 0; b < num_batches_; ++b) {
     auto& plan = plans_[static_cast<size_t>(b)];
     const int64_t first = b * batch_size, last = std::min(count, first + batch_size);

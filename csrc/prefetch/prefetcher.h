@@ -87,7 +87,7 @@ class Prefetcher {
 
  private:
   struct Piece {
-    int64_t chunk, row, position;  // row within the chunk, position within the batch
+    int64_t chunk, row, position;  // chunk row, jet within it, position within the batch
   };
   struct Slot {
     float* buffer = nullptr;
@@ -96,19 +96,24 @@ class Prefetcher {
   };
   struct CachedChunk {
     enum class State { kDecoding, kReady, kFailed } state = State::kDecoding;
-    std::shared_ptr<std::vector<uint8_t>> bytes;
+    std::shared_ptr<uint8_t[]> bytes;
     int remaining = 0;  // batches still to use it
     std::string error;
   };
   struct Scratch {
-    std::vector<uint8_t> raw, stage, decoded;
+    std::vector<uint8_t> raw, stage, piece, decoded;
+    std::shared_ptr<uint8_t[]> row;  // a chunk row only this batch needs
+    uint64_t row_capacity = 0;
   };
 
   void worker();
   void fill_batch(int64_t batch, float* out, Scratch& scratch);
+  // One stored chunk (flat index over the chunk grid) -> chunk_bytes() in dst.
   void decode_chunk(int64_t chunk, uint8_t* dst, Scratch& scratch);
-  const uint8_t* acquire_chunk(int64_t chunk, Scratch& scratch, std::shared_ptr<std::vector<uint8_t>>& hold);
-  void release_chunk(int64_t chunk);
+  // Chunk row `row` (chunk_rows whole jets, channels last) -> row_bytes() in dst.
+  void decode_row(int64_t row, uint8_t* dst, Scratch& scratch);
+  const uint8_t* acquire_row(int64_t row, Scratch& scratch, std::shared_ptr<uint8_t[]>& hold);
+  void release_row(int64_t row);
   void read_exact(uint64_t offset, uint64_t size, uint8_t* dst, const std::string& what);
   std::string chunk_context(int64_t chunk) const;
 
@@ -121,7 +126,7 @@ class Prefetcher {
   // The running epoch.
   int64_t batch_size_ = 0, num_batches_ = 0;
   std::vector<std::vector<Piece>> plans_;  // per batch, sorted by chunk
-  std::vector<int> chunk_users_;           // per chunk: batches that need it
+  std::vector<int> chunk_users_;           // per chunk row: batches that need it
   std::vector<Slot> slots_;
   int64_t next_claim_ = 0, next_deliver_ = 0;
   std::atomic<bool> stopping_{false};  // also read by workers waiting on cache_cv_
@@ -133,6 +138,7 @@ class Prefetcher {
   std::mutex cache_mutex_;
   std::condition_variable cache_cv_;
   std::unordered_map<int64_t, CachedChunk> cache_;
+  std::vector<std::shared_ptr<uint8_t[]>> free_rows_;  // decoded-row buffers to reuse
 };
 
 }  // namespace jetfast

@@ -1,7 +1,7 @@
 """Writes the small HDF5 files the C++ prefetcher tests read, plus the expected jets.
 
 Usage: python make_files.py OUTDIR. Each <name>.h5 holds the same N jets (LZF,
-gzip+shuffle, contiguous, uncompressed chunks); expected.f32 holds them raw
+gzip+shuffle, contiguous, uncompressed chunks, chunks that cut the images); expected.f32 holds them raw
 (N, 125, 125, 3) float32; corrupt.h5 is lzf.h5 with chunk 3 overwritten.
 """
 
@@ -27,6 +27,7 @@ def main(out: Path):
         "gzip_shuffle": dict(chunks=(CHUNK, 125, 125, 3), compression="gzip", shuffle=True),
         "chunked_raw": dict(chunks=(CHUNK, 125, 125, 3)),
         "contiguous": dict(),
+        "tiles": dict(chunks=(9, 16, 50, 2), compression="lzf"),  # chunks cut the images
     }
     for name, kwargs in layouts.items():
         with h5py.File(out / f"{name}.h5", "w") as f:

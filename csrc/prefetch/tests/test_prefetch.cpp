@@ -203,7 +203,7 @@ int main(int argc, char** argv) {
   in.read(reinterpret_cast<char*>(expected.data()), static_cast<std::streamsize>(expected.size() * 4));
 
   test_codecs();
-  for (const char* name : {"lzf", "gzip_shuffle", "chunked_raw", "contiguous"}) test_file_matches(name);
+  for (const char* name : {"lzf", "gzip_shuffle", "chunked_raw", "contiguous", "tiles"}) test_file_matches(name);
   test_abandon_and_release_from_other_threads();
   test_errors();
   if (failures) {
