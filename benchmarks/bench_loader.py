@@ -8,10 +8,13 @@ Baselines in the same run:
 - (b) the best single-process h5py read: sequential whole-chunk reads
   ``ds[i:i+32]`` with no transform at all (less work than the loader does).
 
-Floor: each jet is ~10-40 KB of LZF stream that decodes to 187.5 KB (sparse data
-decode at roughly 1 GB/s per core) and becomes 192 KB of model-layout output
-(8192 jets: 1.5 GB decoded, 1.6 GB written, at ~20 GB/s copy bandwidth ~0.15 s).
-So decode bounds the loader at about 2 cores x 1 GB/s / 187.5 KB ~ 10k jets/s.
+Floor, per jet: LZF decode of 187.5 KB (these synthetic jets compress ~65x, to
+~3 KB, so decoding is mostly run-length memsets: ~10-15 us) plus writing 192 KB of
+model layout (filling 192 KB alone takes ~8 us at ~25 GB/s; the transposing,
+transforming write measures ~17-20 us on one core). So ~30-35 us of CPU per jet:
+~30k jets/s per core, ~60k jets/s on two quiet cores; the loader's own CPU time
+per jet measured about that (under load). Real CMS jets compress less (more lit
+pixels), which moves the balance toward decode.
 """
 
 from __future__ import annotations

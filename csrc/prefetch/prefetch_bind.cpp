@@ -83,7 +83,8 @@ void bind_prefetch(py::module_& m) {
                        const std::vector<float>& scale, const std::vector<float>& mean,
                        const std::vector<float>& std) {
              const IntensityParams params = intensity_params(scale, mean, std);
-             py::gil_scoped_release release;
+             // The GIL stays held while the HDF5 C library reads the index, so no h5py
+             // call (h5py's own HDF5 copy) runs in another thread at the same time.
              return std::make_unique<Prefetcher>(path, dataset, num_threads, prefetch, params);
            }),
            py::arg("path"), py::arg("dataset"), py::arg("num_threads"), py::arg("prefetch"), py::arg("scale"),
