@@ -263,6 +263,14 @@ def test_cli_help(module, words):
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["train-vae", "evaluate-vae"])
+def test_jetfast_cli_lists_vae_commands(command):
+    proc = subprocess.run([PYTHON, "-m", "jetfast.cli", command, "--help"], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"jetfast {command}" in proc.stdout and "--data" in proc.stdout
+
+
 # -- evaluation --------------------------------------------------------------------------------
 def test_gaussian_ssim_against_numpy_reference():
     from scipy.ndimage import correlate1d
