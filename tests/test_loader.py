@@ -321,3 +321,22 @@ def test_batches_outlive_close(files, jets, backend):
     gc.collect()
     for batch in kept:
         assert torch.equal(batch["X_jets"], reference(images, batch["index"].numpy()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_file_and_unwritten_chunks(tmp_path, jets, backend):
+    images, _ = jets
+    with h5py.File(tmp_path / "sparse.h5", "w") as f:
+        ds = f.create_dataset("X_jets", (20, 125, 125, 3), np.float32, chunks=(4, 125, 125, 3), compression="lzf")
+        ds[:6] = images[:6]  # chunks 2..4 never written: they read as the fill value, zero
+        f["y"] = np.zeros(20, np.float32)
+    expected = np.zeros((20, 125, 125, 3), np.float32)
+    expected[:6] = images[:6]
+    loader = JetLoader(tmp_path / "sparse.h5", 6, backend=backend)
+    seen = assert_batches_match(loader, expected, np.zeros(20, np.float32))
+    np.testing.assert_array_equal(np.sort(seen), np.arange(20))
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f.create_dataset("X_jets", (0, 125, 125, 3), np.float32, chunks=(4, 125, 125, 3), maxshape=(None, 125, 125, 3))
+        f["y"] = np.zeros(0, np.float32)
+    empty = JetLoader(tmp_path / "empty.h5", 4, backend=backend)
+    assert len(empty) == 0 and empty.num_jets == 0 and list(empty) == []
