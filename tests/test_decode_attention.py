@@ -84,6 +84,18 @@ def test_cpu_path_matches_fp64_reference(dtype, head_dim, length):
     assert_close_to_reference(*errors(out, q, k_cache, v_cache, length), dtype)
 
 
+@pytest.mark.parametrize("tail", [float("nan"), float("inf"), float("-inf"), 1e30, -3e38])
+@pytest.mark.parametrize("length", [33, 100, 130])
+def test_cpu_path_ignores_anything_past_length(tail, length):
+    """The CPU path may stream the whole cache; whatever sits past `length` must not matter."""
+    q, k_cache, v_cache = make_inputs(2, 3, 131, 32, length, torch.float32, seed=length, poison=False)
+    expected = reference(q, k_cache, v_cache, length)
+    k_cache[:, :, length:] = tail
+    v_cache[:, :, length:] = -tail
+    out = decode_attention(q, k_cache, v_cache, length)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6)
+
+
 def test_cpu_path_accepts_4d_and_strided_query():
     q, k_cache, v_cache = make_inputs(2, 4, 20, 32, 13, torch.float32, seed=1)
     # A query that is a view into a fused qkv projection, as in the model.
