@@ -97,7 +97,7 @@ def fit_bins_with_info(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     latents = as_latents(latents, "fit_bins")
-    num_bins = _check_num_bins(num_bins)
+    num_bins = check_num_bins(num_bins)
     n, d = latents.shape
     if n < num_bins:
         raise BinFitError(
@@ -142,7 +142,7 @@ def as_latents(latents, what: str = "latents") -> np.ndarray:
     return np.ascontiguousarray(latents, dtype=np.float32)
 
 
-def _check_num_bins(num_bins) -> int:
+def check_num_bins(num_bins) -> int:
     if isinstance(num_bins, bool) or int(num_bins) != num_bins:
         raise TypeError(f"num_bins must be an integer; got {num_bins!r}")
     num_bins = int(num_bins)

@@ -15,6 +15,8 @@ import sys
 COMMANDS = [
     ("data generate", "jetfast.data.generate_cli", "simulate quark/gluon jet images with Pythia 8 + a detector model"),
     ("train-vae", "jetfast.train.vae", "train the stage-1 convolutional VAE on a jet file"),
+    ("fit-bins", "jetfast.bins_cli", "fit per-dimension latent bins (1-D K-Means) on a VAE run's training jets"),
+    ("encode", "jetfast.encode", "encode a run's jets to latent codes (HDF5) with its VAE and bins"),
     ("train-gpt", "jetfast.train.gpt", "train the stage-2 class-conditional Transformer over latent codes"),
     ("evaluate-vae", "jetfast.evaluate.vae_report", "reconstruction quality and latent diagnostics of a trained VAE on its test jets"),
     ("generate", "jetfast.generate", "sample new jets from a trained run and write them in the input layout"),

@@ -87,8 +87,9 @@ def test_lloyd1d_within_one_percent_of_exact_on_every_dimension(k, per_kind):
     ratios = got / reference
     worst = int(np.argmax(ratios))
     assert ratios.max() <= 1.01, f"{names[worst]} dimension {worst}: inertia {ratios[worst]:.4f} x exact"
-    # faiss.kmeans1d works in float32, so our optimum may be a hair lower, never more.
-    assert ratios.min() >= 1 - 1e-4
+    # faiss.kmeans1d accumulates in float32 and can miss its optimum by ~1e-4 (seen on
+    # bimodal data); anything much lower would mean the two inertias measure different things.
+    assert ratios.min() >= 1 - 1e-3
 
 
 def test_exact_method_is_the_optimum():

@@ -1,0 +1,193 @@
+"""`jetfast fit-bins` and `jetfast encode` on a tiny trained VAE run."""
+
+import argparse
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jetfast import _ext, bins
+from jetfast.cli import main
+from jetfast.models.vae import load_vae
+from jetfast.train import vae as train_vae
+from jetfast.train.common import load_split
+from tests.jetfiles import write_jet_file
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_NATIVE, reason="jetfast._C is not built")
+
+NUM_BINS = 8
+LATENT_DIM = 5
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A one-epoch VAE on 45 synthetic jets: (run_dir, jet_file)."""
+    root = tmp_path_factory.mktemp("encode")
+    data = root / "jets.h5"
+    write_jet_file(data, n=45, seed=int(np.random.default_rng().integers(1 << 30)), chunk=16)
+    parser = argparse.ArgumentParser()
+    train_vae.add_arguments(parser)
+    args = parser.parse_args([
+        "--data", str(data), "--out", str(root / "run"), "--widths", "4,8,8,8", "--latent-dim", str(LATENT_DIM),
+        "--batch-size", "16", "--transform-jets", "30", "--epochs", "1", "--no-progress",
+    ])
+    assert train_vae.run(args) == 0
+    return root / "run", data
+
+
+@pytest.fixture(scope="module")
+def fitted_run(trained_run):
+    run_dir, data = trained_run
+    assert main(["fit-bins", str(run_dir), "--num-bins", str(NUM_BINS), "--batch-size", "16", "--no-progress"]) == 0
+    return run_dir, data
+
+
+def direct_latents(run_dir, data, indices) -> np.ndarray:
+    """mu of the given jets, read with h5py and encoded in one batch (independent of JetLoader)."""
+    model, transform, _ = load_vae(run_dir)
+    with h5py.File(data, "r") as handle:
+        images = handle["X_jets"][np.sort(indices)]
+    with torch.no_grad():
+        mu, _ = model.encode(transform.to_model(torch.from_numpy(images)))
+    return mu.numpy()
+
+
+def reference_codes(mu: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest center by brute force, and how far each value is from a bin edge."""
+    distance = np.abs(mu.astype(np.float64)[:, :, None] - centers.astype(np.float64)[None])
+    codes = distance.argmin(axis=2)
+    midpoints = (centers[:, 1:].astype(np.float64) + centers[:, :-1]) / 2
+    to_edge = np.abs(mu.astype(np.float64)[:, :, None] - midpoints[None]).min(axis=2)
+    return codes, to_edge
+
+
+def test_fit_bins_writes_centers_and_report(fitted_run):
+    run_dir, data = fitted_run
+    train = load_split(run_dir)["train"]
+    centers, metadata = bins.load_bins(run_dir)
+    assert centers.shape == (LATENT_DIM, NUM_BINS) and centers.dtype == np.float32
+    assert np.all(np.diff(centers, axis=1) >= 0)
+    assert metadata["method"] == "lloyd1d" and metadata["num_bins"] == NUM_BINS
+    assert metadata["num_vectors"] == len(train) and metadata["inertia"].shape == (LATENT_DIM,)
+
+    # The same fit on the training latents computed here, without the loader.
+    mu = direct_latents(run_dir, data, train)
+    np.testing.assert_allclose(centers, bins.fit_bins(mu, NUM_BINS), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(metadata["inertia"], bins.inertia(mu, centers), rtol=1e-3, atol=1e-9)
+
+    report = json.loads((run_dir / "bins_report.json").read_text())
+    assert report["num_vectors"] == len(train) and report["method"] == "lloyd1d"
+    latent = report["latent_error"]
+    expected_rms = np.sqrt(bins.inertia(mu, centers) / len(train))
+    np.testing.assert_allclose(latent["rms"], expected_rms, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(latent["relative_rms"], expected_rms / mu.astype(np.float64).std(axis=0), rtol=1e-3)
+    images = report["image_change"]
+    assert images["jets"] == len(train)
+    for key in ("mse_model", "mse_gev2", "relative_mse"):
+        assert set(images[key]) == {"tracks", "ecal", "hcal"}
+        assert all(np.isfinite(v) and v >= 0 for v in images[key].values())
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_encode_writes_the_codes_of_every_jet(fitted_run, tmp_path):
+    run_dir, data = fitted_run
+    out = tmp_path / "codes.h5"
+    assert main(["encode", str(run_dir), "--out", str(out), "--batch-size", "7", "--no-progress"]) == 0
+    centers, _ = bins.load_bins(run_dir)
+    split = load_split(run_dir)
+    with h5py.File(data, "r") as handle:
+        n, labels = len(handle["y"]), handle["y"][...]
+    with h5py.File(out, "r") as handle:
+        assert set(handle) == {"codes", "y", "split", "index", "centers"}
+        codes, y, split_of_row, index = (handle[k][...] for k in ("codes", "y", "split", "index"))
+        assert handle.attrs["num_bins"] == NUM_BINS and handle.attrs["latent_dim"] == LATENT_DIM
+        assert handle.attrs["data"] == os.path.abspath(data)
+        np.testing.assert_array_equal(handle["centers"][...], centers)
+    assert codes.shape == (n, LATENT_DIM) and codes.dtype == np.uint8
+    assert y.dtype == np.float32 and split_of_row.dtype == np.uint8 and index.dtype == np.int64
+    np.testing.assert_array_equal(index, np.arange(n))
+    np.testing.assert_array_equal(y, labels)
+    for value, name in enumerate(("train", "val", "test")):
+        np.testing.assert_array_equal(np.flatnonzero(split_of_row == value), np.sort(split[name]))
+
+    expected, to_edge = reference_codes(direct_latents(run_dir, data, index), centers)
+    clear = to_edge > 1e-4  # a value within rounding of a bin edge may go either way
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(codes[clear], expected[clear])
+
+    # The Transformer's reader accepts the file.
+    from jetfast.train.gpt import read_codes
+
+    assert read_codes(out)["codes"].shape == (n, LATENT_DIM)
+    report = json.loads((run_dir / "encode_report.json").read_text())
+    assert report["num_jets"] == n and len(report["latent_error"]["relative_rms"]) == LATENT_DIM
+
+
+def test_encode_writes_a_tmp_file_then_renames_it(fitted_run, tmp_path, monkeypatch):
+    run_dir, _ = fitted_run
+    out = tmp_path / "codes.h5"
+    out.write_text("an older codes file")
+    assert main(["encode", str(run_dir), "--out", str(out), "--no-progress"]) == 2  # no --overwrite
+
+    import jetfast.encode
+
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) != str(out):  # os.replace is global: let the report's own rename through
+            return real_replace(src, dst)
+        # At the rename the complete file is the .tmp and the old file is still in place.
+        with h5py.File(src, "r") as handle:
+            seen.append((str(src), str(dst), handle["codes"].shape))
+        assert out.read_text() == "an older codes file"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(jetfast.encode.os, "replace", replace)
+    assert main(["encode", str(run_dir), "--out", str(out), "--overwrite", "--batch-size", "16", "--no-progress"]) == 0
+    assert seen == [(str(out) + ".tmp", str(out), (45, LATENT_DIM))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.h5"]
+
+
+def test_encode_failing_midway_leaves_no_file(fitted_run, tmp_path, monkeypatch):
+    run_dir, _ = fitted_run
+    import jetfast.ops
+
+    calls = []
+    real_quantize = jetfast.ops.quantize
+
+    def failing_quantize(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure in the second batch")
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(jetfast.ops, "quantize", failing_quantize)
+    out = tmp_path / "codes.h5"
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["encode", str(run_dir), "--out", str(out), "--batch-size", "16", "--no-progress"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_clear_errors(fitted_run, tmp_path, capsys):
+    run_dir, data = fitted_run
+    # More bins than training jets.
+    assert main(["fit-bins", str(run_dir), "--num-bins", "300", "--no-progress"]) == 2
+    assert "fewer than --num-bins 300" in capsys.readouterr().err
+    # Not a run directory.
+    assert main(["fit-bins", str(tmp_path), "--data", str(data), "--no-progress"]) == 2
+    assert "split.npz" in capsys.readouterr().err
+    # Bins that do not match the VAE's latent dimension.
+    fake = tmp_path / "run"
+    fake.mkdir()
+    for name in ("config.json", "split.npz"):
+        (fake / name).write_bytes((run_dir / name).read_bytes())
+    (fake / "checkpoints").mkdir()
+    (fake / "checkpoints" / "best.pt").write_bytes((run_dir / "checkpoints" / "best.pt").read_bytes())
+    bins.save_bins(fake / "bins.npz", np.zeros((LATENT_DIM + 1, NUM_BINS), np.float32))
+    assert main(["encode", str(fake), "--no-progress"]) == 2
+    assert "refit the bins" in capsys.readouterr().err
+    assert not (fake / "codes.h5").exists()
