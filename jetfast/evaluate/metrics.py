@@ -13,6 +13,8 @@
 * :func:`classifier_two_sample_test` — the ROC AUC of a gradient-boosted classifier that
   tries to tell real from generated jets from their observables (out-of-fold predictions
   of a stratified k-fold, equal class sizes); 0.5 means indistinguishable.
+* :func:`cnn_two_sample_test` — the same question asked of the images by a small CNN on
+  25x25 tower-summed images (optional: it needs torch and about a minute).
 * :func:`quark_gluon_transfer` — a quark/gluon classifier trained on real jets, evaluated
   on held-out real jets and on generated jets labelled with the class they were asked
   for; similar AUCs mean the generator kept the class information.

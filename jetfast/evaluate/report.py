@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,29 +241,40 @@ REAL_COLOR, GEN_COLOR = "#3f90da", "#e42536"  # from the colour-blind-safe CMS p
 CLASS_COLORS = {QUARK: "#3f90da", GLUON: "#e76300"}
 
 
-def _style():
-    """A context with the CMS look (mplhep) at a font size that suits figure grids."""
-    import matplotlib
+class _Figures:
+    """pyplot's figure constructors without pyplot: no global backend or figure registry is
+    touched, so making a report from a notebook or a GUI session leaves it as it was."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def figure(figsize):
+        from matplotlib.figure import Figure
+
+        return Figure(figsize=figsize)
+
+    @staticmethod
+    def subplots(nrows, ncols, figsize, **kwargs):
+        fig = _Figures.figure(figsize)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def close(fig):
+        fig.clear()
+
+
+@contextmanager
+def _style():
+    """The CMS look (mplhep) at a font size that suits figure grids, for the enclosed plots."""
+    import matplotlib
     import mplhep
 
-    class _Context:
-        def __enter__(self):
-            self._stack = [plt.style.context(mplhep.style.CMS), plt.rc_context({"font.size": 12, "axes.labelsize": 12,
-                           "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10, "axes.titlesize": 12,
-                           # minor ticks on dozens of small panels cost most of the drawing time
-                           "xtick.minor.visible": False, "ytick.minor.visible": False})]
-            for ctx in self._stack:
-                ctx.__enter__()
-            return plt
-
-        def __exit__(self, *exc):
-            for ctx in reversed(self._stack):
-                ctx.__exit__(*exc)
-
-    return _Context()
+    grid_fonts = {
+        "font.size": 12, "axes.labelsize": 12, "axes.titlesize": 12, "legend.fontsize": 10,
+        "xtick.labelsize": 10, "ytick.labelsize": 10,
+        # minor ticks on dozens of small panels cost most of the drawing time
+        "xtick.minor.visible": False, "ytick.minor.visible": False,
+    }
+    with matplotlib.style.context(mplhep.style.CMS), matplotlib.rc_context(grid_fonts):
+        yield _Figures
 
 
 def _bins(*samples, n_bins: int = 40) -> np.ndarray:
@@ -292,7 +304,7 @@ def plot_observables(real: JetSample, gen: JetSample, path: Path, cls: int | Non
     names = list(OBSERVABLES)
     with _style() as plt:
         rows, cols = _grid(len(names))
-        fig = plt.figure(figsize=(4.2 * cols, 3.6 * rows))
+        fig = plt.figure((4.2 * cols, 3.6 * rows))
         outer = fig.add_gridspec(rows, cols, hspace=0.45, wspace=0.3, top=1 - 0.35 / rows,
                                  left=0.05, right=0.98, bottom=0.25 / rows)
         r_mask = slice(None) if cls is None else real.labels == cls
