@@ -135,19 +135,22 @@ def _run_config(args, n_file: int, n_used: int, split, vae_config, transform, wo
     }
 
 
-def _fit_transform(path: str, train_indices, max_jets: int, seed: int):
-    """Fit the intensity transform on a random sample of training jets (read in file order)."""
-    import h5py
+def _fit_transform(path: str, train_indices, max_jets: int, seed: int, loader_threads: int | None):
+    """Fit the intensity transform on a random sample of training jets."""
     import numpy as np
+    import torch
 
-    from jetfast.data.transforms import IntensityTransform
+    from jetfast.data.loader import JetLoader
+    from jetfast.data.transforms import IntensityTransform, crop_to_image
 
     rng = np.random.default_rng(seed)
     take = min(len(train_indices), max(1, max_jets))
-    sample = np.sort(rng.choice(train_indices, size=take, replace=False))
-    with h5py.File(path, "r") as f:
-        images = f["X_jets"][sample]
-    return IntensityTransform.fit(images)
+    sample = rng.choice(train_indices, size=take, replace=False)
+    # Physical units (transform=None); every rank draws the same sample, so all fit the same transform.
+    with JetLoader(path, 256, indices=sample, shuffle=False, transform=None, keys=("X_jets",),
+                   num_threads=loader_threads, rank=0, world_size=1) as loader:
+        images = torch.cat([crop_to_image(batch["X_jets"]) for batch in loader])
+    return IntensityTransform.fit(images.numpy())
 
 
 def _epoch_totals(model, loader, beta: float, device, progress=None):
@@ -273,7 +276,7 @@ def train(args: argparse.Namespace) -> RunDir:
         n_used = min(n_file, args.max_jets) if args.max_jets else n_file
         fractions = (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
         split = make_split(n_used, fractions, seed=args.seed)
-        transform = _fit_transform(args.data, split["train"], args.transform_jets, args.seed)
+        transform = _fit_transform(args.data, split["train"], args.transform_jets, args.seed, args.loader_threads)
         vae_config = VAEConfig(latent_dim=args.latent_dim, widths=args.widths, beta=args.beta, recon=args.recon)
 
     seed_everything(args.seed)
