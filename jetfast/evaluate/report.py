@@ -11,6 +11,12 @@ real and generated jets. The output directory explains itself::
       plots/          observables.png, classes.png (quark vs gluon), mean_images.png,
                       jets_real.png, jets_generated.png, radial_profile.png, pixel_spectrum.png
 
+metrics.json keys: ``real``/``gen`` (paths, jets used, dropped), ``options``, ``notes``,
+``summary`` (median distance/floor ratio, farthest observable), ``distances`` and
+``distances_by_class`` (see :func:`jetfast.evaluate.metrics.distance_table`), ``c2st``,
+``c2st_cnn`` (with ``--cnn``), ``quark_gluon``, ``radial_profile``, ``plots``, ``timing_s``.
+A test that could not run holds ``{"skipped": "<why>"}`` instead of numbers.
+
 Real jets are the held-out test split of a training run when ``--run`` is given (its
 ``split.npz``, key ``test``), otherwise all jets of ``--real``. Jets with NaN or inf pixels
 are dropped, counted and reported (``n_nonfinite``); a file with no finite jet is an error.
@@ -81,7 +87,8 @@ def _read_labels(f, path: str, n: int) -> tuple[np.ndarray | None, str]:
         raise JetFileError(f"{path}:{LABEL_KEY} has shape {y.shape}; expected ({n},) to match {IMAGE_KEY}")
     if not np.isin(y, (0, 1)).all():
         # e.g. y = -1 in files of unconditional generation
-        return None, f"{path}:{LABEL_KEY} holds values other than 0 and 1 (unconditional?): per-class results are skipped"
+        return None, (f"{path}:{LABEL_KEY} holds values other than 0 and 1 (unconditional?): "
+                      "per-class results are skipped")
     return y.astype(np.int8), ""
 
 
