@@ -153,6 +153,20 @@ def _fit_transform(path: str, train_indices, max_jets: int, seed: int, loader_th
     return IntensityTransform.fit(images.numpy())
 
 
+def _warn_if_unbalanced(path: str, n_used: int) -> None:
+    """--max-jets takes the first N jets; say so when that leaves the classes badly unbalanced."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        labels = f["y"][:n_used]
+    values, counts = np.unique(labels, return_counts=True)
+    if len(values) < 2 or counts.min() < 0.3 * n_used:
+        share = ", ".join(f"y={v:g}: {c}" for v, c in zip(values, counts))
+        print(f"jetfast train-vae: warning: the {n_used} jets used have unbalanced classes ({share}); "
+              "if the file is sorted by class, use a shuffled copy or more jets", file=sys.stderr)
+
+
 def _epoch_totals(model, loader, beta: float, device, progress=None):
     """Validation: summed loss terms and jet count over ``loader`` (no gradients)."""
     import torch
@@ -274,6 +288,8 @@ def train(args: argparse.Namespace) -> RunDir:
         barrier()
         run_dir = RunDir(args.out)
         n_used = min(n_file, args.max_jets) if args.max_jets else n_file
+        if main:
+            _warn_if_unbalanced(args.data, n_used)
         fractions = (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
         split = make_split(n_used, fractions, seed=args.seed)
         transform = _fit_transform(args.data, split["train"], args.transform_jets, args.seed, args.loader_threads)
