@@ -233,7 +233,7 @@ def format_report(prefix: str, report: dict) -> str:
     images = report.get("image_change")
     if images and images["jets"]:
         per_channel = ", ".join(
-            f"{c} {images['mse_gev2'][c]:.3g} GeV^2 ({images['relative_mse'][c]:.2%})" for c in ImageChange.CHANNELS
+            f"{c} {images['mse_gev2'][c]:.3g} GeV^2 (relative {images['relative_mse'][c]:.3g})" for c in ImageChange.CHANNELS
         )
         lines.append(f"{prefix}: decoded-image change from quantising over {images['jets']} jets (MSE per pixel): {per_channel}")
     return "\n".join(lines)
