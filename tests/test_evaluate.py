@@ -277,6 +277,27 @@ def test_report_files_and_plots(synthetic):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("layout", [("lzf", False, 7), ("gzip", True, 32), (None, False, None)])
+def test_streaming_reader_matches_in_memory(synthetic, tmp_path, layout):
+    _, images, labels = synthetic
+    compression, shuffle, chunk = layout
+    images, labels = images[:61], labels[:61]
+    write_jet_file(tmp_path / "j.h5", images=images, labels=labels, compression=compression, shuffle=shuffle,
+                   chunk=chunk)
+    picked = np.sort(np.random.default_rng().choice(61, size=23, replace=False))
+    sample = read_jets(tmp_path / "j.h5", picked, chunk_jets=10, progress=False)
+    expected = compute_observables(images[picked], with_profile=True)
+    for name in OBSERVABLES:
+        np.testing.assert_array_equal(sample.observables[name], expected[name], err_msg=name)
+    np.testing.assert_array_equal(sample.profile, expected["radial_profile"])
+    np.testing.assert_array_equal(sample.labels, labels[picked].astype(np.int8))
+    np.testing.assert_allclose(sample.mean_image(), images[picked].mean(0, dtype=np.float64), rtol=1e-5, atol=1e-9)
+    quarks = picked[labels[picked] == 1]
+    np.testing.assert_allclose(sample.mean_image(1), images[quarks].mean(0, dtype=np.float64), rtol=1e-5, atol=1e-9)
+    assert sample.jets_per_key == {"all": 23, 1: len(quarks), 0: 23 - len(quarks)}
+    assert len(sample.examples) == 4 and sample.n_nonfinite == 0
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_nonfinite_jets_are_dropped_and_counted(synthetic, tmp_path):
     _, images, labels = synthetic
