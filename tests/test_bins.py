@@ -251,3 +251,21 @@ def test_bins_file_round_trip(tmp_path):
     np.testing.assert_array_equal(metadata["inertia"], np.arange(5.0))
     with pytest.raises(FileNotFoundError, match="fit-bins"):
         bins.load_bins(tmp_path / "missing")
+
+
+def test_native_writes_every_output():
+    """Poisoned outputs: any center, iteration count or distinct count left unwritten fails."""
+    from jetfast import _C
+
+    rng = np.random.default_rng()
+    n, d, k = 301, 127, 5
+    latents = rng.normal(size=(n, d)).astype(np.float32)
+    latents[:, 3] = 7.0  # constant
+    latents[:, 10] = rng.choice([1.0, 2.0], n)  # fewer distinct values than bins
+    centers = np.full((d, k), np.nan, np.float32)
+    iterations = np.full(d, -1, np.int32)
+    distinct = np.full(d, -1, np.int64)
+    assert _C.kmeans1d_cpu(latents, centers, iterations, distinct, 50, 1e-9, "coarse_exact", 8, 2) == -1
+    assert np.isfinite(centers).all() and np.all(np.diff(centers, axis=1) >= 0)
+    assert (iterations >= 0).all() and iterations[3] == 0
+    np.testing.assert_array_equal(distinct, [len(np.unique(latents[:, j])) for j in range(d)])
