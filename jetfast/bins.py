@@ -204,26 +204,41 @@ def _fit_faiss(latents: np.ndarray, num_bins: int, seed: int, max_iter: int, thr
     # The coarse exact start (no Lloyd): FAISS then polishes it with all N points.
     start, _, _ = _native_kmeans1d(latents, num_bins, 0, 0.0, "coarse_exact", GROUPS_PER_BIN, threads)
     use_gpu = faiss.get_num_gpus() > 0
-    previous_threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        centers = np.empty((d, num_bins), np.float32)
+    centers = np.empty((d, num_bins), np.float32)
+
+    def fit_dimension(dim: int) -> None:
+        column = np.ascontiguousarray(latents[:, dim : dim + 1])
+        few = _few_distinct(column[:, 0], num_bins)
+        if few is not None:
+            centers[dim] = few
+            return
+        kmeans = faiss.Kmeans(
+            1, num_bins, niter=max(1, max_iter), seed=int(seed), gpu=use_gpu, verbose=False,
+            # Use every point (FAISS subsamples to 256 per centroid by default) and do
+            # not warn about "too few" points per centroid.
+            max_points_per_centroid=n, min_points_per_centroid=1,
+        )
+        kmeans.train(column, init_centroids=np.ascontiguousarray(start[dim].reshape(-1, 1)))
+        centers[dim] = np.sort(kmeans.centroids.reshape(-1))
+
+    if use_gpu:
         for dim in range(d):
-            column = np.ascontiguousarray(latents[:, dim : dim + 1])
-            few = _few_distinct(column[:, 0], num_bins)
-            if few is not None:
-                centers[dim] = few
-                continue
-            kmeans = faiss.Kmeans(
-                1, num_bins, niter=max(1, max_iter), seed=int(seed), gpu=use_gpu, verbose=False,
-                # Use every point (FAISS subsamples to 256 per centroid by default) and do
-                # not warn about "too few" points per centroid.
-                max_points_per_centroid=n, min_points_per_centroid=1,
-            )
-            kmeans.train(column, init_centroids=np.ascontiguousarray(start[dim].reshape(-1, 1)))
-            centers[dim] = np.sort(kmeans.centroids.reshape(-1))
-    finally:
-        faiss.omp_set_num_threads(previous_threads)
+            fit_dimension(dim)
+        return centers
+
+    # FAISS cannot cluster several 1-D problems in one call, and one d=1 problem is too
+    # small for OpenMP to pay off (on busy cores it is many times slower): run whole
+    # dimensions side by side instead, one OpenMP thread each (FAISS releases the GIL).
+    def fit_single_threaded(dims) -> None:
+        faiss.omp_set_num_threads(1)  # per calling thread
+        for dim in dims:
+            fit_dimension(dim)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(threads, d)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fit_single_threaded, [range(w, d, workers) for w in range(workers)]))
     return centers
 
 
