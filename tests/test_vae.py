@@ -27,6 +27,14 @@ PYTHON = sys.executable
 TINY = ["--widths", "4,8,8,8", "--latent-dim", "6", "--batch-size", "8", "--transform-jets", "40", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_determinism_flag():
+    """Training switches torch to deterministic algorithms; leave other tests as they were."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def train_args(data, out, *extra) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     train_vae.add_arguments(parser)
