@@ -232,6 +232,42 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(jet_file, tmp_path, monke
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def nan_jet_file(tmp_path_factory):
+    """A file whose training split holds one jet with a NaN pixel, outside the transform's fitting sample."""
+    from jetfast.train.common import make_split
+
+    n, seed = 47, 0
+    train = make_split(n, seed=seed)["train"]
+    fitted = np.random.default_rng(seed).choice(train, size=10, replace=False)
+    bad = int(np.setdiff1d(train, fitted)[0])
+    images, labels = jet_images(n, seed=int(np.random.default_rng().integers(1 << 30)))
+    images[bad, 60, 61, 1] = np.nan
+    path = tmp_path_factory.mktemp("vae_nan") / "jets.h5"
+    write_jet_file(path, images=images, labels=labels, chunk=16)
+    return path, bad
+
+
+def test_nan_pixels_are_named(nan_jet_file, tmp_path, capsys):
+    path, bad = nan_jet_file
+    assert train_vae.run(train_args(path, tmp_path / "run", "--epochs", 1, "--transform-jets", 10)) == 2
+    err = capsys.readouterr().err
+    assert f"jet(s) {bad} have NaN" in err, err
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_ddp_ranks_stop_together_on_nan(nan_jet_file, tmp_path):
+    path, bad = nan_jet_file
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.train.vae",
+           "--data", str(path), "--out", str(tmp_path / "run"), *TINY, "--transform-jets", "10", "--epochs", "1",
+           "--num-threads", "1"]
+    # Without the shared check the clean rank would wait forever in backward: the timeout fails the test.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
+    assert proc.returncode != 0
+    assert f"jet(s) {bad} have NaN" in proc.stderr and "training diverged" in proc.stderr, proc.stderr[-3000:]
+
+
 def load_split_for(jet_file):
     from jetfast.train.common import make_split
 

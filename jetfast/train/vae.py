@@ -153,6 +153,20 @@ def _fit_transform(path: str, train_indices, max_jets: int, seed: int, loader_th
     return IntensityTransform.fit(images.numpy())
 
 
+def _raise_if_bad_pixels(path: str, x, index, step: int) -> None:
+    """After a non-finite loss: blame the data, naming the jets, when the batch itself holds NaN/inf."""
+    import torch
+
+    from jetfast.data.format import JetFileError
+
+    bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
+    if bad.any():
+        jets = index[bad.cpu()].tolist()
+        shown = ", ".join(map(str, jets[:10])) + (" ..." if len(jets) > 10 else "")
+        raise JetFileError(f"{path}: jet(s) {shown} have NaN or infinite pixels (found at step {step}); "
+                           "remove them from the file or leave them out of the run")
+
+
 def _warn_if_unbalanced(path: str, n_used: int) -> None:
     """--max-jets takes the first N jets; say so when that leaves the classes badly unbalanced."""
     import h5py
@@ -240,6 +254,7 @@ def train(args: argparse.Namespace) -> RunDir:
     from jetfast.train.common import (
         EarlyStopping,
         RunDir,
+        TrainingDiverged,
         all_reduce_mean,
         barrier,
         check_finite,
@@ -359,7 +374,11 @@ def train(args: argparse.Namespace) -> RunDir:
         for batch in train_loader:
             x = batch["X_jets"].to(device, non_blocking=True)
             beta = model.beta_at(step)
-            values = train_step(model, net, optimizer, x, beta, args.grad_clip, step, epoch)
+            try:
+                values = train_step(model, net, optimizer, x, beta, args.grad_clip, step, epoch)
+            except TrainingDiverged:
+                _raise_if_bad_pixels(args.data, x, batch["index"], step)
+                raise
             step += 1
             n = x.shape[0]
             totals += torch.tensor([v * n for v in values] + [n], dtype=torch.float64)
