@@ -20,6 +20,7 @@ COMMANDS = [
     ("train-gpt", "jetfast.train.gpt", "train the stage-2 class-conditional Transformer over latent codes"),
     ("evaluate-vae", "jetfast.evaluate.vae_report", "reconstruction quality and latent diagnostics of a trained VAE on its test jets"),
     ("generate", "jetfast.generate", "sample new jets from a trained run and write them in the input layout"),
+    ("demo", "jetfast.demo", "the whole pipeline on a small simulated dataset: simulate, train, generate, evaluate"),
     ("evaluate", "jetfast.evaluate.report", "physics report: observables, distances to a noise floor, classifier tests, plots"),
 ]
 

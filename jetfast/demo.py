@@ -1,0 +1,93 @@
+"""The end-to-end demo: simulate jets, train both stages, generate, evaluate.
+
+Every stage is the real command a user would run (``jetfast data generate``,
+``train-vae``, ``fit-bins``, ``encode``, ``train-gpt``, ``generate``, ``evaluate``)
+with sizes small enough for a 2-core CPU in about ten minutes; every size is an
+option, so the same command scales to the full dataset on a GPU. A stage that
+finished is skipped when the demo is run again (``--restart`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("data", "train-vae", "fit-bins", "encode", "train-gpt", "generate", "evaluate")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="demo", help="demo directory (default ./demo)")
+    parser.add_argument("--jets", type=int, default=4000, help="Pythia jets to simulate (default 4000)")
+    parser.add_argument("--generate", type=int, default=2000, help="jets to generate (default 2000)")
+    parser.add_argument("--vae-epochs", type=int, default=8, help="VAE epochs (default 8)")
+    parser.add_argument("--gpt-epochs", type=int, default=12, help="Transformer epochs (default 12)")
+    parser.add_argument("--latent-dim", type=int, default=128, help="latent dimensions = codes per jet (default 128)")
+    parser.add_argument("--bins", type=int, default=256, help="bins per latent dimension (default 256)")
+    parser.add_argument("--gpt-size", default="128,4,3", help="Transformer d_model,heads,layers (default 128,4,3)")
+    parser.add_argument("--workers", type=int, default=None, help="Pythia worker processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    parser.add_argument("--restart", action="store_true", help="delete the demo directory and start over")
+
+
+def _stage(out: Path, name: str, argv: list[str], log: dict) -> None:
+    from jetfast.cli import main
+
+    marker = out / f".done-{name}"
+    if marker.exists():
+        print(f"[demo] {name}: done in an earlier run, skipped")
+        return
+    print(f"\n[demo] {name}: jetfast {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    code = main(argv)
+    if code:
+        raise SystemExit(f"[demo] {name} failed (exit {code}); fix the cause and run the demo again to continue")
+    seconds = time.perf_counter() - start
+    log[name] = round(seconds, 1)
+    marker.write_text(f"{seconds:.1f} s\n")
+    print(f"[demo] {name}: {seconds:.0f} s", flush=True)
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if args.restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d_model, heads, layers = (int(v) for v in args.gpt_size.split(","))
+    data, run_dir, codes = out / "jets.h5", out / "run", out / "codes.h5"
+    generated, report = out / "generated.h5", out / "report"
+    seed = str(args.seed)
+    workers = ["--workers", str(args.workers)] if args.workers else []
+    log: dict[str, float] = {}
+    start = time.perf_counter()
+    _stage(out, "data", ["data", "generate", "--n", str(args.jets), "--out", str(data), "--seed", seed, "--overwrite", *workers], log)
+    _stage(out, "train-vae", ["train-vae", "--data", str(data), "--out", str(run_dir), "--epochs", str(args.vae_epochs),
+                              "--latent-dim", str(args.latent_dim), "--seed", seed, "--overwrite"], log)
+    _stage(out, "fit-bins", ["fit-bins", str(run_dir), "--data", str(data), "--num-bins", str(args.bins), "--seed", seed], log)
+    _stage(out, "encode", ["encode", str(run_dir), "--data", str(data), "--out", str(codes), "--overwrite"], log)
+    _stage(out, "train-gpt", ["train-gpt", str(run_dir), "--codes", str(codes), "--epochs", str(args.gpt_epochs),
+                              "--d-model", str(d_model), "--n-heads", str(heads), "--n-layers", str(layers),
+                              "--seed", seed, "--overwrite"], log)
+    _stage(out, "generate", ["generate", str(run_dir), "--n", str(args.generate), "--out", str(generated),
+                             "--seed", seed, "--overwrite"], log)
+    _stage(out, "evaluate", ["evaluate", "--real", str(data), "--gen", str(generated), "--run", str(run_dir),
+                             "--out", str(report), "--seed", seed], log)
+    total = time.perf_counter() - start
+    timings = out / "timings.json"
+    previous = json.loads(timings.read_text()) if timings.exists() else {}
+    timings.write_text(json.dumps({**previous, **log}, indent=2) + "\n")
+    print(f"\n[demo] finished in {total / 60:.1f} min (per stage: {timings})")
+    print(f"[demo] the VAE run, bins and Transformer: {run_dir}/")
+    print(f"[demo] generated jets: {generated}")
+    print(f"[demo] the report: {report / 'report.md'}  (plots in {report / 'plots'})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="jetfast demo", description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
