@@ -164,7 +164,8 @@ def _plot_reconstructions(originals, reconstructions, labels, path: Path) -> Non
 
     n = len(originals)
     names = [*CHANNELS, "combined"]
-    fig, axes = plt.subplots(n, 2 * len(names), figsize=(2.0 * 2 * len(names), 2.1 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n, 2 * len(names), figsize=(1.9 * 2 * len(names), 1.9 * n + 0.5), squeeze=False,
+                             layout="constrained")
     for i in range(n):
         for c, name in enumerate(names):
             true = originals[i].sum(-1) if name == "combined" else originals[i, :, :, c]
@@ -182,7 +183,7 @@ def _plot_reconstructions(originals, reconstructions, labels, path: Path) -> Non
                     ax.set_title(f"{name} {kind}", fontsize=8)
                 if k == 0 and c == 0:
                     ax.set_ylabel(f"jet {i} (y={int(labels[i])})", fontsize=8)
-            fig.colorbar(im, ax=axes[i, 2 * c : 2 * c + 2], fraction=0.03, pad=0.01).ax.tick_params(labelsize=6)
+            fig.colorbar(im, ax=axes[i, 2 * c : 2 * c + 2], fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
     fig.suptitle(f"test jets and VAE reconstructions (GeV, log scale, pixels < {DISPLAY_MIN_GEV} GeV blank)", fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
