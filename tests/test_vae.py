@@ -164,7 +164,7 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
     with h5py.File(jet_file) as f:
         x = transform.to_model(torch.from_numpy(f["X_jets"][split["val"]]))
     with torch.no_grad():
-        terms = model.loss(x, *model(x), beta=metrics[best_epoch]["beta"])
+        terms = model.loss(x, *model(x), beta=cfg.beta)
     assert math.isclose(float(terms["loss"]), metrics[best_epoch]["val_loss"], rel_tol=1e-4)
 
     last, _, _ = load_vae(trained_run / "checkpoints" / "last.pt", which="ignored-for-files")

@@ -128,10 +128,13 @@ def _run_config(args, n_file: int, n_used: int, split, vae_config, transform, wo
         },
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if not k.startswith("_")},
         "versions": {"jetfast": jetfast.__version__, "torch": torch.__version__},
-        "metrics_keys": [
-            "epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
-            "beta", "lr", "time_s", "images_per_s",
-        ],
+        "metrics": {
+            "file": "metrics.jsonl",
+            "keys": ["epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
+                     "beta", "lr", "time_s", "images_per_s"],
+            "note": "per-jet means; train_* average the epoch's steps (KL weight 'beta' ramping during warm-up), "
+                    "val_* use the full beta; images_per_s counts training images of all processes",
+        },
     }
 
 
@@ -389,7 +392,9 @@ def train(args: argparse.Namespace) -> RunDir:
 
         _sync_buffers(model)
         net.eval()
-        val_totals = _epoch_totals(model, val_loader, model.beta_at(step), device)
+        # Validation always weighs the KL with the full beta: the objective being selected on
+        # must not change during the warm-up, or the scheduler would read the ramp as a plateau.
+        val_totals = _epoch_totals(model, val_loader, vae_config.beta, device)
         train_totals = all_reduce_mean(totals) * world_size
         val_totals = all_reduce_mean(val_totals) * world_size
         train_mean = (train_totals[:3] / train_totals[3]).tolist()
@@ -403,7 +408,7 @@ def train(args: argparse.Namespace) -> RunDir:
             "step": step,
             "train_loss": train_mean[0], "train_recon": train_mean[1], "train_kl": train_mean[2],
             "val_loss": val_mean[0], "val_recon": val_mean[1], "val_kl": val_mean[2],
-            "beta": model.beta_at(step - 1),
+            "beta": model.beta_at(step - 1),  # KL weight of the last training step (validation uses the full beta)
             "lr": optimizer.param_groups[0]["lr"],
             "time_s": round(time.perf_counter() - started, 3),
             "images_per_s": round(float(train_totals[3]) / max(train_seconds, 1e-9), 2),
