@@ -364,7 +364,8 @@ def train(args: argparse.Namespace) -> RunDir:
     if main and start_epoch < args.epochs:
         print(f"jetfast train-vae: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test jets, "
               f"{steps_per_epoch} steps per epoch x {world_size} process(es), loader backend {train_loader.backend}, "
-              f"run directory {run_dir.path}", file=sys.stderr)
+              f"run directory {run_dir.path}" + (f", resuming at epoch {start_epoch + 1} (step {step})" if start_epoch else ""),
+              file=sys.stderr)
     for epoch in range(start_epoch, args.epochs):
         if stopper.should_stop:
             break
