@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize": ("jetfast.ops", "quantize"),
     "dequantize": ("jetfast.ops", "dequantize"),
-    "sample": ("jetfast.sample", "sample"),
+    "sample": ("jetfast.sampling", "sample"),
     "fit_bins": ("jetfast.bins", "fit_bins"),
     "JetLoader": ("jetfast.data.loader", "JetLoader"),
 }

@@ -90,7 +90,7 @@ class JetGenerator:
     def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, **sampling) -> np.ndarray:
         """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional)."""
         from jetfast import dequantize
-        from jetfast.sample import sample
+        from jetfast.sampling import sample
 
         times = times or StageTimes()
         start = time.perf_counter()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
-from jetfast.sample import sample
+from jetfast.sampling import sample
 from jetfast.train import gpt as train_gpt
 
 

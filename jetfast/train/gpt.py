@@ -32,7 +32,7 @@ This directory is a jetfast code-Transformer (stage 2) training run.
   checkpoints/best.pt  the same at the lowest validation loss
   plots/loss.png       loss curves drawn from metrics.jsonl
 
-Load the model with jetfast.models.gpt.load_gpt(this_directory) and sample with jetfast.sample.
+Load the model with jetfast.models.gpt.load_gpt(this_directory) and sample with jetfast.sample (jetfast/sampling.py).
 """
 
 
