@@ -77,8 +77,8 @@ demo: $(STAMPS)/build
 	$(VENV)/bin/jetfast demo
 
 bench: $(STAMPS)/build
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds \
-	  --benchmark-sort=name $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only \
+	  --benchmark-columns=min,median,rounds --benchmark-sort=fullname $(PYTEST_ARGS)
 
 sanitize: $(STAMPS)/build
 	$(MAKE) -C csrc/prefetch/tests PYTHON=$(abspath $(PY))
