@@ -2,8 +2,10 @@
 
 Per block of jets: sample codes with the KV-cached Transformer, dequantize them
 with the run's bins, decode with the VAE, undo the intensity transform, crop back
-to 125x125 channels last, compute pT and mass from the image, and write the block
-into the output file. Memory is one block, whatever N is.
+to 125x125 channels last, apply the detector readout (HCAL in 5x5 towers,
+zero suppression below the smallest deposit seen in training; see
+IntensityTransform.readout), compute pT and mass from the image, and write the
+block into the output file. Memory is one block, whatever N is.
 
 Reproducibility and resuming. Block ``b`` of rank ``r`` is drawn from a seed that
 depends only on ``(seed, r, b)``, so a block is the same whether it is made in
@@ -99,7 +101,7 @@ class JetGenerator:
         start = time.perf_counter()
         latents = dequantize(codes.to(self.device), self.centers)
         model_images = self.vae.decode(latents)
-        images = self.transform.to_images(model_images).float().cpu().numpy()
+        images = self.transform.readout(self.transform.to_images(model_images).float()).cpu().numpy()
         times.add("decode", time.perf_counter() - start)
         return images
 

@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     vae_config = VAEConfig(latent_dim=LATENT, widths=(4, 8, 8, 8))
-    transform = IntensityTransform(scale=(1.0, 0.5, 0.02), mean=(0.01, 0.02, 0.03), std=(0.2, 0.3, 0.4))
+    transform = IntensityTransform(scale=(1.0, 0.5, 0.02), mean=(0.01, 0.02, 0.03), std=(0.2, 0.3, 0.4), floor=(0.005, 0.005, 0.0002))
     save_checkpoint(
         {"model": VAE(vae_config).state_dict(), "vae_config": vae_config.to_dict(), "transform": transform.to_dict()},
         run / "checkpoints" / "best.pt",
@@ -55,7 +55,13 @@ def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path):
             assert f[key].shape == (70,) and f[key].dtype == np.float32
         assert "blocks_done" not in f
         images = f["X_jets"][()]
-    assert np.isfinite(images).all() and images.min() >= 0
+    assert np.isfinite(images).all() and images.min() >= 0 and (images > 0).any()
+    # The detector readout: HCAL constant on its 5x5 towers, nothing lit below the floor.
+    towers = images[..., 2].reshape(70, 25, 5, 25, 5)
+    assert np.array_equal(towers, np.broadcast_to(towers[:, :, :1, :, :1], towers.shape))
+    for channel, floor in enumerate((0.005, 0.005, 0.0002)):
+        lit = images[..., channel][images[..., channel] > 0]
+        assert lit.size == 0 or lit.min() >= floor * (1 - 1e-5)
     assert not (tmp_path / "gen.h5.partial").exists()
     # Same seed, other block layout of the sampler's batches: the same jets.
     again = read(generate_file(run_dir, 70, tmp_path / "again.h5", batch_size=32, seed=3, progress=False))
