@@ -36,13 +36,17 @@ def _throughput(record, seconds, rows, **extra):
 
 
 def test_copy_bandwidth(benchmark, record, data):
-    """memcpy-class bandwidth of this machine: read + write of the same 640 MiB-sized traffic."""
+    """The machine's memory-copy bandwidth: a 512 MiB tensor copied into another.
+
+    Reported as bytes copied per second (what memcpy benchmarks quote) and as the
+    traffic that moves (read + write, twice that), the measure the quantizer's GB/s uses.
+    """
     z, _ = data
     out = torch.empty_like(z)
     out.copy_(z)  # first touch
     benchmark.pedantic(out.copy_, args=(z,), rounds=10, warmup_rounds=2)
     seconds = benchmark.stats.stats.min
-    record(copy_GB_per_s=2 * z.numel() * 4 / seconds / 1e9)
+    record(copy_GB_per_s=z.numel() * 4 / seconds / 1e9, copy_traffic_GB_per_s=2 * z.numel() * 4 / seconds / 1e9)
 
 
 def test_jetfast_quantize(benchmark, record, data):

@@ -45,8 +45,8 @@ def _check_centers(centers: torch.Tensor, d: int | None, what: str) -> None:
 
 def _check_centers_values(centers: torch.Tensor, what: str) -> None:
     # (D, K) is small: these checks cost nothing next to the op.
-    if torch.isnan(centers).any():
-        raise ValueError(f"{what}: centers contain NaN")
+    if not torch.isfinite(centers).all():
+        raise ValueError(f"{what}: centers contain NaN or inf; every center must be finite")
     steps = centers[:, 1:] - centers[:, :-1]
     if (steps < 0).any():
         row = int((steps < 0).any(dim=1).nonzero()[0, 0])

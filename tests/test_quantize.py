@@ -177,6 +177,7 @@ def test_empty_input():
         (lambda z, c: (z, c[:, :1]), ValueError, "K <= 65536"),
         (lambda z, c: (z, c.flip(1)), ValueError, "sorted ascending"),
         (lambda z, c: (z, torch.where(c > 0, float("nan"), c)), ValueError, "NaN"),
+        (lambda z, c: (z, torch.where(c > 2, float("inf"), c)), ValueError, "finite"),
         (lambda z, c: (z.index_fill(0, torch.tensor([3]), float("nan")), c), ValueError, "row 3"),
         (lambda z, c: (z, c.to("meta")), ValueError, "meta"),
         (lambda z, c: ([[1.0]], c), TypeError, "torch.Tensor or numpy"),

@@ -3,11 +3,11 @@
 //
 // Tiles of 64 rows x 16 dimensions. For one dimension, a search tree of up to 255
 // midpoints (K <= 256) fits in 16 zmm registers as float32, so the descent of 16
-// rows at once is register permutes (vpermt2ps), not memory gathers. The float32
-// comparison is exact except when z equals the rounded midpoint (z < round(m)
-// implies z < m, z > round(m) implies z > m); the descent ends between two rounded
-// midpoints with z strictly above the lower one, so only z == the upper one is in
-// doubt, and those lanes are redone with the exact float64 search of nearest_bin.h.
+// rows at once is register permutes (vpermt2ps), not memory gathers. The tree holds
+// each exact midpoint m rounded *down* to float32, rd(m): for a float32 z,
+// m < z exactly when rd(m) < z (no float32 lies in (rd(m), m]), so the float32
+// descent gives the exact answer with no correction. z comes in, and codes go out,
+// through 16x16 in-register transposes (gathers cost ~3 cycles per element here).
 // K > 256, or dimensions left over after the 16-wide blocks, take the scalar search.
 #include <immintrin.h>
 
@@ -54,10 +54,9 @@ inline __m512 tree_entry(const RegisterTree& tree, __m512i node, int level) {
   }
 }
 
-// kChains x 16 lanes descending one register tree: the nearest_bin descent,
+// kChains x 16 lanes (rows) descending one register tree: the nearest_bin descent,
 // node = 2 node + (entry < z). The chains are independent, so their permute and
-// compare latencies overlap. `bound` keeps the last entry each lane turned left at:
-// the rounded midpoint just above z, the only one z can be equal to.
+// compare latencies overlap.
 constexpr int kChains = kTileRows / 16;
 struct RegisterLanes {
   struct Index {
@@ -67,14 +66,12 @@ struct RegisterLanes {
     __m512 v[kChains];
   };
   const RegisterTree* tree;
-  Value bound;
   int level;
   inline Index descend(const Index& node, const Value& z) {
     Index next;
     for (int c = 0; c < kChains; ++c) {
       const __m512 entry = tree_entry(*tree, node.v[c], level);
       const __mmask16 below = _mm512_cmp_ps_mask(entry, z.v[c], _CMP_LT_OQ);
-      bound.v[c] = _mm512_mask_mov_ps(entry, below, bound.v[c]);
       const __m512i twice = _mm512_add_epi32(node.v[c], node.v[c]);
       next.v[c] = _mm512_mask_add_epi32(twice, below, twice, _mm512_set1_epi32(1));
     }
@@ -82,6 +79,30 @@ struct RegisterLanes {
     return next;
   }
 };
+
+// In-register transpose of a 16x16 block of 32-bit values: r[i][j] -> r[j][i].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
 
 template <class Code>
 inline void store_row_codes(Code* out, __m512i codes) {
@@ -94,52 +115,49 @@ inline void store_row_codes(Code* out, __m512i codes) {
   }
 }
 
-// One tile: kTileRows rows starting at `row`, dims [dim, dim + 16).
+// One tile: kTileRows rows starting at `row`, dims [dim, dim + 16). Returns true if
+// the tile holds a NaN.
 template <class Code>
 bool quantize_tile(const float* z, int64_t row, int64_t stride_n, int64_t dim, const SearchTables& tables,
                    Code* codes) {
   const int levels = tables.levels;
   const int64_t p = int64_t{1} << levels;
-  alignas(64) int32_t tile_codes[kDimsPerBlock][kTileRows];
-  bool nan_seen = false;
-  const __m512i row_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(static_cast<int>(stride_n)));
+  alignas(64) float columns[kDimsPerBlock][kTileRows];      // z, one dimension per row
+  alignas(64) int32_t tile_codes[kDimsPerBlock][kTileRows];  // codes, one dimension per row
+  __mmask16 nan_mask = 0;
+  for (int c = 0; c < kChains; ++c) {
+    __m512 block[16];
+    for (int r = 0; r < 16; ++r) {
+      block[r] = _mm512_loadu_ps(z + (row + 16 * c + r) * stride_n + dim);
+      nan_mask |= _mm512_cmp_ps_mask(block[r], block[r], _CMP_UNORD_Q);
+    }
+    transpose16(block);
+    for (int j = 0; j < kDimsPerBlock; ++j) _mm512_store_ps(&columns[j][16 * c], block[j]);
+  }
   for (int j = 0; j < kDimsPerBlock; ++j) {
-    const int64_t column = dim + j;
     RegisterTree tree;
-    const float* rounded = tables.rounded + column * p;
+    const float* rounded = tables.rounded + (dim + j) * p;
     for (int r = 0; r < 16; ++r)
       tree.t[r] = (r * 16 < p) ? _mm512_loadu_ps(rounded + r * 16) : _mm512_set1_ps(INFINITY);
-    RegisterLanes lanes{&tree, {}, 0};
-    for (int c = 0; c < kChains; ++c) lanes.bound.v[c] = _mm512_set1_ps(INFINITY);
+    RegisterLanes lanes{&tree, 0};
     RegisterLanes::Value value;
     RegisterLanes::Index root;
     for (int c = 0; c < kChains; ++c) {
-      value.v[c] = _mm512_i32gather_ps(row_offsets, z + (row + 16 * c) * stride_n + column, 4);
-      nan_seen |= _mm512_cmp_ps_mask(value.v[c], value.v[c], _CMP_UNORD_Q) != 0;
+      value.v[c] = _mm512_load_ps(&columns[j][16 * c]);
       root.v[c] = _mm512_set1_epi32(1);
     }
     const RegisterLanes::Index leaf = descend_tree(lanes, root, levels, value);
-    for (int c = 0; c < kChains; ++c) {
+    for (int c = 0; c < kChains; ++c)
       _mm512_store_si512(&tile_codes[j][16 * c], _mm512_sub_epi32(leaf.v[c], _mm512_set1_epi32(static_cast<int>(p))));
-      const __mmask16 ambiguous = _mm512_cmp_ps_mask(lanes.bound.v[c], value.v[c], _CMP_EQ_OQ);
-      if (ambiguous) {
-        alignas(64) float values[16];
-        _mm512_store_ps(values, value.v[c]);
-        for (int lane = 0; lane < 16; ++lane)
-          if (ambiguous & (1u << lane))
-            tile_codes[j][16 * c + lane] = nearest_bin_scalar(tables.exact + column * p, levels, values[lane]);
-      }
-    }
   }
-  // Transpose back: row r takes tile_codes[0..15][r] (one 16-lane gather).
-  const __m512i dim_stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(kTileRows));
-  for (int r = 0; r < kTileRows; ++r) {
-    const __m512i row_codes = _mm512_i32gather_epi32(dim_stride, &tile_codes[0][r], 4);
-    store_row_codes(codes + (row + r) * tables.dims + dim, row_codes);
+  for (int c = 0; c < kChains; ++c) {
+    __m512 block[16];
+    for (int j = 0; j < kDimsPerBlock; ++j) block[j] = _mm512_castsi512_ps(_mm512_load_si512(&tile_codes[j][16 * c]));
+    transpose16(block);
+    for (int r = 0; r < 16; ++r)
+      store_row_codes(codes + (row + 16 * c + r) * tables.dims + dim, _mm512_castps_si512(block[r]));
   }
-  return nan_seen;
+  return nan_mask != 0;
 }
 
 template <class Code>

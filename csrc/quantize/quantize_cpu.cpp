@@ -24,8 +24,15 @@ struct OwnedTables {
   SearchTables view;
 };
 
+// The largest float32 <= x. For a float32 z, x < z exactly when round_down(x) < z.
+float round_down_to_float(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) > x) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+  return f;
+}
+
 // The (D, P) search tables (see nearest_bin.h): exact float64 entries, and the same
-// rounded to float32 for the AVX-512 register path.
+// rounded down to float32 for the AVX-512 register path.
 OwnedTables build_search_tables(const float* centers, int64_t d, int64_t k, int levels, int num_threads) {
   const int64_t p = int64_t{1} << levels;
   OwnedTables tables;
@@ -37,7 +44,7 @@ OwnedTables build_search_tables(const float* centers, int64_t d, int64_t k, int 
         const double entry =
             search_table_entry(centers + dim * k, static_cast<int>(k), levels, static_cast<int>(node));
         tables.exact[dim * p + node] = entry;
-        tables.rounded[dim * p + node] = static_cast<float>(entry);
+        tables.rounded[dim * p + node] = round_down_to_float(entry);
       }
   });
   tables.view = SearchTables{tables.exact.data(), tables.rounded.data(), d, levels};

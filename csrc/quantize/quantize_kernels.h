@@ -8,7 +8,7 @@ namespace jetfast {
 
 struct SearchTables {
   const double* exact;     // (D, P) float64 Eytzinger tables, see nearest_bin.h
-  const float* rounded;    // (D, P) the same entries rounded to float32 (AVX-512 path)
+  const float* rounded;    // (D, P) the same entries rounded down to float32 (AVX-512 path)
   int64_t dims;
   int levels;
 };
