@@ -1,0 +1,57 @@
+"""End-to-end generation on the CPU: 10,000 jets, sampling + decoding + writing.
+
+The pipeline at the default sizes (Transformer d_model 256, 4 layers, 8 heads over
+128 codes of 256 bins; the default VAE decoder), with untrained weights: the cost
+of every stage is the same as for a trained run, only the pictures differ.
+
+Floor, per jet: sampling ~0.86 GFLOP (see bench_sample.py), decoding ~0.5 GFLOP
+(the transposed convolutions), so ~1.4 GFLOP per jet, ~100 jets/s at the machine's
+~140 GFLOP/s fp32 matmul rate; writing is ~190 kB of float32 per jet through LZF.
+"""
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from jetfast.data.transforms import IntensityTransform
+from jetfast.generate import StageTimes, generate_file
+from jetfast.models.gpt import GPT, GPTConfig
+from jetfast.models.vae import VAE, VAEConfig
+from jetfast.train.common import save_checkpoint
+from tests.jetfiles import jet_images
+
+N_JETS = 10_000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    vae_config = VAEConfig()
+    images, _ = jet_images(64)
+    transform = IntensityTransform.fit(images)
+    save_checkpoint(
+        {"model": VAE(vae_config).state_dict(), "vae_config": vae_config.to_dict(), "transform": transform.to_dict()},
+        run / "checkpoints" / "best.pt",
+    )
+    centers = np.sort(np.random.default_rng(0).normal(size=(vae_config.latent_dim, 256)).astype(np.float32), axis=1)
+    np.savez(run / "bins.npz", centers=centers)
+    gpt_config = GPTConfig(vocab_size=256, seq_len=vae_config.latent_dim, d_model=256, n_heads=8, n_layers=4)
+    save_checkpoint({"model": GPT(gpt_config).state_dict(), "config": asdict(gpt_config)}, run / "gpt" / "checkpoints" / "best.pt")
+    return run
+
+
+def test_generate_10k_jets(benchmark, record, run_dir, tmp_path):
+    times = StageTimes()
+    outputs = iter(range(100))
+
+    def generate():
+        return generate_file(run_dir, N_JETS, tmp_path / f"gen{next(outputs)}.h5", batch_size=500, seed=0,
+                             progress=False, times=times)
+
+    benchmark.pedantic(generate, rounds=1, warmup_rounds=0)
+    seconds = benchmark.stats.stats.min
+    shares = times.shares()
+    record(jets_per_s=N_JETS / seconds, **{f"{stage}_share": round(share, 3) for stage, share in shares.items()})
