@@ -7,22 +7,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/array_checks.h"
 #include "kmeans/kmeans1d.h"
 
 namespace py = pybind11;
 
 namespace jetfast {
 namespace {
-
-std::string shape_of(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw py::value_error(message);
-}
 
 int64_t kmeans1d_numpy(const py::array_t<float, py::array::c_style>& latents,
                        py::array_t<float, py::array::c_style>& centers, py::array_t<int32_t, py::array::c_style>& iterations,

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/array_checks.h"
 #include "quantize/quantize.h"
 
 namespace py = pybind11;
@@ -22,16 +23,6 @@ CodeType code_type_of(const py::array& codes) {
   if (kind == 'i' && size == 2) return CodeType::kInt16;
   if (kind == 'i' && size == 4) return CodeType::kInt32;
   throw py::type_error("codes must be uint8, int16 or int32; got " + std::string(py::str(codes.dtype())));
-}
-
-std::string shape_of(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw py::value_error(message);
 }
 
 void check_float32(const py::array& a, const char* name) {
