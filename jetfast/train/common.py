@@ -420,3 +420,30 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
     _atomic_replace(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out_png
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line plumbing shared by the trainers
+# ---------------------------------------------------------------------------------------
+def add_execution_arguments(parser, seed_help: str) -> "argparse._ArgumentGroup":
+    """The options every trainer has: seed, torch threads, progress bar."""
+    group = parser.add_argument_group("execution")
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    return group
+
+
+def run_trainer(command: str, train, args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``train(args)``: errors the user can fix print one line and exit 2; the
+    process group is torn down whatever happens."""
+    import sys
+
+    try:
+        train(args)
+    except (FileNotFoundError, RunDirExists, TrainingDiverged, ValueError, *user_errors) as exc:
+        print(f"jetfast {command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 0

@@ -72,23 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--patience", type=int, default=0,
                      help="epochs without val improvement before stopping (0: never)")
 
-    run = parser.add_argument_group("execution")
-    run.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and class dropout")
-    run.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    from jetfast.train.common import add_execution_arguments
+
+    add_execution_arguments(parser, seed_help="seed for initialisation, shuffling and class dropout")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jetfast.train.common import RunDirExists, TrainingDiverged, cleanup
+    from jetfast.train.common import run_trainer
 
-    try:
-        train(args)
-    except (CodesFileError, FileNotFoundError, RunDirExists, TrainingDiverged, ValueError) as exc:
-        print(f"jetfast train-gpt: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
-    return 0
+    return run_trainer("train-gpt", train, args, (CodesFileError,))
 
 
 # -- the codes file ----------------------------------------------------------------------------

@@ -70,25 +70,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr-patience", type=int, default=2, help="epochs without val improvement before halving the lr")
     opt.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping (0: never)")
 
-    run = parser.add_argument_group("execution")
-    run.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, shuffling and sampling")
-    run.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from jetfast.train.common import add_execution_arguments
+
+    run = add_execution_arguments(parser, seed_help="seed for the split, initialisation, shuffling and sampling")
     run.add_argument("--loader-threads", type=int, default=None, help="decoding threads of the jet loader")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 
 
 def run(args: argparse.Namespace) -> int:
     from jetfast.data.format import JetFileError
-    from jetfast.train.common import RunDirExists, TrainingDiverged, cleanup
 
-    try:
-        train(args)
-    except (JetFileError, FileNotFoundError, RunDirExists, TrainingDiverged, ValueError) as exc:
-        print(f"jetfast train-vae: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
-    return 0
+    from jetfast.train.common import run_trainer
+
+    return run_trainer("train-vae", train, args, (JetFileError,))
 
 
 # -- training ----------------------------------------------------------------------------------
