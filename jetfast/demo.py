@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jets", type=int, default=4000, help="Pythia jets to simulate (default 4000)")
     parser.add_argument("--generate", type=int, default=2000, help="jets to generate (default 2000)")
     parser.add_argument("--vae-epochs", type=int, default=8, help="VAE epochs (default 8)")
-    parser.add_argument("--gpt-epochs", type=int, default=12, help="Transformer epochs (default 12)")
+    parser.add_argument("--gpt-epochs", type=int, default=8, help="Transformer epochs (default 8)")
     parser.add_argument("--latent-dim", type=int, default=128, help="latent dimensions = codes per jet (default 128)")
     parser.add_argument("--bins", type=int, default=256, help="bins per latent dimension (default 256)")
     parser.add_argument("--gpt-size", default="128,4,3", help="Transformer d_model,heads,layers (default 128,4,3)")
@@ -68,7 +68,7 @@ def run(args) -> int:
     _stage(out, "fit-bins", ["fit-bins", str(run_dir), "--data", str(data), "--num-bins", str(args.bins), "--seed", seed], log)
     _stage(out, "encode", ["encode", str(run_dir), "--data", str(data), "--out", str(codes), "--overwrite"], log)
     _stage(out, "train-gpt", ["train-gpt", str(run_dir), "--codes", str(codes), "--epochs", str(args.gpt_epochs),
-                              "--d-model", str(d_model), "--n-heads", str(heads), "--n-layers", str(layers),
+                              "--batch-size", "64", "--d-model", str(d_model), "--n-heads", str(heads), "--n-layers", str(layers),
                               "--seed", seed, "--overwrite"], log)
     _stage(out, "generate", ["generate", str(run_dir), "--n", str(args.generate), "--out", str(generated),
                              "--seed", seed, "--overwrite"], log)

@@ -2,8 +2,8 @@
 
 Per block of jets: sample codes with the KV-cached Transformer, dequantize them
 with the run's bins, decode with the VAE, undo the intensity transform, crop back
-to 125x125 channels last, apply the detector readout (HCAL in 5x5 towers,
-zero suppression below the smallest deposit seen in training; see
+to 125x125 channels last, apply the detector readout (HCAL in 5x5 towers and,
+with ``zero_suppress``, nothing below the smallest deposit seen in training; see
 IntensityTransform.readout), compute pT and mass from the image, and write the
 block into the output file. Memory is one block, whatever N is.
 
@@ -89,7 +89,8 @@ class JetGenerator:
             )
 
     @torch.inference_mode()
-    def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, **sampling) -> np.ndarray:
+    def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, zero_suppress: bool = False,
+             **sampling) -> np.ndarray:
         """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional)."""
         from jetfast import dequantize
         from jetfast.sampling import sample
@@ -101,7 +102,8 @@ class JetGenerator:
         start = time.perf_counter()
         latents = dequantize(codes.to(self.device), self.centers)
         model_images = self.vae.decode(latents)
-        images = self.transform.readout(self.transform.to_images(model_images).float()).cpu().numpy()
+        images = self.transform.to_images(model_images).float()
+        images = self.transform.readout(images, zero_suppress=zero_suppress).cpu().numpy()
         times.add("decode", time.perf_counter() - start)
         return images
 
@@ -128,8 +130,9 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}-of-{world}{out.suffix}")
 
 
-def _settings(run_dir, n, cls, batch_size, seed, rank, world, sampling) -> dict:
+def _settings(run_dir, n, cls, batch_size, seed, rank, world, zero_suppress, sampling) -> dict:
     return {
+        "zero_suppress": bool(zero_suppress),
         "run_dir": str(Path(run_dir).resolve()),
         "n": int(n),
         "cls": cls,
@@ -232,6 +235,7 @@ def generate_file(
     seed: int = 0,
     resume: bool = False,
     overwrite: bool = False,
+    zero_suppress: bool = False,
     gpt_dir=None,
     device=None,
     progress: bool = True,
@@ -261,7 +265,7 @@ def generate_file(
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
     partial = out.with_name(out.name + ".partial")
-    settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, sampling)
+    settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, zero_suppress, sampling)
     if partial.exists() and not resume:
         raise FileExistsError(
             f"{partial} is left from an interrupted run: pass resume=True (--resume) to continue it, or delete it"
@@ -278,7 +282,7 @@ def generate_file(
             start, stop = block * batch_size, min(n, (block + 1) * batch_size)
             seed_b = block_seed(seed, rank, block)
             labels = block_labels(cls, stop - start, seed_b)
-            images = generator.jets(labels, seed_b, times, **sampling)
+            images = generator.jets(labels, seed_b, times, zero_suppress=zero_suppress, **sampling)
             tick = time.perf_counter()
             pt, m0 = jet_pt_mass(images)
             f["X_jets"][start:stop] = images
@@ -366,6 +370,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="master seed (default 0); the same seed gives the same file")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--zero-suppress", action="store_true",
+                        help="zero every pixel below the smallest deposit seen in training, as the detector does "
+                             "(off by default: a briefly trained VAE spreads energy thinly and would lose most of it)")
     parser.add_argument("--gpt-dir", default=None, help="Transformer run directory (default RUN_DIR/gpt)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most probable codes")
@@ -387,7 +394,7 @@ def run(args) -> int:
     times = StageTimes()
     out = generate(
         args.run_dir, args.n, args.out, cls=args.cls, batch_size=args.batch_size, seed=args.seed,
-        resume=args.resume, overwrite=args.overwrite, gpt_dir=args.gpt_dir, device=args.device, times=times, **sampling,
+        resume=args.resume, overwrite=args.overwrite, zero_suppress=args.zero_suppress, gpt_dir=args.gpt_dir, device=args.device, times=times, **sampling,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         seconds = time.perf_counter() - start

@@ -47,7 +47,7 @@ def read(path):
 
 
 def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path):
-    out = generate_file(run_dir, 70, tmp_path / "gen.h5", batch_size=32, seed=3, progress=False)
+    out = generate_file(run_dir, 70, tmp_path / "gen.h5", batch_size=32, seed=3, zero_suppress=True, progress=False)
     with h5py.File(out, "r") as f:
         assert f["X_jets"].shape == (70, 125, 125, 3) and f["X_jets"].dtype == np.float32
         assert f["X_jets"].compression == "lzf" and f["X_jets"].chunks[0] == 32
@@ -64,9 +64,13 @@ def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path):
         assert lit.size == 0 or lit.min() >= floor * (1 - 1e-5)
     assert not (tmp_path / "gen.h5.partial").exists()
     # Same seed, other block layout of the sampler's batches: the same jets.
-    again = read(generate_file(run_dir, 70, tmp_path / "again.h5", batch_size=32, seed=3, progress=False))
+    again = read(generate_file(run_dir, 70, tmp_path / "again.h5", batch_size=32, seed=3, zero_suppress=True, progress=False))
     np.testing.assert_array_equal(again["X_jets"], images)
-    other = read(generate_file(run_dir, 70, tmp_path / "other.h5", batch_size=32, seed=4, progress=False))
+    other = read(generate_file(run_dir, 70, tmp_path / "other.h5", batch_size=32, seed=4, zero_suppress=True, progress=False))
+    plain = read(generate_file(run_dir, 70, tmp_path / "plain.h5", batch_size=32, seed=3, progress=False))
+    # Zero suppression is the only difference.
+    floors = np.array((0.005, 0.005, 0.0002), np.float32) * np.float32(1 - 1e-5)
+    np.testing.assert_array_equal(np.where(plain["X_jets"] >= floors, plain["X_jets"], 0), images)
     assert not np.array_equal(other["X_jets"], images)
 
 

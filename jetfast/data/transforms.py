@@ -126,13 +126,14 @@ class IntensityTransform:
         """Model layout (B, 3, 128, 128) -> file layout (B, 125, 125, 3) in GeV."""
         return crop_to_image(self.inverse(tensors)).contiguous()
 
-    def readout(self, images: torch.Tensor) -> torch.Tensor:
+    def readout(self, images: torch.Tensor, zero_suppress: bool = True) -> torch.Tensor:
         """Apply the detector's readout to decoded images (B, 125, 125, 3) in GeV, in place.
 
-        A decoder spreads a little energy everywhere; the detector never records that.
         HCAL is averaged over its 5x5 towers (the real file stores each tower as 25 equal
-        cells), then every channel is zero-suppressed below ``floor``, the smallest
-        deposit seen in training. Energy in each HCAL tower is conserved by the average.
+        cells; the energy of each tower is conserved). With ``zero_suppress``, every
+        channel is then zeroed below ``floor``, the smallest deposit seen in training, as
+        the detector never records less. A decoder that spreads energy thinly (a VAE
+        trained briefly does) loses most of it that way, hence the switch.
         """
         if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3); got {tuple(images.shape)}")
@@ -140,6 +141,8 @@ class IntensityTransform:
         hcal = images[..., 2].reshape(-1, towers, HCAL_TOWER, towers, HCAL_TOWER)
         tower_mean = hcal.mean(dim=(2, 4), keepdim=True)
         images[..., 2] = tower_mean.expand_as(hcal).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+        if not zero_suppress:
+            return images
         # A hair below the floor, so real deposits survive a round trip through float32.
         floor = torch.tensor(self.floor, dtype=images.dtype, device=images.device) * (1 - 1e-5)
         images.masked_fill_(images < floor, 0.0)
