@@ -19,7 +19,6 @@ pixels), which moves the balance toward decode.
 
 from __future__ import annotations
 
-import time
 
 import h5py
 import numpy as np

@@ -11,9 +11,7 @@ Baselines in the same run:
   slice and scaled per row.
 """
 
-import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -189,6 +189,15 @@ class RunDir:
     def load_checkpoint(self, which: str = "last", map_location="cpu") -> dict:
         return load_checkpoint(self.checkpoint(which), map_location)
 
+    def end_epoch(self, state: dict, record: dict, improved: bool, plot_keys: tuple[str, ...] | None = None) -> None:
+        """Checkpoint ``last`` (and ``best`` when the epoch improved), log the metrics
+        line, redraw the loss plot: what every trainer does after an epoch."""
+        self.save_checkpoint(state, "last")
+        if improved:
+            self.save_checkpoint(state, "best")
+        self.log_metrics(record)
+        self.plot_losses(keys=plot_keys)
+
     def plot_losses(self, keys: tuple[str, ...] | None = None) -> Path:
         return plot_losses(self.metrics_path, self.plots / "loss.png", keys)
 
@@ -425,7 +434,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
 # ---------------------------------------------------------------------------------------
 # Command-line plumbing shared by the trainers
 # ---------------------------------------------------------------------------------------
-def add_execution_arguments(parser, seed_help: str) -> "argparse._ArgumentGroup":
+def add_execution_arguments(parser, seed_help: str):
     """The options every trainer has: seed, torch threads, progress bar."""
     group = parser.add_argument_group("execution")
     group.add_argument("--seed", type=int, default=0, help=seed_help)

@@ -382,12 +382,7 @@ def train(args: argparse.Namespace):
             "codes_per_s": round(float(train_totals[1]) / max(train_seconds, 1e-9), 1),
         }
         if main:
-            state = checkpoint(epoch)
-            run_dir.save_checkpoint(state, "last")
-            if improved:
-                run_dir.save_checkpoint(state, "best")
-            run_dir.log_metrics(record)
-            run_dir.plot_losses(keys=("train_loss", "val_loss"))
+            run_dir.end_epoch(checkpoint(epoch), record, improved, plot_keys=("train_loss", "val_loss"))
             print(f"epoch {epoch + 1}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f} nats/code "
                   f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f})  "
                   f"lr {record['lr']:.2e}" + ("  *best" if improved else ""), file=sys.stderr)

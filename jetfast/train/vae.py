@@ -408,12 +408,7 @@ def train(args: argparse.Namespace) -> RunDir:
             "images_per_s": round(float(train_totals[3]) / max(train_seconds, 1e-9), 2),
         }
         if main:
-            state = checkpoint(epoch)
-            run_dir.save_checkpoint(state, "last")
-            if improved:
-                run_dir.save_checkpoint(state, "best")
-            run_dir.log_metrics(record)
-            run_dir.plot_losses()
+            run_dir.end_epoch(checkpoint(epoch), record, improved)
             print(f"epoch {epoch + 1}/{args.epochs}  train {train_mean[0]:.5g}  val {val_mean[0]:.5g} "
                   f"(recon {val_mean[1]:.5g}, kl {val_mean[2]:.4g})  lr {record['lr']:.2g}  "
                   f"{record['images_per_s']:.1f} images/s" + ("  *best" if improved else ""), file=sys.stderr)
