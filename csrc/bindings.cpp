@@ -3,6 +3,7 @@
 // the GIL while it works. Each capability registers its functions here.
 #include <pybind11/pybind11.h>
 
+#include "attention/decode_attention_bind.h"
 #include "common/cuda_info.h"
 #include "kmeans/kmeans_bind.h"
 #include "quantize/quantize_bind.h"
@@ -24,6 +25,7 @@ PYBIND11_MODULE(_C, m) {
         "Number of CUDA devices the runtime sees (0 without a driver or without a CUDA build)");
   jetfast::bind_quantize(m);
   jetfast::bind_kmeans(m);
+  jetfast::bind_decode_attention(m);
 #ifdef JETFAST_WITH_PREFETCH
   jetfast::bind_prefetch(m);
 #endif

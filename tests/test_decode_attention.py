@@ -106,6 +106,47 @@ def test_cpu_path_accepts_4d_and_strided_query():
     torch.testing.assert_close(decode_attention(q[:, :, None], k_cache, v_cache, 13).double(), expected, rtol=0, atol=2e-6)
 
 
+def position_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in the model's cache layout: (S, B, H, Dh) storage seen as (B, H, S, Dh)."""
+    return cache.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "position_major"])
+@pytest.mark.parametrize(
+    "batch, heads, max_len, head_dim, length",
+    [(3, 5, 131, 16, 1), (7, 10, 40, 32, 39), (1, 1, 300, 48, 257), (2, 3, 64, 256, 64), (5, 3, 33, 96, 17),
+     (4, 2, 19, 20, 19), (3, 1, 9, 7, 5)],
+)
+def test_compiled_cpu_kernel_matches_fp64_reference(layout, batch, heads, max_len, head_dim, length):
+    """Both cache layouts, vector (Dh = 16k) and scalar head sizes, more rows than a block."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    q, k_cache, v_cache = make_inputs(batch, heads, max_len, head_dim, length, torch.float32, seed)
+    expected = reference(q, k_cache, v_cache, length)
+    if layout == "position_major":
+        k_cache, v_cache = position_major(k_cache), position_major(v_cache)
+    out = decode_attention(q, k_cache, v_cache, length)
+    assert torch.isfinite(out).all(), f"seed {seed}: the poisoned cache tail was read"
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
+
+
+def test_compiled_cpu_kernel_on_peaked_and_flat_scores():
+    """Scores spanning ~200 nats (weights underflow to 0) and all-equal scores."""
+    q, k_cache, v_cache = make_inputs(4, 3, 70, 32, 70, torch.float32, seed=5, poison=False)
+    for scale in (40.0, 0.0):
+        expected = reference(q * scale, k_cache, v_cache, 70)
+        out = decode_attention(q * scale, position_major(k_cache), position_major(v_cache), 70)
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
+
+
+def test_nan_inside_the_prefix_reaches_only_its_row():
+    q, k_cache, v_cache = make_inputs(3, 2, 16, 32, 16, torch.float32, seed=6, poison=False)
+    q[0, 1, 3] = float("nan")  # row (0, 1): NaN scores
+    v_cache[2, 0, 5, 0] = float("nan")  # row (2, 0): a NaN value
+    out = decode_attention(q, position_major(k_cache), position_major(v_cache), 16)
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[2, 0, 0])
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[1]).all() and torch.isfinite(out[2, 1]).all()
+
+
 def test_length_one_returns_the_single_value():
     q, k_cache, v_cache = make_inputs(2, 3, 9, 16, 1, torch.float32, seed=2)
     torch.testing.assert_close(decode_attention(q, k_cache, v_cache, 1), v_cache[:, :, 0], rtol=0, atol=0)

@@ -19,4 +19,10 @@ inline void require(bool ok, const std::string& message) {
   if (!ok) throw pybind11::value_error(message);
 }
 
+// Raise TypeError unless `a` holds float32.
+inline void check_float32(const pybind11::array& a, const char* name) {
+  if (a.dtype().kind() != 'f' || a.itemsize() != 4)
+    throw pybind11::type_error(std::string(name) + " must be float32; got " + std::string(pybind11::str(a.dtype())));
+}
+
 }  // namespace jetfast

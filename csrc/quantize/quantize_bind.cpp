@@ -25,11 +25,6 @@ CodeType code_type_of(const py::array& codes) {
   throw py::type_error("codes must be uint8, int16 or int32; got " + std::string(py::str(codes.dtype())));
 }
 
-void check_float32(const py::array& a, const char* name) {
-  if (a.dtype().kind() != 'f' || a.itemsize() != 4)
-    throw py::type_error(std::string(name) + " must be float32; got " + std::string(py::str(a.dtype())));
-}
-
 int64_t quantize_numpy(const py::array& z, const py::array& centers, py::array& codes, int num_threads) {
   check_float32(z, "z");
   check_float32(centers, "centers");

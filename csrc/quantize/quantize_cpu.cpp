@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "quantize/nearest_bin.h"
 #include "quantize/quantize.h"
@@ -64,16 +65,6 @@ int64_t quantize_rows_scalar(const float* z, int64_t row_begin, int64_t row_end,
     }
   }
   return nan_at;
-}
-
-bool cpu_has_avx512() {
-#if defined(JETFAST_HAVE_AVX512_KERNELS)
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw");
-  return has;
-#else
-  return false;
-#endif
 }
 
 template <class Code>

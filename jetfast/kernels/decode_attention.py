@@ -12,8 +12,12 @@ model never branches on it:
   fp32) and the product with V, streaming the prefix in blocks of positions. Long
   caches are split over several programs per head (split-K, "flash-decoding") and
   the partial results are merged by a second small kernel.
-* CPU: two batched matrix products over views of the cache (no copy of it) with
-  an fp32 softmax. This is the hot loop of CPU sampling.
+* CPU, float32: the compiled kernel (csrc/attention), which streams each row's
+  cached prefix once for the scores and once for the values, with an exact
+  softmax in between, over blocks of rows on all threads. This is the hot loop of
+  CPU sampling and runs at memory bandwidth.
+* CPU, float16/bfloat16 or without the compiled module: two batched matrix
+  products over views of the cache with an fp32 softmax.
 * CPU tensors under ``TRITON_INTERPRET=1`` run the Triton kernel in Triton's
   interpreter, which is how the kernel is tested on machines without a GPU.
 
@@ -30,6 +34,8 @@ import math
 import os
 
 import torch
+
+from jetfast._ext import HAS_NATIVE, _C
 
 __all__ = ["decode_attention"]
 
@@ -179,6 +185,11 @@ def _decode_attention_triton(
 # CPU path
 # --------------------------------------------------------------------------------------
 def _decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int) -> torch.Tensor:
+    if q.dtype == torch.float32 and HAS_NATIVE and q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1:
+        out = torch.empty(q.shape, dtype=torch.float32)
+        arrays = (t.detach().numpy() for t in (q, k_cache, v_cache))
+        _C.decode_attention_cpu(*arrays, length, out.numpy(), torch.get_num_threads())
+        return out
     batch, heads, max_len, head_dim = k_cache.shape
     queries = q.reshape(batch * heads, 1, head_dim)  # (B*H, 1, Dh)
     # Once the prefix is a quarter of the cache, read the whole cache: a batched matmul

@@ -89,14 +89,20 @@ class GPTConfig:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer: (B, H, S_max, Dh)."""
+    """Preallocated keys and values of one attention layer, seen as (B, H, S_max, Dh).
+
+    The storage is position-major, (S_max, B, H, Dh): a decode step's prefix is
+    then one contiguous block for the attention kernel to stream, and writing a
+    step's keys is one contiguous write.
+    """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype=torch.float32, device=None):
         super().__init__()
-        shape = (batch, heads, max_len, head_dim)
+        storage = (max_len, batch, heads, head_dim)
         # Not part of the state dict: caches are scratch space, rebuilt per sampling run.
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k_cache", "v_cache"):
+            buffer = torch.zeros(storage, dtype=dtype, device=device).permute(1, 2, 0, 3)
+            self.register_buffer(name, buffer, persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, Dh) at positions [pos, pos+T); return the whole caches."""

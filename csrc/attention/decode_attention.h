@@ -1,0 +1,45 @@
+#pragma once
+// Decode attention on the CPU: one query per (sequence, head) against the cached
+// keys and values of positions [0, length).
+//
+//   out[b, h] = softmax(q[b, h] . K[b, h, :length]^T / sqrt(Dh)) . V[b, h, :length]
+//
+// Memory-bound: each call streams 2 * B * H * length * Dh * 4 bytes of cache at
+// 4 FLOP per 8 bytes, so the floor is that traffic over the read bandwidth
+// (B*H = 4096, length 64, Dh 32: 67 MB, ~1.9 ms at 35 GB/s). Positions at or past
+// `length` are never read.
+//
+// Caches may have any strides as long as Dh is contiguous. Rows are processed in
+// blocks, position by position. The model's cache stores positions outermost,
+// (S, B, H, Dh), so a step's prefix is one contiguous stream with no gaps between
+// rows; a contiguous (B, H, S, Dh) cache is read in blocks of a few rows, each a
+// stream of its own.
+#include <cstdint>
+
+namespace jetfast {
+
+struct DecodeAttentionProblem {
+  const float* q;  // q[b * q_stride_b + h * q_stride_h + d]
+  int64_t q_stride_b, q_stride_h;
+  const float* k_cache;  // k_cache[b * k_stride_b + h * k_stride_h + s * k_stride_s + d]
+  int64_t k_stride_b, k_stride_h, k_stride_s;
+  const float* v_cache;
+  int64_t v_stride_b, v_stride_h, v_stride_s;
+  int64_t batch, heads, head_dim, length;
+  float* out;  // contiguous (batch, heads, head_dim)
+};
+
+void decode_attention_cpu(const DecodeAttentionProblem& problem, int num_threads);
+
+// One block: rows [row_begin, row_end) of the problem (row r = b * heads + h).
+// Scratch: `scores` holds length * n16 floats, laid out [position][row] with n16
+// the row count n rounded up to 16; `acc` holds n * head_dim.
+void attend_rows_scalar(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores,
+                        float* acc);
+#if defined(JETFAST_HAVE_AVX512_KERNELS)
+// AVX-512 versions for head_dim a multiple of 16, up to 256.
+void attend_rows_avx512(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores,
+                        float* acc);
+#endif
+
+}  // namespace jetfast
