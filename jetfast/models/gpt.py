@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jetfast.kernels.linear import linear
 from jetfast.ops import decode_attention
 
 __all__ = [
@@ -101,7 +102,8 @@ class KVCache(nn.Module):
         storage = (max_len, batch, heads, head_dim)
         # Not part of the state dict: caches are scratch space, rebuilt per sampling run.
         for name in ("k_cache", "v_cache"):
-            buffer = torch.zeros(storage, dtype=dtype, device=device).permute(1, 2, 0, 3)
+            # Uninitialised: nothing at or past a step's length is ever read.
+            buffer = torch.empty(storage, dtype=dtype, device=device).permute(1, 2, 0, 3)
             self.register_buffer(name, buffer, persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +129,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(batch, length, 3, self.n_heads, self.head_dim)
         if pos is not None and length == 1:
             # Decoding: one new token per sequence against the cache.
             q = qkv[:, 0, 0]  # (B, H, Dh)
@@ -143,7 +145,7 @@ class CausalSelfAttention(nn.Module):
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, H, T, Dh)
             y = y.transpose(1, 2).reshape(batch, length, self.d_model)
-        return self.resid_dropout(self.proj(y))
+        return self.resid_dropout(linear(y, self.proj.weight, self.proj.bias))
 
 
 class MLP(nn.Module):
@@ -154,7 +156,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        hidden = linear(x, self.fc.weight, self.fc.bias, activation="gelu")
+        return self.dropout(linear(hidden, self.proj.weight, self.proj.bias))
 
 
 class Block(nn.Module):
@@ -217,7 +220,7 @@ class GPT(nn.Module):
             x = block(x, pos)
         x = self.ln_f(x)
         weight = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
-        return F.linear(x, weight)  # (B, T, vocab)
+        return linear(x, weight)  # (B, T, vocab)
 
     def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache of (batch, heads, max_len, head_dim) in every layer."""
