@@ -115,7 +115,7 @@ def position_major(cache: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "batch, heads, max_len, head_dim, length",
     [(3, 5, 131, 16, 1), (7, 10, 40, 32, 39), (1, 1, 300, 48, 257), (2, 3, 64, 256, 64), (5, 3, 33, 96, 17),
-     (4, 2, 19, 20, 19), (3, 1, 9, 7, 5)],
+     (4, 2, 19, 20, 19), (3, 1, 9, 7, 5), (100, 6, 24, 16, 22), (60, 5, 1001, 16, 999)],
 )
 def test_compiled_cpu_kernel_matches_fp64_reference(layout, batch, heads, max_len, head_dim, length):
     """Both cache layouts, vector (Dh = 16k) and scalar head sizes, more rows than a block."""
