@@ -200,6 +200,9 @@ INTERPRETER_CASES = [
     ("split3-float32-Dh64-L300", 1, 2, 317, 64, 300, "float32", 3),
     ("split5-bfloat16-Dh32-L257", 1, 1, 257, 32, 257, "bfloat16", 5),
     ("auto-split-float32-Dh128-L600", 1, 2, 640, 128, 600, "float32", None),
+    # the model's cache layout, positions outermost
+    ("position-major-float32-Dh32-L77", 3, 4, 90, 32, 77, "float32", None),
+    ("position-major-split2-bfloat16-Dh64-L130", 1, 2, 140, 64, 130, "bfloat16", 2),
 ]
 
 
@@ -213,6 +216,8 @@ def _interpreter_main() -> None:
     for number, (name, batch, heads, max_len, head_dim, length, dtype, splits) in enumerate(INTERPRETER_CASES):
         dtype = getattr(torch, dtype)
         q, k_cache, v_cache = make_inputs(batch, heads, max_len, head_dim, length, dtype, seed + number)
+        if name.startswith("position-major"):
+            k_cache, v_cache = position_major(k_cache), position_major(v_cache)
         if splits is None:
             out = decode_attention(q, k_cache, v_cache, length)  # the registered op, Triton branch
         else:
