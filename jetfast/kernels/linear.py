@@ -10,6 +10,8 @@ else (training, CUDA, other dtypes) takes ``F.linear``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -18,14 +20,18 @@ __all__ = ["linear"]
 _ACTIVATIONS = (None, "gelu")
 
 
+@functools.cache
+def _onednn_built() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == x.dtype
-        and not torch.is_grad_enabled()
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _onednn_built()
     )
 
 

@@ -12,7 +12,7 @@ the unconditional one with probability ``p_uncond`` so one model does both.
 Positions are learned (position d *is* latent dimension d). Blocks are pre-LayerNorm.
 Training and prefill use ``F.scaled_dot_product_attention`` with a causal mask;
 decoding one token reads a static, preallocated KV cache through the op
-``jetfast.ops.decode_attention`` (Triton on CUDA, batched matmuls on CPU).
+``jetfast.ops.decode_attention`` (Triton on CUDA, a compiled kernel on the CPU).
 """
 
 from __future__ import annotations
