@@ -18,8 +18,10 @@ model never branches on it:
   CPU sampling and runs at memory bandwidth.
 * CPU, float16/bfloat16 or without the compiled module: two batched matrix
   products over views of the cache with an fp32 softmax.
-* CPU tensors under ``TRITON_INTERPRET=1`` run the Triton kernel in Triton's
-  interpreter, which is how the kernel is tested on machines without a GPU.
+
+The CPU path does not depend on the environment. On machines without a GPU the
+Triton kernel is tested by calling :func:`_decode_attention_triton` on CPU tensors
+in a process started with ``TRITON_INTERPRET=1`` (Triton's interpreter).
 
 The op is a ``torch.library.custom_op`` with one kernel per device and a fake
 implementation that checks shapes, so ``torch.compile`` traces models through it.
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -45,10 +46,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SPLIT_POSITIONS = 256
 # Enough programs to fill a large GPU (~100+ SMs, a few programs each).
 _TARGET_PROGRAMS = 512
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------
@@ -232,8 +229,6 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 @_decode_attention_op.register_kernel("cpu")
 def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int) -> torch.Tensor:
-    if _triton_interpreting():
-        return _decode_attention_triton(q, k_cache, v_cache, length)
     return _decode_attention_cpu(q, k_cache, v_cache, length)
 
 
@@ -296,7 +291,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             f"decode_attention: tensors on different devices: q {q.device}, k_cache {k_cache.device}, "
             f"v_cache {v_cache.device}"
         )
-    if q.device.type != "cpu" or _triton_interpreting():
+    if q.device.type != "cpu":
         if head_dim not in _HEAD_SIZES:
             raise ValueError(f"decode_attention: the Triton kernel supports head sizes {_HEAD_SIZES}; got {head_dim}")
         # The kernel walks Dh with unit stride; other strides are passed through.
