@@ -76,8 +76,7 @@ def realistic_latents(rng, n: int, per_kind: int) -> tuple[np.ndarray, list[str]
 
 # -- quality -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k,per_kind", [(256, 1), (64, 4)])
-def test_lloyd1d_within_one_percent_of_exact_on_every_dimension(k, per_kind):
-    rng = np.random.default_rng()
+def test_lloyd1d_within_one_percent_of_exact_on_every_dimension(k, per_kind, rng):
     latents, names = realistic_latents(rng, 5003, per_kind)
     centers = bins.fit_bins(latents, num_bins=k)
     assert centers.shape == (latents.shape[1], k) and centers.dtype == np.float32
@@ -92,8 +91,7 @@ def test_lloyd1d_within_one_percent_of_exact_on_every_dimension(k, per_kind):
     assert ratios.min() >= 1 - 1e-3
 
 
-def test_exact_method_is_the_optimum():
-    rng = np.random.default_rng()
+def test_exact_method_is_the_optimum(rng):
     # Small enough for the O(K U^2) reference; with and without repeated values (faiss's
     # own kmeans1d fails on some repeated-value inputs, where the native programme takes over).
     continuous = rng.standard_t(3.0, 301)
@@ -107,8 +105,7 @@ def test_exact_method_is_the_optimum():
 
 
 @pytest.mark.parametrize("n,k", [(257, 7), (1000, 31)])
-def test_lloyd1d_is_a_lloyd_fixed_point_near_the_optimum(n, k):
-    rng = np.random.default_rng()
+def test_lloyd1d_is_a_lloyd_fixed_point_near_the_optimum(n, k, rng):
     latents = np.stack([rng.normal(size=n), rng.exponential(size=n), rng.standard_cauchy(size=n)], axis=1).astype(np.float32)
     centers = bins.fit_bins(latents, num_bins=k)
     for dim in range(latents.shape[1]):
@@ -118,8 +115,7 @@ def test_lloyd1d_is_a_lloyd_fixed_point_near_the_optimum(n, k):
         assert reference_inertia(column, centers[dim]) <= reference_exact(column, k) * 1.01
 
 
-def test_two_bins_one_dimension_is_exact():
-    rng = np.random.default_rng()
+def test_two_bins_one_dimension_is_exact(rng):
     column = rng.normal(size=1001).astype(np.float32)
     centers = bins.fit_bins(column[:, None], num_bins=2)
     assert centers.shape == (1, 2)
@@ -129,8 +125,7 @@ def test_two_bins_one_dimension_is_exact():
     assert reference_inertia(column, centers[0]) == pytest.approx(min(errors), rel=1e-6)
 
 
-def test_faiss_method_is_sane_and_uses_every_point():
-    rng = np.random.default_rng()
+def test_faiss_method_is_sane_and_uses_every_point(rng):
     n, k = 20011, 16  # FAISS's default would subsample to 256 * 16 = 4096 points
     latents, _ = realistic_latents(rng, n, 1)
     centers = bins.fit_bins(latents, num_bins=k, method="faiss", seed=3, num_threads=1)
@@ -152,8 +147,7 @@ def test_faiss_method_is_sane_and_uses_every_point():
 
 # -- conventions and edge cases ------------------------------------------------------------------
 @pytest.mark.parametrize("method", bins.METHODS)
-def test_constant_and_few_distinct_dimensions(method):
-    rng = np.random.default_rng()
+def test_constant_and_few_distinct_dimensions(method, rng):
     n, k = 301, 8
     latents = np.stack(
         [np.full(n, -1.25), rng.choice([0.5, -3.0, 2.0], n), rng.normal(size=n)], axis=1
@@ -168,8 +162,7 @@ def test_constant_and_few_distinct_dimensions(method):
 
 
 @pytest.mark.parametrize("method", bins.METHODS)
-def test_non_finite_latents_are_a_clear_error(method):
-    rng = np.random.default_rng()
+def test_non_finite_latents_are_a_clear_error(method, rng):
     latents = rng.normal(size=(300, 5)).astype(np.float32)
     latents[123, 3] = np.nan
     latents[200, 1] = np.inf
@@ -180,8 +173,7 @@ def test_non_finite_latents_are_a_clear_error(method):
         bins.fit_bins(latents, num_bins=4, method=method)
 
 
-def test_bad_arguments_are_clear_errors():
-    rng = np.random.default_rng()
+def test_bad_arguments_are_clear_errors(rng):
     latents = rng.normal(size=(100, 3)).astype(np.float32)
     with pytest.raises(bins.BinFitError, match="100 latent vectors cannot place 256 bins"):
         bins.fit_bins(latents)
@@ -217,8 +209,7 @@ def test_native_entry_point_checks_sizes():
         _C.kmeans1d_cpu(latents.astype(np.float64), np.zeros((3, 4), np.float32), iterations, distinct, **ok)
 
 
-def test_deterministic_and_independent_of_threads():
-    rng = np.random.default_rng()
+def test_deterministic_and_independent_of_threads(rng):
     latents, _ = realistic_latents(rng, 3001, 1)
     latents = np.concatenate([latents, rng.normal(size=(3001, 2)).astype(np.float32)], axis=1)  # D = 7
     one = bins.fit_bins(latents, num_bins=37, num_threads=1)
@@ -229,8 +220,7 @@ def test_deterministic_and_independent_of_threads():
     np.testing.assert_array_equal(one, bins.fit_bins(latents.astype(np.float64), num_bins=37))
 
 
-def test_inertia_and_quantisation_error_match_brute_force():
-    rng = np.random.default_rng()
+def test_inertia_and_quantisation_error_match_brute_force(rng):
     latents = rng.normal(size=(999, 4)).astype(np.float32) * np.array([1, 2, 0.5, 3], np.float32)
     centers = np.sort(rng.normal(size=(4, 11)).astype(np.float32), axis=1)
     expected = np.array([reference_inertia(latents[:, d], centers[d]) for d in range(4)])
@@ -240,8 +230,7 @@ def test_inertia_and_quantisation_error_match_brute_force():
     np.testing.assert_allclose(error["relative_rms"], error["rms"] / latents.astype(np.float64).std(axis=0), rtol=1e-9)
 
 
-def test_bins_file_round_trip(tmp_path):
-    rng = np.random.default_rng()
+def test_bins_file_round_trip(tmp_path, rng):
     centers = np.sort(rng.normal(size=(5, 6)).astype(np.float32), axis=1)
     path = bins.save_bins(tmp_path / "bins.npz", centers, method="lloyd1d", num_bins=6, inertia=np.arange(5.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bins.npz"]  # no leftover *.tmp
@@ -253,11 +242,10 @@ def test_bins_file_round_trip(tmp_path):
         bins.load_bins(tmp_path / "missing")
 
 
-def test_native_writes_every_output():
+def test_native_writes_every_output(rng):
     """Poisoned outputs: any center, iteration count or distinct count left unwritten fails."""
     from jetfast import _C
 
-    rng = np.random.default_rng()
     n, d, k = 301, 127, 5
     latents = rng.normal(size=(n, d)).astype(np.float32)
     latents[:, 3] = 7.0  # constant

@@ -1,6 +1,7 @@
 """The whole pipeline, tiny: simulate, train both stages, generate, evaluate."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +29,15 @@ def test_tiny_end_to_end_demo(tmp_path):
     with h5py.File(out / "codes.h5", "r") as f:
         assert f["codes"].shape[1] == 16 and f["codes"].dtype == np.uint8
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert metrics  # the evaluation wrote its numbers
+    # The evaluation compared the generated jets with the run's test jets, observable by observable.
+    assert {"real", "gen", "options", "summary", "distances", "c2st", "quark_gluon", "plots"} <= metrics.keys()
+    assert metrics["gen"]["n_used"] == 40 and metrics["real"]["n_used"] > 0
+    assert "test split" in metrics["real"]["selection"]
+    assert {"pt", "mass", "girth", "tracks_sum", "ecal_sum", "hcal_sum"} <= metrics["distances"].keys()
+    for name, entry in metrics["distances"].items():
+        for key in ("w", "w_half", "floor", "real_mean", "gen_mean"):
+            assert isinstance(entry[key], float) and math.isfinite(entry[key]), (name, key, entry[key])
+        assert entry["w"] >= 0 and entry["n_gen"] == 40, name
     assert (out / "report" / "report.md").exists()
     # A second run finds every stage done and redoes nothing.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)

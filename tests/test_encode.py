@@ -23,11 +23,11 @@ LATENT_DIM = 5
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, module_seed):
     """A one-epoch VAE on 45 synthetic jets: (run_dir, jet_file)."""
     root = tmp_path_factory.mktemp("encode")
     data = root / "jets.h5"
-    write_jet_file(data, n=45, seed=int(np.random.default_rng().integers(1 << 30)), chunk=16)
+    write_jet_file(data, n=45, seed=module_seed, chunk=16)
     parser = argparse.ArgumentParser()
     train_vae.add_arguments(parser)
     args = parser.parse_args([

@@ -118,8 +118,7 @@ def test_bad_shapes(shape):
         compute_observables(np.zeros(shape, np.float32))
 
 
-def test_random_images_against_per_jet_reference():
-    rng = np.random.default_rng()
+def test_random_images_against_per_jet_reference(rng):
     n, size = 5, 31  # odd, small images: the functions take any square size
     images = (rng.random((n, size, size, 3)) < 0.1) * rng.exponential(2.0, (n, size, size, 3))
     images = images.astype(np.float32)
@@ -142,8 +141,7 @@ def test_random_images_against_per_jet_reference():
 
 
 # -- metrics --------------------------------------------------------------------------------------
-def test_wasserstein_matches_scipy_and_naive_bootstrap():
-    rng = np.random.default_rng()
+def test_wasserstein_matches_scipy_and_naive_bootstrap(rng):
     u, v = rng.normal(size=301), rng.exponential(size=157)
     value, err = metrics.wasserstein(u, v, bootstrap=400, rng=rng)
     assert value == pytest.approx(wasserstein_distance(u, v))
@@ -159,8 +157,7 @@ def test_wasserstein_matches_scipy_and_naive_bootstrap():
         metrics.wasserstein(u, [np.nan])
 
 
-def test_distance_table_floor():
-    rng = np.random.default_rng()
+def test_distance_table_floor(rng):
     real = {"a": rng.normal(size=3000), "b": rng.exponential(size=3000)}
     same = {"a": rng.normal(size=2001), "b": rng.exponential(size=2001)}
     shifted = {"a": rng.normal(1.0, 1, size=2001), "b": 3 * rng.exponential(size=2001)}
@@ -174,8 +171,7 @@ def test_distance_table_floor():
     assert bad["a"]["w_norm"] == pytest.approx(bad["a"]["w"] / real["a"].std())
 
 
-def test_classifier_two_sample_test():
-    rng = np.random.default_rng()
+def test_classifier_two_sample_test(rng):
     real = rng.normal(size=(800, 4)).astype(np.float32)
     same = rng.normal(size=(900, 4)).astype(np.float32)
     other = rng.normal(size=(900, 4)).astype(np.float32)
@@ -189,9 +185,9 @@ def test_classifier_two_sample_test():
         metrics.classifier_two_sample_test(real[:10], same)
 
 
-def test_cnn_two_sample_test_sees_images():
-    real, _ = jet_images(240, seed=int(np.random.default_rng().integers(1 << 30)))
-    gen, _ = jet_images(240, seed=int(np.random.default_rng().integers(1 << 30)))
+def test_cnn_two_sample_test_sees_images(seed):
+    real, _ = jet_images(240, seed=seed)
+    gen, _ = jet_images(240, seed=seed + 1)
     coarse = lambda im: im.reshape(len(im), 25, 5, 25, 5, 3).sum(axis=(2, 4))  # noqa: E731
     far = metrics.cnn_two_sample_test(coarse(real), 5 * coarse(gen), epochs=4, bootstrap=10)
     assert far["auc"] > 0.85 and far["n_test"] == 160
@@ -199,8 +195,7 @@ def test_cnn_two_sample_test_sees_images():
         metrics.cnn_two_sample_test(coarse(real[:10]), coarse(gen))
 
 
-def test_quark_gluon_transfer_needs_both_classes():
-    rng = np.random.default_rng()
+def test_quark_gluon_transfer_needs_both_classes(rng):
     x = rng.normal(size=(600, 3))
     y = (np.arange(600) % 2).astype(np.float32)
     x[y == 1, 0] += 3.0  # AUC of the best cut: 0.98
@@ -212,10 +207,10 @@ def test_quark_gluon_transfer_needs_both_classes():
 
 # -- the whole report -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
+def synthetic(tmp_path_factory, module_seed):
     """One file of 1400 synthetic jets; real = its first 700, generated files from the rest."""
     d = tmp_path_factory.mktemp("evaluate")
-    images, labels = jet_images(1400, seed=int(np.random.default_rng().integers(1 << 30)))
+    images, labels = jet_images(1400, seed=module_seed)
     write_jet_file(d / "real.h5", images=images, labels=labels)
     write_jet_file(d / "same.h5", images=images[700:], labels=labels[700:], compression="gzip", chunk=50)
     write_jet_file(d / "scaled.h5", images=2 * images[700:], labels=labels[700:])
@@ -278,13 +273,13 @@ def test_report_files_and_plots(synthetic):
 
 
 @pytest.mark.parametrize("layout", [("lzf", False, 7), ("gzip", True, 32), (None, False, None)])
-def test_streaming_reader_matches_in_memory(synthetic, tmp_path, layout):
+def test_streaming_reader_matches_in_memory(synthetic, tmp_path, layout, rng):
     _, images, labels = synthetic
     compression, shuffle, chunk = layout
     images, labels = images[:61], labels[:61]
     write_jet_file(tmp_path / "j.h5", images=images, labels=labels, compression=compression, shuffle=shuffle,
                    chunk=chunk)
-    picked = np.sort(np.random.default_rng().choice(61, size=23, replace=False))
+    picked = np.sort(rng.choice(61, size=23, replace=False))
     sample = read_jets(tmp_path / "j.h5", picked, chunk_jets=10, progress=False)
     expected = compute_observables(images[picked], with_profile=True)
     for name in OBSERVABLES:

@@ -17,11 +17,12 @@ from jetfast.data import generate as gen  # noqa: E402
 from jetfast.data.detector import CMS_LIKE, ECAL, HCAL, TRACKS, Detector  # noqa: E402
 from jetfast.data.kinematics import CELL_SIZE, cell_centres, jet_pt_mass  # noqa: E402
 from jetfast.data.pythia import Jets, JetSelection, Particles, cluster_jets, delta_r, select_jets  # noqa: E402
+from tests.seeds import seed_of  # noqa: E402
 
 EXACT = dataclasses.replace(CMS_LIKE, smear=False)
 CENTRE = 62
-# A fresh seed every session; failures print it.
-SEED = int(np.random.SeedSequence().entropy % 100_000)
+# This module's seed in the session (failures print it; the header says how to replay it).
+SEED = seed_of("tests/test_generate.py") % 100_000
 
 
 def particle(pdgid, pt, deta, dphi, jet_eta=0.3, jet_phi=1.0, charge=0.0, mass=0.0):

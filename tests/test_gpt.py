@@ -70,9 +70,9 @@ def test_tied_weights_share_the_code_embedding():
 
 
 @pytest.mark.parametrize("tie_weights", [False, True])
-def test_kv_cached_greedy_equals_full_reforward(tie_weights):
+def test_kv_cached_greedy_equals_full_reforward(tie_weights, seed):
     """Token for token, and each step's logits to fp32 tolerance; the caches hold the full pass's k, v."""
-    model = tiny_model(seed=int.from_bytes(os.urandom(2), "little"), tie_weights=tie_weights)
+    model = tiny_model(seed=seed, tie_weights=tie_weights)
     batch, length = 5, model.config.seq_len
     labels = torch.tensor([0, 1, -1, 1, 0])
     with torch.inference_mode():
@@ -196,8 +196,8 @@ TINY = ["--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", 
         "--dropout", "0", "--no-progress", "--num-threads", "1"]
 
 
-def test_train_gpt_learns_the_classes_and_resumes(tmp_path):
-    codes_file = write_codes_file(tmp_path / "codes.h5", seed=int.from_bytes(os.urandom(2), "little"))
+def test_train_gpt_learns_the_classes_and_resumes(tmp_path, seed):
+    codes_file = write_codes_file(tmp_path / "codes.h5", seed=seed)
     assert run_train(tmp_path, "--epochs", "12", "--max-steps", "80", *TINY) == 0
     gpt_dir = tmp_path / "gpt"
     for name in ("config.json", "metrics.jsonl", "README.txt", "checkpoints/last.pt", "checkpoints/best.pt",

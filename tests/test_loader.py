@@ -41,10 +41,10 @@ N = 101  # with chunks of 7: the last chunk is partial and no batch size divides
 
 
 @pytest.fixture(scope="module")
-def jets():
-    images, labels = jet_images(N, seed=int(np.random.default_rng().integers(1 << 30)))
+def jets(module_seed):
+    images, labels = jet_images(N, seed=module_seed)
     # A few incompressible jets: LZF stores their chunk raw (filter mask bit 0 set).
-    images[7:14] = np.random.default_rng().random((7, 125, 125, 3), dtype=np.float32)
+    images[7:14] = np.random.default_rng(module_seed + 1).random((7, 125, 125, 3), dtype=np.float32)
     return images, labels
 
 
@@ -121,9 +121,8 @@ def test_extra_keys_and_batch_sizes(files, jets, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_order_subset_epochs_and_determinism(files, jets, backend):
+def test_order_subset_epochs_and_determinism(files, jets, backend, rng):
     images, labels = jets
-    rng = np.random.default_rng()
     subset = rng.choice(N, size=37, replace=False)
     loader = JetLoader(files["gzip+shuffle"], 8, indices=subset, seed=11, backend=backend)
     assert loader.num_jets == 37 and len(loader) == 5

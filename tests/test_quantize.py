@@ -6,46 +6,15 @@ import torch
 
 import jetfast
 from jetfast import _ext
+from tests.references import random_centers, random_latents, reference_codes
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_NATIVE, reason="jetfast._C is not built")
-
-
-def reference_codes(z: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """np.searchsorted on the exact float64 midpoints; ties (z on a midpoint) go low."""
-    z = np.asarray(z, np.float64)
-    codes = np.empty(z.shape, np.int64)
-    for d in range(centers.shape[0]):
-        row = centers[d].astype(np.float64)
-        midpoints = (row[1:] + row[:-1]) / 2
-        codes[:, d] = np.searchsorted(midpoints, z[:, d], side="left")
-    return codes
-
-
-def random_centers(rng, d, k, duplicates=False):
-    centers = np.sort(rng.normal(size=(d, k)).astype(np.float32) * rng.uniform(0.1, 3.0, size=(d, 1)).astype(np.float32), axis=1)
-    if duplicates and k >= 4:
-        centers[:, 2] = centers[:, 1]  # a repeated center
-        centers = np.sort(centers, axis=1)
-    return centers
-
-
-def random_latents(rng, n, centers):
-    d = centers.shape[0]
-    z = (rng.normal(size=(n, d)) * 2.0).astype(np.float32)
-    if n >= 4:
-        # Values exactly on a float32-representable midpoint, beyond both ends, and +-inf.
-        z[0] = centers[:, 0] - 10
-        z[1] = centers[:, -1] + 10
-        z[2, 0] = np.inf
-        z[3, -1] = -np.inf
-    return z
 
 
 @pytest.mark.parametrize("k", [2, 3, 256, 1000])
 @pytest.mark.parametrize("d", [1, 7, 128, 4096])
 @pytest.mark.parametrize("n", [0, 1, 333])
-def test_matches_reference(n, d, k):
-    rng = np.random.default_rng()
+def test_matches_reference(n, d, k, rng):
     centers = random_centers(rng, d, k, duplicates=True)
     z = random_latents(rng, n, centers)
     codes = jetfast.quantize(z, centers)
@@ -55,8 +24,7 @@ def test_matches_reference(n, d, k):
 
 
 @pytest.mark.parametrize("d,k", [(7, 3), (7, 256), (128, 256)])
-def test_million_rows(d, k):
-    rng = np.random.default_rng()
+def test_million_rows(d, k, rng):
     n = 1_000_003 if d < 128 else 100_003
     centers = random_centers(rng, d, k)
     z = random_latents(rng, n, centers)
@@ -64,11 +32,10 @@ def test_million_rows(d, k):
 
 
 @pytest.mark.parametrize("k,dtype", [(256, np.uint8), (1000, np.int16), (65536, np.int32)])
-def test_every_output_written(k, dtype):
+def test_every_output_written(k, dtype, rng):
     """Poison the output buffer: an element the kernel skips keeps the poison."""
     from jetfast import _C
 
-    rng = np.random.default_rng()
     n, d = 197, 19
     centers = random_centers(rng, d, k)
     z = random_latents(rng, n, centers)
@@ -102,8 +69,7 @@ def test_all_centers_equal():
     np.testing.assert_array_equal(jetfast.quantize(z, centers).astype(np.int64), reference_codes(z, centers))
 
 
-def test_torch_and_non_contiguous_inputs():
-    rng = np.random.default_rng()
+def test_torch_and_non_contiguous_inputs(rng):
     centers = torch.from_numpy(random_centers(rng, 40, 256))
     base = torch.randn(300, 80)
     z = base[::3, ::2]  # strided rows and columns
@@ -122,8 +88,7 @@ def test_torch_and_non_contiguous_inputs():
     )
 
 
-def test_thread_count_does_not_change_result():
-    rng = np.random.default_rng()
+def test_thread_count_does_not_change_result(rng):
     centers = random_centers(rng, 128, 256)
     z = random_latents(rng, 20_011, centers)
     one = jetfast.quantize(z, centers, num_threads=1)
@@ -132,8 +97,7 @@ def test_thread_count_does_not_change_result():
 
 
 @pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int16, torch.int32])
-def test_out_dtype_and_dequantize_round_trip(out_dtype):
-    rng = np.random.default_rng()
+def test_out_dtype_and_dequantize_round_trip(out_dtype, rng):
     d, k = 33, 200
     centers = torch.from_numpy(np.sort(rng.permutation(10_000)[: d * k].reshape(d, k).astype(np.float32) / 7, 1))
     codes = torch.from_numpy(rng.integers(0, k, size=(501, d))).to(out_dtype)

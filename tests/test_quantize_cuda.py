@@ -11,14 +11,13 @@ pytestmark = [
     pytest.mark.skipif(not jetfast.cuda_available(), reason="needs a CUDA device and a CUDA build of jetfast._C"),
 ]
 
-from tests.test_quantize import random_centers, random_latents, reference_codes  # noqa: E402
+from tests.references import random_centers, random_latents, reference_codes  # noqa: E402
 
 
 @pytest.mark.parametrize("k", [2, 3, 256, 1000])
 @pytest.mark.parametrize("d", [1, 7, 128, 4096])
 @pytest.mark.parametrize("n", [0, 1, 1001])
-def test_cuda_matches_reference(n, d, k):
-    rng = np.random.default_rng()
+def test_cuda_matches_reference(n, d, k, rng):
     centers = random_centers(rng, d, k, duplicates=True)
     z = random_latents(rng, n, centers)
     codes = jetfast.quantize(torch.from_numpy(z).cuda(), torch.from_numpy(centers).cuda())

@@ -46,9 +46,8 @@ def test_fit_statistics_and_old_checkpoints():
         IntensityTransform.fit(np.full((1, 125, 125, 3), np.nan, np.float32))
 
 
-def test_readout_towers_and_zero_suppression():
+def test_readout_towers_and_zero_suppression(rng):
     transform = IntensityTransform(floor=(0.5, 0.1, 0.01))
-    rng = np.random.default_rng()
     images = torch.from_numpy(rng.exponential(0.05, size=(4, 125, 125, 3)).astype(np.float32))
     tower_sums = images[..., 2].reshape(4, 25, 5, 25, 5).sum(dim=(2, 4))
     out = transform.readout(images.clone())

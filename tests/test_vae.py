@@ -42,10 +42,9 @@ def train_args(data, out, *extra) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def jet_file(tmp_path_factory):
+def jet_file(tmp_path_factory, module_seed):
     path = tmp_path_factory.mktemp("vae") / "jets.h5"
-    seed = int(np.random.default_rng().integers(1 << 30))
-    write_jet_file(path, n=47, seed=seed, chunk=16)  # odd N: the last chunk and batch are partial
+    write_jet_file(path, n=47, seed=module_seed, chunk=16)  # odd N: the last chunk and batch are partial
     return path
 
 
@@ -83,8 +82,8 @@ def test_odd_configs_and_bad_shapes():
 
 
 @pytest.mark.parametrize("recon", ["mse", "gaussian_nll"])
-def test_loss_matches_torch_distributions(recon):
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+def test_loss_matches_torch_distributions(recon, seed):
+    torch.manual_seed(seed)
     model = VAE(VAEConfig(latent_dim=5, widths=(2, 2), recon=recon))
     with torch.no_grad():
         model.log_sigma2.copy_(torch.randn(3))
@@ -110,8 +109,8 @@ def test_kl_warmup():
     assert [model.beta_at(s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
 
 
-def test_intensity_transform_roundtrip_extreme_values():
-    images, _ = jet_images(9, seed=int(np.random.default_rng().integers(1 << 30)))
+def test_intensity_transform_roundtrip_extreme_values(seed):
+    images, _ = jet_images(9, seed=seed)
     transform = IntensityTransform.fit(images)
     transform = IntensityTransform.from_dict(json.loads(json.dumps(transform.to_dict())))  # as saved in checkpoints
     images[0, 0, 0] = [757.0, 0.0, 1e4]  # huge (Tracks max of the real file and beyond)
@@ -123,9 +122,9 @@ def test_intensity_transform_roundtrip_extreme_values():
     assert (back[physical == 0] < 1e-6).all()
 
 
-def test_loss_falls_on_tiny_dataset():
+def test_loss_falls_on_tiny_dataset(seed):
     torch.manual_seed(0)
-    images, _ = jet_images(8, seed=int(np.random.default_rng().integers(1 << 30)))
+    images, _ = jet_images(8, seed=seed)
     transform = IntensityTransform.fit(images)
     x = transform.to_model(torch.from_numpy(images))
     model = VAE(VAEConfig(latent_dim=8, widths=(8, 8, 16, 16), beta=0.1))
@@ -233,7 +232,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(jet_file, tmp_path, monke
 
 
 @pytest.fixture(scope="module")
-def nan_jet_file(tmp_path_factory):
+def nan_jet_file(tmp_path_factory, module_seed):
     """A file whose training split holds one jet with a NaN pixel, outside the transform's fitting sample."""
     from jetfast.train.common import make_split
 
@@ -241,7 +240,7 @@ def nan_jet_file(tmp_path_factory):
     train = make_split(n, seed=seed)["train"]
     fitted = np.random.default_rng(seed).choice(train, size=10, replace=False)
     bad = int(np.setdiff1d(train, fitted)[0])
-    images, labels = jet_images(n, seed=int(np.random.default_rng().integers(1 << 30)))
+    images, labels = jet_images(n, seed=module_seed)
     images[bad, 60, 61, 1] = np.nan
     path = tmp_path_factory.mktemp("vae_nan") / "jets.h5"
     write_jet_file(path, images=images, labels=labels, chunk=16)
@@ -316,12 +315,11 @@ def test_jetfast_cli_lists_vae_commands(command):
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def test_gaussian_ssim_against_numpy_reference():
+def test_gaussian_ssim_against_numpy_reference(rng):
     from scipy.ndimage import correlate1d
 
     from jetfast.evaluate.vae_report import gaussian_ssim
 
-    rng = np.random.default_rng()
     x = rng.normal(size=(2, 3, 23, 31))
     y = x + rng.normal(scale=0.5, size=x.shape)
     data_range = np.array([4.0, 7.0, 9.0])
