@@ -19,7 +19,7 @@ from jetfast.data.transforms import IntensityTransform
 from jetfast.generate import StageTimes, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
-from jetfast.train.common import save_checkpoint
+from jetfast.run import save_checkpoint
 from tests.jetfiles import jet_images
 
 N_JETS = 10_000

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jetfast.errors import BinFitError, InvalidArgument, RunDirError
+from jetfast.run import RunDir
+
 METHODS = ("lloyd1d", "faiss", "exact")
 MAX_BINS = 65536  # what the quantizer's codes can index
 
@@ -46,10 +49,6 @@ MAX_BINS = 65536  # what the quantizer's codes can index
 GROUPS_PER_BIN = 8
 DEFAULT_MAX_ITER = {"lloyd1d": 100, "faiss": 20}
 DEFAULT_TOL = 1e-9
-
-
-class BinFitError(ValueError):
-    """The latents cannot be binned as asked (too few vectors, non-finite values, ...)."""
 
 
 # -- fitting -------------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ def fit_bins_with_info(
 ) -> tuple[np.ndarray, dict]:
     """:func:`fit_bins` plus a dict of diagnostics (method, sizes, time, iterations, distinct values)."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        raise InvalidArgument(f"method must be one of {METHODS}; got {method!r}")
     latents = as_latents(latents, "fit_bins")
     num_bins = check_num_bins(num_bins)
     n, d = latents.shape
@@ -106,9 +105,9 @@ def fit_bins_with_info(
         )
     threads = _threads(num_threads)
     if max_iter is not None and int(max_iter) < 0:
-        raise ValueError(f"max_iter must be >= 0; got {max_iter}")
+        raise InvalidArgument(f"max_iter must be >= 0; got {max_iter}")
     if tol is not None and not float(tol) >= 0:
-        raise ValueError(f"tol must be >= 0; got {tol}")
+        raise InvalidArgument(f"tol must be >= 0; got {tol}")
     max_iter = DEFAULT_MAX_ITER.get(method, 0) if max_iter is None else int(max_iter)
     tol = DEFAULT_TOL if tol is None else float(tol)
 
@@ -147,7 +146,7 @@ def check_num_bins(num_bins) -> int:
         raise TypeError(f"num_bins must be an integer; got {num_bins!r}")
     num_bins = int(num_bins)
     if not 2 <= num_bins <= MAX_BINS:
-        raise ValueError(f"num_bins must be in [2, {MAX_BINS}]; got {num_bins}")
+        raise InvalidArgument(f"num_bins must be in [2, {MAX_BINS}]; got {num_bins}")
     return num_bins
 
 
@@ -157,7 +156,7 @@ def _threads(num_threads) -> int:
 
         return torch.get_num_threads()
     if int(num_threads) < 1:
-        raise ValueError(f"num_threads must be >= 1; got {num_threads}")
+        raise InvalidArgument(f"num_threads must be >= 1; got {num_threads}")
     return int(num_threads)
 
 
@@ -310,14 +309,14 @@ def load_bins(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """``(centers, metadata)`` from a ``bins.npz`` (or a run directory holding one)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "bins.npz"
+        path = RunDir(path).bins_path
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: fit the bins first with `jetfast fit-bins RUN_DIR --data FILE`")
     with np.load(path) as bins:
         if "centers" not in bins.files:
-            raise ValueError(f"{path} holds no 'centers' array; it was not written by `jetfast fit-bins`")
+            raise RunDirError(f"{path} holds no 'centers' array; it was not written by `jetfast fit-bins`")
         centers = np.ascontiguousarray(bins["centers"], dtype=np.float32)
         metadata = {key: (bins[key].item() if bins[key].ndim == 0 else bins[key]) for key in bins.files if key != "centers"}
     if centers.ndim != 2 or centers.shape[1] < 2 or not np.all(np.diff(centers, axis=1) >= 0):
-        raise ValueError(f"{path}: centers must be (D, K >= 2) with rows sorted ascending; got shape {centers.shape}")
+        raise RunDirError(f"{path}: centers must be (D, K >= 2) with rows sorted ascending; got shape {centers.shape}")
     return centers, metadata

@@ -21,7 +21,6 @@ import sys
 import time
 
 DESCRIPTION = "fit per-dimension latent bins (1-D K-Means) on a VAE run's training jets"
-REPORT_NAME = "bins_report.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jetfast.bins import BinFitError
-    from jetfast.data.format import JetFileError
+    from jetfast.errors import USER_ERRORS
 
     try:
         report = fit(args)
-    except (BinFitError, FileNotFoundError, JetFileError, ValueError) as exc:
+    except USER_ERRORS as exc:
         print(f"jetfast fit-bins: error: {exc}", file=sys.stderr)
         return 2
     from jetfast.encode import format_report
@@ -62,11 +60,13 @@ def training_subset(train, max_jets: int | None, seed: int):
     """The training jets to fit on: all, or a seeded random subset in file order."""
     import numpy as np
 
+    from jetfast.errors import InvalidArgument
+
     train = np.sort(np.asarray(train, np.int64))
     if max_jets is None or max_jets >= len(train):
         return train
     if max_jets < 1:
-        raise ValueError(f"--max-jets must be >= 1; got {max_jets}")
+        raise InvalidArgument(f"--max-jets must be >= 1; got {max_jets}")
     return np.sort(np.random.default_rng(seed).choice(train, size=max_jets, replace=False))
 
 
@@ -75,16 +75,17 @@ def fit(args: argparse.Namespace) -> dict:
     import torch
 
     from jetfast import bins
+    from jetfast.errors import BinFitError
     from jetfast.encode import EncoderContext, ImageChange, LatentError
     from jetfast.ops import dequantize, quantize
-    from jetfast.train.common import write_json
+    from jetfast.run import write_json
 
     start = time.perf_counter()
     bins.check_num_bins(args.num_bins)
     context = EncoderContext(args.run_dir, args.data, args.checkpoint, args.device, args.num_threads)
     jets = training_subset(context.split.get("train", []), args.max_jets, args.seed)
     if len(jets) < args.num_bins:
-        raise bins.BinFitError(
+        raise BinFitError(
             f"the run has {len(jets)} training jets{' in the --max-jets subset' if args.max_jets else ''}, "
             f"fewer than --num-bins {args.num_bins}; ask for fewer bins"
         )
@@ -113,7 +114,7 @@ def fit(args: argparse.Namespace) -> dict:
         image_change.add(mu, z_hat)
     latent = latent_error.result()
 
-    bins_file = context.run.path / "bins.npz"
+    bins_file = context.run.bins_path
     bins.save_bins(
         bins_file, centers, method=args.method, num_bins=args.num_bins, num_vectors=len(jets), seed=args.seed,
         inertia=inertia, relative_rms=np.asarray(latent["relative_rms"]), checkpoint=args.checkpoint, data=context.data,
@@ -136,5 +137,5 @@ def fit(args: argparse.Namespace) -> dict:
         "latent_error": latent,
         "image_change": image_change.result(),
     }
-    write_json(context.run.path / REPORT_NAME, report)
+    write_json(context.run.bins_report_path, report)
     return report

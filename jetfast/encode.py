@@ -28,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from jetfast.errors import InvalidArgument, JetFileError, RunDirError
+
 DESCRIPTION = "encode a run's jets to latent codes (HDF5) with its VAE and bins"
 SPLIT_NAMES = ("train", "val", "test")
-REPORT_NAME = "encode_report.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +54,11 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jetfast.bins import BinFitError
-    from jetfast.data.format import JetFileError
+    from jetfast.errors import USER_ERRORS
 
     try:
         report = encode(args)
-    except (BinFitError, FileExistsError, FileNotFoundError, JetFileError, ValueError) as exc:
+    except USER_ERRORS as exc:
         print(f"jetfast encode: error: {exc}", file=sys.stderr)
         return 2
     print(format_report("jetfast encode", report), file=sys.stderr)
@@ -76,26 +76,18 @@ class EncoderContext:
 
         from jetfast.data.format import validate_jet_file
         from jetfast.models.vae import load_vae
-        from jetfast.train.common import RunDir, load_split
+        from jetfast.run import RunDir, check_split_fits, load_split
 
         self.run = RunDir(run_dir)
         if not self.run.path.is_dir():
             raise FileNotFoundError(f"run directory not found: {self.run.path}")
-        config = self.run.read_config() if self.run.config_path.is_file() else {}
-        self.data = os.path.abspath(data or config.get("data") or "")
-        if not data and not config.get("data"):
-            raise ValueError(f"{self.run.config_path} names no jet file; pass --data")
+        self.data = os.path.abspath(self.run.data_file(data))
         self.file_jets = validate_jet_file(self.data)
         self.split = load_split(self.run)
-        largest = max((int(v.max()) for v in self.split.values() if len(v)), default=-1)
-        if largest >= self.file_jets:
-            raise ValueError(
-                f"{self.data} has {self.file_jets} jets but the run's split goes up to jet {largest}: "
-                "is this the file the run was trained on?"
-            )
+        check_split_fits(self.split, self.file_jets, self.data)
         if num_threads is not None:
             if num_threads < 1:
-                raise ValueError(f"--num-threads must be >= 1; got {num_threads}")
+                raise InvalidArgument(f"--num-threads must be >= 1; got {num_threads}")
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint = checkpoint
@@ -109,7 +101,7 @@ class EncoderContext:
         from jetfast.data.loader import JetLoader
 
         if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
+            raise InvalidArgument(f"--batch-size must be >= 1; got {batch_size}")
         loader = JetLoader(self.data, batch_size, indices=indices, shuffle=False, transform=self.transform,
                            keys=("X_jets", "y"), rank=0, world_size=1)
         with loader, torch.inference_mode(), tqdm(total=loader.num_jets, desc=desc, unit="jet", disable=not progress,
@@ -119,7 +111,7 @@ class EncoderContext:
                 mu = mu.float().cpu()
                 if not torch.isfinite(mu).all():
                     row = int((~torch.isfinite(mu)).any(dim=1).nonzero()[0, 0])
-                    raise ValueError(f"the encoder returned non-finite latents for jet {int(batch['index'][row])} "
+                    raise JetFileError(f"the encoder returned non-finite latents for jet {int(batch['index'][row])} "
                                      f"of {self.data}; check that jet and the checkpoint")
                 yield mu, batch
                 bar.update(len(mu))
@@ -139,7 +131,7 @@ class ImageChange:
         import numpy as np
 
         if max_jets < 0:
-            raise ValueError(f"--report-jets must be >= 0; got {max_jets}")
+            raise InvalidArgument(f"--report-jets must be >= 0; got {max_jets}")
         self.model, self.transform, self.max_jets = model, transform, int(max_jets)
         self.jets = 0
         self.sq_model = np.zeros(3)
@@ -260,24 +252,24 @@ def encode(args: argparse.Namespace) -> dict:
     import jetfast
     from jetfast.bins import load_bins
     from jetfast.ops import code_dtype_for, dequantize, quantize
-    from jetfast.train.common import write_json
+    from jetfast.run import write_json
 
     start = time.perf_counter()
     context = EncoderContext(args.run_dir, args.data, args.checkpoint, args.device, args.num_threads)
     centers, bins_meta = load_bins(context.run.path)
     latent_dim, num_bins = centers.shape
     if latent_dim != context.vae_config.latent_dim:
-        raise ValueError(
-            f"{context.run.path / 'bins.npz'} has {latent_dim} dimensions but the VAE has {context.vae_config.latent_dim}: "
+        raise RunDirError(
+            f"{context.run.bins_path} has {latent_dim} dimensions but the VAE has {context.vae_config.latent_dim}: "
             f"refit the bins with `jetfast fit-bins {context.run.path}`"
         )
-    out = Path(args.out) if args.out else context.run.path / "codes.h5"
+    out = Path(args.out) if args.out else context.run.codes_path
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (or choose another --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, row_split = split_labels(context.split, context.file_jets)
     if len(rows) == 0:
-        raise ValueError(f"the run's split ({context.run.split_path}) holds no jets")
+        raise RunDirError(f"the run's split ({context.run.split_path}) holds no jets")
     outside = context.file_jets - len(rows)
     if outside:
         print(f"jetfast encode: note: {outside} jets of {context.data} are in none of the run's train/val/test "
@@ -343,7 +335,7 @@ def encode(args: argparse.Namespace) -> dict:
         "latent_error": latent_error.result(),
         "image_change": image_change.result(),
         "seconds": time.perf_counter() - start,
-        "report_file": str(context.run.path / REPORT_NAME),
+        "report_file": str(context.run.encode_report_path),
     }
-    write_json(context.run.path / REPORT_NAME, report)
+    write_json(context.run.encode_report_path, report)
     return report

@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jetfast.bins import load_bins
 from jetfast.data.format import CHANNELS, IMAGE_SIZE, QUARK, GLUON
+from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
+from jetfast.run import RunDir
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
 _CLASS_CHOICES = ("quark", "gluon", "mix", "unconditional")
-
-
-class GenerationMismatch(ValueError):
-    """A partial output written with other settings than the ones asked to resume."""
 
 
 @dataclass
@@ -68,24 +67,24 @@ class JetGenerator:
         from jetfast.models.gpt import load_gpt
         from jetfast.models.vae import load_vae
 
-        self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise FileNotFoundError(f"run directory not found: {self.run_dir}")
+        run = RunDir(run_dir)
+        self.run_dir = run.path
+        if not run.path.is_dir():
+            raise FileNotFoundError(f"run directory not found: {run.path}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.vae, self.transform, self.vae_config = load_vae(self.run_dir, map_location=self.device)
-        bins_path = self.run_dir / "bins.npz"
-        if not bins_path.is_file():
-            raise FileNotFoundError(f"{bins_path} not found: fit the latent bins first with `jetfast fit-bins {self.run_dir} --data FILE`")
-        with np.load(bins_path) as bins:
-            self.centers = torch.from_numpy(np.ascontiguousarray(bins["centers"], dtype=np.float32)).to(self.device)
-        gpt_dir = Path(gpt_dir) if gpt_dir is not None else self.run_dir / "gpt"
+        self.vae, self.transform, self.vae_config = load_vae(run.path, map_location=self.device)
+        if not run.bins_path.is_file():
+            raise FileNotFoundError(f"{run.bins_path} not found: fit the latent bins first with `jetfast fit-bins {run.path} --data FILE`")
+        centers, _ = load_bins(run.bins_path)
+        self.centers = torch.from_numpy(centers).to(self.device)
+        gpt_dir = Path(gpt_dir) if gpt_dir is not None else run.gpt.path
         self.gpt, self.gpt_config = load_gpt(gpt_dir, map_location=self.device)
         self.gpt.to(self.device)
         latent_dim = self.centers.shape[0]
         if self.gpt_config.seq_len != latent_dim or self.gpt_config.vocab_size != self.centers.shape[1]:
-            raise ValueError(
+            raise RunDirError(
                 f"the Transformer in {gpt_dir} models {self.gpt_config.seq_len} codes of {self.gpt_config.vocab_size} bins, "
-                f"but {bins_path} has {latent_dim} dimensions x {self.centers.shape[1]} bins: retrain it on this run's codes"
+                f"but {run.bins_path} has {latent_dim} dimensions x {self.centers.shape[1]} bins: retrain it on this run's codes"
             )
 
     @torch.inference_mode()
@@ -254,11 +253,11 @@ def generate_file(
     from jetfast.data.kinematics import jet_pt_mass
 
     if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive number of jets; got {n!r}")
+        raise InvalidArgument(f"n must be a positive number of jets; got {n!r}")
     if cls not in _CLASS_CHOICES:
-        raise ValueError(f"cls must be one of {_CLASS_CHOICES}; got {cls!r}")
+        raise InvalidArgument(f"cls must be one of {_CLASS_CHOICES}; got {cls!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size}")
+        raise InvalidArgument(f"batch_size must be positive; got {batch_size}")
     n, out = int(n), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")

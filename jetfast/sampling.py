@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 
+from jetfast.errors import InvalidArgument
 from jetfast.models.gpt import CLASS_NAMES, GPT, decode_n_tokens, prefill
 
 __all__ = ["sample", "class_labels"]
@@ -53,7 +54,7 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
 
     def check(label: int) -> int:
         if not -1 <= label < num_classes:
-            raise ValueError(
+            raise InvalidArgument(
                 f"sample: class {label} was not trained (the model knows labels 0..{num_classes - 1}; "
                 "-1 or None means unconditional)"
             )
@@ -66,7 +67,7 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
         if key in ("unconditional", "none", "any"):
             return torch.full((n,), -1, dtype=torch.int64)
         if key not in _CLASS_IDS:
-            raise ValueError(f"sample: unknown class {cls!r}; use one of {names}, 'unconditional', or an int label")
+            raise InvalidArgument(f"sample: unknown class {cls!r}; use one of {names}, 'unconditional', or an int label")
         return torch.full((n,), check(_CLASS_IDS[key]), dtype=torch.int64)
     if isinstance(cls, bool):
         raise TypeError("sample: cls must be a class name, an int label or per-jet labels, not a bool")
@@ -75,12 +76,12 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
     labels = torch.as_tensor(np.asarray(cls) if not isinstance(cls, torch.Tensor) else cls)
     if labels.dtype.is_floating_point:
         if not torch.equal(labels, labels.round()):
-            raise ValueError("sample: per-jet class labels must be whole numbers (1 = quark, 0 = gluon)")
+            raise InvalidArgument("sample: per-jet class labels must be whole numbers (1 = quark, 0 = gluon)")
     elif labels.dtype == torch.bool or labels.dtype.is_complex:
         raise TypeError(f"sample: per-jet class labels must be integers; got {labels.dtype}")
     labels = labels.to(torch.int64).reshape(-1).cpu()
     if labels.numel() != n:
-        raise ValueError(f"sample: got {labels.numel()} per-jet class labels for n={n} jets")
+        raise InvalidArgument(f"sample: got {labels.numel()} per-jet class labels for n={n} jets")
     if labels.numel():
         check(int(labels.min()))
         check(int(labels.max()))
@@ -89,15 +90,15 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
 
 def _check_arguments(n, temperature, top_k, top_p, batch_size, vocab):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"sample: n must be a non-negative int; got {n!r}")
+        raise InvalidArgument(f"sample: n must be a non-negative int; got {n!r}")
     if not temperature > 0 or not np.isfinite(temperature):
-        raise ValueError(f"sample: temperature must be > 0 and finite; got {temperature} (use greedy=True for argmax)")
+        raise InvalidArgument(f"sample: temperature must be > 0 and finite; got {temperature} (use greedy=True for argmax)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab):
-        raise ValueError(f"sample: top_k must be an int in [1, {vocab}] (the vocabulary); got {top_k!r}")
+        raise InvalidArgument(f"sample: top_k must be an int in [1, {vocab}] (the vocabulary); got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"sample: top_p must be in (0, 1]; got {top_p}")
+        raise InvalidArgument(f"sample: top_p must be in (0, 1]; got {top_p}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"sample: batch_size must be a positive int; got {batch_size!r}")
+        raise InvalidArgument(f"sample: batch_size must be a positive int; got {batch_size!r}")
 
 
 def _make_picker(temperature: float, top_k: int | None, top_p: float | None, greedy: bool, uniforms):

@@ -13,7 +13,7 @@ from jetfast import _ext, bins
 from jetfast.cli import main
 from jetfast.models.vae import load_vae
 from jetfast.train import vae as train_vae
-from jetfast.train.common import load_split
+from jetfast.run import load_split
 from tests.jetfiles import write_jet_file
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_NATIVE, reason="jetfast._C is not built")

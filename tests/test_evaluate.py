@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from jetfast.data.format import JetFileError
+from jetfast.errors import JetFileError
 from jetfast.data.kinematics import CELL_SIZE, cell_centres, jet_pt_mass
 from jetfast.evaluate import metrics
 from jetfast.evaluate.observables import (

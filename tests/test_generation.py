@@ -17,7 +17,7 @@ from jetfast.data.transforms import IntensityTransform
 from jetfast.generate import JetGenerator, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
-from jetfast.train.common import save_checkpoint
+from jetfast.run import save_checkpoint
 
 LATENT, BINS = 16, 32
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from jetfast._ext import _C
-from jetfast.data.format import JetFileError
+from jetfast.errors import JetFileError
 from jetfast.data.loader import JetLoader, JetReadError, chunk_aware_order
 from jetfast.data.transforms import IntensityTransform, pad_to_model
 from tests.jetfiles import jet_images, write_jet_file

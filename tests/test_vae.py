@@ -18,7 +18,7 @@ import torch
 from jetfast.data.transforms import IntensityTransform, crop_to_image
 from jetfast.models.vae import VAE, VAEConfig, load_vae
 from jetfast.train import vae as train_vae
-from jetfast.train.common import load_split
+from jetfast.run import load_split
 from tests.jetfiles import jet_images, write_jet_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(jet_file, tmp_path, monke
 @pytest.fixture(scope="module")
 def nan_jet_file(tmp_path_factory, module_seed):
     """A file whose training split holds one jet with a NaN pixel, outside the transform's fitting sample."""
-    from jetfast.train.common import make_split
+    from jetfast.run import make_split
 
     n, seed = 47, 0
     train = make_split(n, seed=seed)["train"]
@@ -268,7 +268,7 @@ def test_ddp_ranks_stop_together_on_nan(nan_jet_file, tmp_path):
 
 
 def load_split_for(jet_file):
-    from jetfast.train.common import make_split
+    from jetfast.run import make_split
 
     with h5py.File(jet_file) as f:
         return make_split(len(f["y"]), seed=0)

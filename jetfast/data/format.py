@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from jetfast.errors import JetFileError
+
 CHANNELS = ("Tracks", "ECAL", "HCAL")
 IMAGE_SIZE = 125  # pixels per side in files
 MODEL_SIZE = 128  # pixels per side in model tensors (padded, lossless)
@@ -22,10 +24,6 @@ IMAGE_KEY = "X_jets"
 LABEL_KEY = "y"
 SCALAR_KEYS = ("y", "pt", "m0")
 QUARK, GLUON = 1, 0
-
-
-class JetFileError(ValueError):
-    """A jet file that does not follow the data contract."""
 
 
 def validate_jet_file(path: str | os.PathLike, keys=(IMAGE_KEY, LABEL_KEY)) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 
 from jetfast.data.detector import CMS_LIKE, Detector
 from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, QUARK
+from jetfast.errors import InvalidArgument
 from jetfast.data.pythia import (
     PARTICLE_ETA_MARGIN,
     JetSelection,
@@ -100,17 +101,17 @@ def class_labels(n: int, quark_fraction: float, seed: int) -> np.ndarray:
 
 def _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, overwrite):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise ValueError(f"n must be a positive number of jets; got {n!r}")
+        raise InvalidArgument(f"n must be a positive number of jets; got {n!r}")
     if not (isinstance(quark_fraction, (int, float)) and 0.0 <= quark_fraction <= 1.0):
-        raise ValueError(f"quark_fraction must be in [0, 1]; got {quark_fraction!r}")
+        raise InvalidArgument(f"quark_fraction must be in [0, 1]; got {quark_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+        raise InvalidArgument(f"seed must be a non-negative integer; got {seed!r}")
     if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
-        raise ValueError(f"workers must be a positive integer (or None for all cores); got {workers!r}")
+        raise InvalidArgument(f"workers must be a positive integer (or None for all cores); got {workers!r}")
     if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
+        raise InvalidArgument(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive number of jets per HDF5 chunk; got {chunk!r}")
+        raise InvalidArgument(f"chunk must be a positive number of jets per HDF5 chunk; got {chunk!r}")
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory; give a file name such as {out / 'jets.h5'}")
     if out.exists() and not overwrite:

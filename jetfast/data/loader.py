@@ -48,8 +48,9 @@ import weakref
 import numpy as np
 import torch
 
-from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, JetFileError, validate_jet_file
+from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, validate_jet_file
 from jetfast.data.transforms import IntensityTransform, pad_to_model
+from jetfast.errors import JetFileError, JetReadError
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,6 @@ SHUFFLE_WINDOW_CHUNKS = 4
 CONTIGUOUS_BLOCK_ROWS = 32
 
 _warned_fallback: set[str] = set()
-
-
-class JetReadError(OSError):
-    """A jet file whose bytes could not be read or decoded (corrupt chunk, truncated file)."""
 
 
 def distributed_shard(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

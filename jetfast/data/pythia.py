@@ -22,6 +22,8 @@ import os
 import numpy as np
 import pythia8mc
 
+from jetfast.errors import InvalidArgument
+
 QUARK_PROCESSES = ("HardQCD:qq2qq", "HardQCD:qqbar2qqbarNew")
 GLUON_PROCESSES = ("HardQCD:gg2gg", "HardQCD:qqbar2gg")
 JET_RADIUS = 0.4
@@ -55,13 +57,13 @@ class JetSelection:
 
     def __post_init__(self):
         if not (np.isfinite(self.pt_min) and np.isfinite(self.pt_max)) or not 0 < self.pt_min < self.pt_max:
-            raise ValueError(f"need 0 < pt_min < pt_max (GeV); got pt_min={self.pt_min}, pt_max={self.pt_max}")
+            raise InvalidArgument(f"need 0 < pt_min < pt_max (GeV); got pt_min={self.pt_min}, pt_max={self.pt_max}")
         if self.pt_max > 6500:
-            raise ValueError(f"pt_max={self.pt_max} GeV is beyond the 6.5 TeV beam energy")
+            raise InvalidArgument(f"pt_max={self.pt_max} GeV is beyond the 6.5 TeV beam energy")
         if not 0 < self.eta_max <= 2.5:
-            raise ValueError(f"eta_max must be in (0, 2.5] (the tracker acceptance); got {self.eta_max}")
+            raise InvalidArgument(f"eta_max must be in (0, 2.5] (the tracker acceptance); got {self.eta_max}")
         if not 0 < self.pthat_min_fraction <= 1:
-            raise ValueError(f"pthat_min_fraction must be in (0, 1]; got {self.pthat_min_fraction}")
+            raise InvalidArgument(f"pthat_min_fraction must be in (0, 1]; got {self.pthat_min_fraction}")
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from jetfast.data.format import IMAGE_SIZE, MODEL_SIZE
+from jetfast.errors import InvalidArgument
 
 PAD_BEFORE = 1
 HCAL_TOWER = 5  # HCAL cells per tower side in the image grid (125 = 25 towers of 5)
@@ -81,7 +82,7 @@ class IntensityTransform:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected images of shape (N, H, W, 3); got {images.shape}")
         if not np.isfinite(images).all():
-            raise ValueError("images contain NaN or inf; cannot fit the intensity transform")
+            raise InvalidArgument("images contain NaN or inf; cannot fit the intensity transform")
         scale, mean, std, floor = [], [], [], []
         pad_fraction = 1.0 - (images.shape[1] * images.shape[2]) / float(MODEL_SIZE * MODEL_SIZE)
         for c in range(3):

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jetfast.data.format import CHANNELS, GLUON, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, QUARK, JetFileError
+from jetfast.data.format import CHANNELS, GLUON, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, QUARK
+from jetfast.errors import InvalidArgument, JetFileError
 from jetfast.evaluate.observables import DEFAULT_THRESHOLDS, OBSERVABLES, PROFILE_EDGES, compute_observables
 
 CLASS_NAMES = {QUARK: "quark", GLUON: "gluon"}
@@ -613,12 +614,12 @@ def evaluate(
 
     t0 = time.perf_counter()
     if max_jets is not None and max_jets < 2:
-        raise ValueError(f"max_jets must be at least 2; got {max_jets}")
+        raise InvalidArgument(f"max_jets must be at least 2; got {max_jets}")
     if bootstrap < 0:
-        raise ValueError(f"bootstrap must be >= 0; got {bootstrap}")
+        raise InvalidArgument(f"bootstrap must be >= 0; got {bootstrap}")
     thresholds = tuple(float(t) for t in thresholds)
     if len(thresholds) != 3 or min(thresholds) < 0:
-        raise ValueError(f"thresholds must be 3 non-negative numbers (Tracks, ECAL, HCAL); got {thresholds}")
+        raise InvalidArgument(f"thresholds must be 3 non-negative numbers (Tracks, ECAL, HCAL); got {thresholds}")
     out_dir = Path(out_dir)
     keep_coarse = 10_000 if cnn else 0
     real = read_jets(real_path, real_indices, max_jets=max_jets, thresholds=thresholds, seed=seed,
@@ -795,54 +796,42 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write numbers only (faster)")
 
 
-def _test_indices(run_dir: str) -> np.ndarray:
-    split_path = Path(run_dir) / "split.npz"
-    try:
-        from jetfast.train.common import load_split
+def _run_test_jets(run_dir: str, real: str | None) -> tuple[str, np.ndarray]:
+    """The jet file of a training run (``real`` when given) and the indices of its test jets."""
+    from jetfast.errors import RunDirError
+    from jetfast.run import RunDir, load_split
 
-        split = load_split(run_dir)
-    except ImportError:  # the training extras are not installed: read the file directly
-        if not split_path.is_file():
-            raise FileNotFoundError(f"{split_path} not found: is {run_dir} a jetfast run directory?")
-        with np.load(split_path) as z:
-            split = {k: z[k] for k in z.files}
+    run = RunDir(run_dir)
+    real = run.data_file(real, option="--real")
+    split = load_split(run)
     if "test" not in split:
-        raise KeyError(f"{split_path} has no 'test' indices (keys: {sorted(split)})")
-    return np.asarray(split["test"], np.int64)
-
-
-def _run_data_file(run_dir: str | None) -> str:
-    """The data file a training run was trained on (its config.json "data")."""
-    config_path = Path(run_dir or ".") / "config.json"
-    if run_dir is None or not config_path.is_file():
-        raise FileNotFoundError("give --real FILE (or --run RUN_DIR of a run whose config.json names its data file)")
-    data = json.loads(config_path.read_text()).get("data")
-    if not data:
-        raise KeyError(f"{config_path} does not name a data file; give --real FILE")
-    return data
+        raise RunDirError(f"{run.split_path} has no 'test' indices (keys: {sorted(split)})")
+    return real, np.asarray(split["test"], np.int64)
 
 
 def run(args) -> int:
     if args.out is None and args.run is None:
         print("jetfast evaluate: give --out DIR (or --run RUN_DIR to write into RUN_DIR/eval/)", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / Path(args.gen).stem
+    from jetfast.errors import USER_ERRORS, InvalidArgument
+    from jetfast.run import RunDir
+
+    out = Path(args.out) if args.out else RunDir(args.run).eval_dir / Path(args.gen).stem
     try:
-        if args.real is None:
-            args.real = _run_data_file(args.run)
         if args.run:
-            indices = _test_indices(args.run)
+            real, indices = _run_test_jets(args.run, args.real)
             note = f"test split of {args.run} ({len(indices)} jets)"
         else:
-            indices, note = None, "all jets"
+            if args.real is None:
+                raise InvalidArgument("give --real FILE (or --run RUN_DIR of a run whose config.json names its data file)")
+            real, indices, note = args.real, None, "all jets"
             print("jetfast evaluate: no --run given, so every real jet is used; real jets a model was trained "
                   "on flatter it — pass --run RUN_DIR to use its held-out test split", file=sys.stderr)
-        metrics = evaluate(args.real, args.gen, out, real_indices=indices, max_jets=args.max_jets,
+        metrics = evaluate(real, args.gen, out, real_indices=indices, max_jets=args.max_jets,
                            thresholds=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
                            plots=not args.no_plots, real_note=note, cnn=args.cnn)
-    except (OSError, ValueError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no repr quotes
-        print(f"jetfast evaluate: error: {message}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"jetfast evaluate: error: {exc}", file=sys.stderr)
         return 1
     c2st = metrics["c2st"]
     if "auc" in c2st:

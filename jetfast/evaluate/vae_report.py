@@ -51,11 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jetfast.data.format import JetFileError
+    from jetfast.errors import USER_ERRORS
 
     try:
         metrics = evaluate(args)
-    except (JetFileError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         print(f"jetfast evaluate-vae: error: {exc}", file=sys.stderr)
         return 2
     summary = ", ".join(f"{c} rel. energy error median {metrics['channels'][c]['total_energy_rel_error']['median']:+.3f}"
@@ -248,26 +248,23 @@ def evaluate(args: argparse.Namespace) -> dict:
     from jetfast.data.loader import JetLoader
     from jetfast.data.transforms import crop_to_image
     from jetfast.models.vae import load_vae
-    from jetfast.train.common import RunDir, load_split, write_json
+    from jetfast.errors import InvalidArgument, RunDirError
+    from jetfast.run import RunDir, check_split_fits, load_split, write_json
 
     run_dir = RunDir(args.run_dir)
-    config = run_dir.read_config()
-    data = args.data or config.get("data")
-    if not data:
-        raise ValueError(f"{run_dir.config_path} names no data file; pass --data")
+    data = run_dir.data_file(args.data)
     n_file = validate_jet_file(data)
-    test = load_split(run_dir)["test"]
-    if len(test) and test.max() >= n_file:
-        raise ValueError(f"{data} has {n_file} jets but the run's test split goes up to index {test.max()}: "
-                         "is this the file the run was trained on?")
+    split = load_split(run_dir)
+    check_split_fits(split, n_file, data)
+    test = split["test"]
     if args.max_jets is not None:
         if args.max_jets < 1:
-            raise ValueError(f"--max-jets must be >= 1; got {args.max_jets}")
+            raise InvalidArgument(f"--max-jets must be >= 1; got {args.max_jets}")
         test = test[: args.max_jets]
     if len(test) == 0:
-        raise ValueError("the run's test split is empty")
+        raise RunDirError("the run's test split is empty")
     model, transform, _ = load_vae(run_dir.path, which=args.checkpoint)
-    out = Path(args.out) if args.out else run_dir.path / "eval"
+    out = Path(args.out) if args.out else run_dir.eval_dir
     out.mkdir(parents=True, exist_ok=True)
 
     # PSNR and SSIM need the data range of the real test images in transformed space before

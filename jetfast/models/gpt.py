@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jetfast.errors import InvalidArgument, RunDirError
 from jetfast.kernels.linear import linear
 from jetfast.ops import decode_attention
+from jetfast.run import checkpoint_file, load_checkpoint
 
 __all__ = [
     "CLASS_NAMES",
@@ -68,7 +69,7 @@ class GPTConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"GPTConfig: invalid {', '.join(bad)} in {self} (d_model must divide by n_heads)")
+            raise InvalidArgument(f"GPTConfig: invalid {', '.join(bad)} in {self} (d_model must divide by n_heads)")
 
     @property
     def head_dim(self) -> int:
@@ -289,17 +290,11 @@ def load_gpt(gpt_dir_or_ckpt, which: str = "best", map_location="cpu") -> tuple[
     Returns:
         ``(model.eval(), config)``.
     """
-    path = Path(gpt_dir_or_ckpt)
-    if path.is_dir():
-        if which not in ("best", "last"):
-            raise ValueError(f"load_gpt: which must be 'best' or 'last'; got {which!r}")
-        path = path / "checkpoints" / f"{which}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"load_gpt: no checkpoint at {path} (train one with `jetfast train-gpt`)")
+    path = checkpoint_file(gpt_dir_or_ckpt, which, command="train-gpt")
     # Training checkpoints also hold optimizer and RNG state (plain Python objects).
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload = load_checkpoint(path, map_location=map_location)
     if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
-        raise ValueError(f"load_gpt: {path} is not a jetfast GPT checkpoint (no 'config'/'model')")
+        raise RunDirError(f"load_gpt: {path} is not a jetfast GPT checkpoint (no 'config'/'model')")
     config = GPTConfig.from_dict(payload["config"])
     model = GPT(config)
     model.load_state_dict(payload["model"])

@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from jetfast.data.format import MODEL_SIZE
+from jetfast.data.transforms import IntensityTransform
+from jetfast.errors import InvalidArgument, RunDirError
+from jetfast.run import checkpoint_file, load_checkpoint
 
 RECON_KINDS = ("mse", "gaussian_nll")
 
@@ -47,18 +49,18 @@ class VAEConfig:
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
         if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1; got {self.latent_dim}")
+            raise InvalidArgument(f"latent_dim must be >= 1; got {self.latent_dim}")
         if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"widths must be positive channel counts; got {self.widths}")
+            raise InvalidArgument(f"widths must be positive channel counts; got {self.widths}")
         if self.image_size % (2 ** len(self.widths)):
-            raise ValueError(
+            raise InvalidArgument(
                 f"image_size {self.image_size} is not divisible by 2**{len(self.widths)} "
                 f"(one halving per encoder stage of widths={self.widths})"
             )
         if self.recon not in RECON_KINDS:
-            raise ValueError(f"recon must be one of {RECON_KINDS}; got {self.recon!r}")
+            raise InvalidArgument(f"recon must be one of {RECON_KINDS}; got {self.recon!r}")
         if self.beta < 0 or self.kl_warmup_steps < 0:
-            raise ValueError(f"beta and kl_warmup_steps must be >= 0; got {self.beta}, {self.kl_warmup_steps}")
+            raise InvalidArgument(f"beta and kl_warmup_steps must be >= 0; got {self.beta}, {self.kl_warmup_steps}")
 
     @property
     def bottleneck_size(self) -> int:
@@ -181,22 +183,11 @@ def load_vae(run_dir_or_checkpoint: str | os.PathLike, which: str = "best", map_
     ``checkpoints/{which}.pt`` is read) or a checkpoint file. Returns
     ``(model.eval(), IntensityTransform, VAEConfig)``.
     """
-    from jetfast.data.transforms import IntensityTransform
-    from jetfast.train.common import load_checkpoint
-
-    path = Path(run_dir_or_checkpoint)
-    if path.is_dir():
-        candidate = path / "checkpoints" / f"{which}.pt"
-        if not candidate.is_file():
-            raise FileNotFoundError(
-                f"{candidate} not found; {path} should be a `jetfast train-vae` run directory "
-                f"(which must be 'best' or 'last'; got {which!r})"
-            )
-        path = candidate
+    path = checkpoint_file(run_dir_or_checkpoint, which, command="train-vae")
     state = load_checkpoint(path, map_location=map_location)
     for key in ("model", "vae_config", "transform"):
         if key not in state:
-            raise ValueError(f"{path} is not a jetfast VAE checkpoint (missing {key!r}; keys: {sorted(state)})")
+            raise RunDirError(f"{path} is not a jetfast VAE checkpoint (missing {key!r}; keys: {sorted(state)})")
     config = VAEConfig.from_dict(state["vae_config"])
     model = VAE(config)
     model.load_state_dict(state["model"])

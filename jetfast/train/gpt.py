@@ -21,25 +21,6 @@ from pathlib import Path
 
 DESCRIPTION = "train the class-conditional Transformer over latent codes (stage 2)"
 
-README_TEXT = """\
-This directory is a jetfast code-Transformer (stage 2) training run.
-
-  config.json          every option of the run, the codes file, its sizes, the model config
-  metrics.jsonl        one JSON object per epoch: train_loss / val_loss (nats per code),
-                       val_bpd (bits per latent dimension, class-conditional), val_bpd_uncond
-                       (unconditional start token), lr, step, time_s, codes_per_s
-  checkpoints/last.pt  state at the end of the latest epoch: config, model, optimizer, scheduler, RNG, epoch, step
-  checkpoints/best.pt  the same at the lowest validation loss
-  plots/loss.png       loss curves drawn from metrics.jsonl
-
-Load the model with jetfast.models.gpt.load_gpt(this_directory) and sample with jetfast.sample (jetfast/sampling.py).
-"""
-
-
-class CodesFileError(ValueError):
-    """The codes file is missing a dataset or holds values the model cannot learn."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the VAE run directory the codes come from")
     io = parser.add_argument_group("input and output")
@@ -78,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jetfast.errors import CodesFileError
     from jetfast.train.common import run_trainer
 
     return run_trainer("train-gpt", train, args, (CodesFileError,))
@@ -88,6 +70,8 @@ def read_codes(path) -> dict:
     """Load and check a codes file; return codes (N, D) uint8/int, labels, split and the attributes."""
     import h5py
     import numpy as np
+
+    from jetfast.errors import CodesFileError
 
     path = Path(path)
     if not path.is_file():
@@ -196,22 +180,14 @@ def train(args: argparse.Namespace):
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from jetfast.distributed import all_reduce_mean, barrier, is_main, setup_distributed
+    from jetfast.errors import CodesFileError
     from jetfast.models.gpt import GPT, GPTConfig
-    from jetfast.train.common import (
-        EarlyStopping,
-        RunDir,
-        all_reduce_mean,
-        barrier,
-        check_finite,
-        is_main,
-        rng_state,
-        seed_everything,
-        set_rng_state,
-        setup_distributed,
-    )
+    from jetfast.run import GPT_README, RunDir
+    from jetfast.train.common import EarlyStopping, check_finite, end_epoch, rng_state, seed_everything, set_rng_state
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "gpt"
-    codes_path = Path(args.codes) if args.codes else Path(args.run_dir) / "codes.h5"
+    out = Path(args.out) if args.out else RunDir(args.run_dir).gpt.path
+    codes_path = Path(args.codes) if args.codes else RunDir(args.run_dir).codes_path
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ValueError(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0; got {args.epochs}, {args.batch_size}, {args.lr}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -243,8 +219,7 @@ def train(args: argparse.Namespace):
         model_config = GPTConfig.from_dict(resume_state["config"])
     else:
         if main:
-            run_dir = RunDir.prepare(out, overwrite=args.overwrite)
-            (run_dir.path / "README.txt").write_text(README_TEXT)
+            run_dir = RunDir.prepare(out, overwrite=args.overwrite, readme=GPT_README)
         barrier()
         run_dir = RunDir(out)
         model_config = GPTConfig(
@@ -382,7 +357,7 @@ def train(args: argparse.Namespace):
             "codes_per_s": round(float(train_totals[1]) / max(train_seconds, 1e-9), 1),
         }
         if main:
-            run_dir.end_epoch(checkpoint(epoch), record, improved, plot_keys=("train_loss", "val_loss"))
+            end_epoch(run_dir, checkpoint(epoch), record, improved, plot_keys=("train_loss", "val_loss"))
             print(f"epoch {epoch + 1}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f} nats/code "
                   f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f})  "
                   f"lr {record['lr']:.2e}" + ("  *best" if improved else ""), file=sys.stderr)

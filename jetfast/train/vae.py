@@ -11,7 +11,7 @@ Data parallel on several processes (gloo on CPUs, NCCL on GPUs)::
 The jets are split once into train/val/test by index (``split.npz``); the intensity
 transform is fitted on training jets only, the learning-rate schedule, early stopping
 and ``best.pt`` follow the validation loss, and the test jets are left for
-``jetfast evaluate-vae``. See :mod:`jetfast.train.common` for the run directory layout.
+``jetfast evaluate-vae``. See :mod:`jetfast.run` for the run directory layout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jetfast.train.common import RunDir
+    from jetfast.run import RunDir
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -77,8 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jetfast.data.format import JetFileError
-
+    from jetfast.errors import JetFileError
     from jetfast.train.common import run_trainer
 
     return run_trainer("train-vae", train, args, (JetFileError,))
@@ -153,7 +152,7 @@ def _raise_if_bad_pixels(path: str, x, index, step: int) -> None:
     """After a non-finite loss: blame the data, naming the jets, when the batch itself holds NaN/inf."""
     import torch
 
-    from jetfast.data.format import JetFileError
+    from jetfast.errors import JetFileError
 
     bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
     if bad.any():
@@ -198,11 +197,12 @@ def train_step(model, net, optimizer, x, beta: float, grad_clip: float, step: in
     """One optimiser step on the transformed batch ``x``; returns [loss, recon, kl].
 
     ``net`` is ``model`` or its DistributedDataParallel wrapper. A NaN/inf loss or gradient
-    norm raises :class:`~jetfast.train.common.TrainingDiverged` before the weights change.
+    norm raises :class:`~jetfast.errors.TrainingDiverged` before the weights change.
     """
     import torch
 
-    from jetfast.train.common import check_finite, is_distributed
+    from jetfast.distributed import is_distributed
+    from jetfast.train.common import check_finite
 
     x_hat, mu, logvar = net(x)
     terms = model.loss(x, x_hat, mu, logvar, beta)
@@ -229,13 +229,9 @@ def _sync_buffers(module) -> None:
     DDP broadcasts buffers at the start of each forward, so after the last training step
     each rank still holds statistics updated by its own last batch.
     """
-    from jetfast.train.common import is_distributed
+    from jetfast.distributed import broadcast_buffers
 
-    if is_distributed():
-        import torch.distributed as dist
-
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+    broadcast_buffers(module)
 
 
 def train(args: argparse.Namespace) -> RunDir:
@@ -247,22 +243,10 @@ def train(args: argparse.Namespace) -> RunDir:
     from jetfast.data.loader import JetLoader
     from jetfast.data.transforms import IntensityTransform
     from jetfast.models.vae import VAE, VAEConfig
-    from jetfast.train.common import (
-        EarlyStopping,
-        RunDir,
-        TrainingDiverged,
-        all_reduce_mean,
-        barrier,
-        check_finite,
-        is_main,
-        load_split,
-        make_split,
-        rng_state,
-        save_split,
-        seed_everything,
-        set_rng_state,
-        setup_distributed,
-    )
+    from jetfast.distributed import all_reduce_mean, barrier, is_main, setup_distributed
+    from jetfast.errors import TrainingDiverged
+    from jetfast.run import RunDir, load_split, make_split, save_split
+    from jetfast.train.common import EarlyStopping, check_finite, end_epoch, rng_state, seed_everything, set_rng_state
 
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ValueError(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0; got {args.epochs}, {args.batch_size}, {args.lr}")
@@ -408,7 +392,7 @@ def train(args: argparse.Namespace) -> RunDir:
             "images_per_s": round(float(train_totals[3]) / max(train_seconds, 1e-9), 2),
         }
         if main:
-            run_dir.end_epoch(checkpoint(epoch), record, improved)
+            end_epoch(run_dir, checkpoint(epoch), record, improved)
             print(f"epoch {epoch + 1}/{args.epochs}  train {train_mean[0]:.5g}  val {val_mean[0]:.5g} "
                   f"(recon {val_mean[1]:.5g}, kl {val_mean[2]:.4g})  lr {record['lr']:.2g}  "
                   f"{record['images_per_s']:.1f} images/s" + ("  *best" if improved else ""), file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The shared training utilities: run directory, split, guards, early stopping, plots."""
+"""The run directory, the data split, and the training utilities: guards, early stopping, plots."""
 
 from __future__ import annotations
 
@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from jetfast.train.common import (
-    EarlyStopping,
-    RunDir,
-    RunDirExists,
-    TrainingDiverged,
-    check_finite,
-    load_split,
-    make_split,
-    rng_state,
-    save_split,
-    seed_everything,
-    set_rng_state,
-    setup_distributed,
-)
+from jetfast.distributed import setup_distributed
+from jetfast.errors import RunDirExists, TrainingDiverged
+from jetfast.run import RunDir, load_split, make_split, save_split
+from jetfast.train.common import EarlyStopping, check_finite, plot_losses, rng_state, seed_everything, set_rng_state
 
 
 @pytest.mark.parametrize("n", [3, 10, 101, 1000])
@@ -68,7 +58,7 @@ def test_run_dir_lifecycle(tmp_path):
     run.save_checkpoint({"w": torch.arange(3)}, "last")
     assert torch.equal(run.load_checkpoint("last")["w"], torch.arange(3))
     assert not list(run.checkpoints.glob("*.tmp"))
-    assert run.plot_losses().stat().st_size > 1000
+    assert plot_losses(run.metrics_path, run.loss_plot).stat().st_size > 1000
 
     with pytest.raises(RunDirExists, match="--resume"):
         RunDir.prepare(out)
