@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from jetfast.bins import load_bins
-from jetfast.data.format import CHANNELS, IMAGE_SIZE, QUARK, GLUON
+from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, IMAGE_SIZE, QUARK
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
 from jetfast.run import RunDir
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
-_CLASS_CHOICES = ("quark", "gluon", "mix", "unconditional")
+_CLASS_CHOICES = (*CLASS_NAMES.values(), "mix", "unconditional")
 
 
 @dataclass

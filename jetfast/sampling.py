@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from jetfast.errors import InvalidArgument
-from jetfast.models.gpt import CLASS_NAMES, GPT, decode_n_tokens, prefill
+from jetfast.data.format import CLASS_NAMES
+from jetfast.models.gpt import GPT, decode_n_tokens, prefill
 
 __all__ = ["sample", "class_labels"]
 

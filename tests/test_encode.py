@@ -119,7 +119,7 @@ def test_encode_writes_the_codes_of_every_jet(fitted_run, tmp_path):
     np.testing.assert_array_equal(codes[clear], expected[clear])
 
     # The Transformer's reader accepts the file.
-    from jetfast.train.gpt import read_codes
+    from jetfast.latent.codes import read_codes
 
     assert read_codes(out)["codes"].shape == (n, LATENT_DIM)
     report = json.loads((run_dir / "encode_report.json").read_text())
@@ -132,7 +132,7 @@ def test_encode_writes_a_tmp_file_then_renames_it(fitted_run, tmp_path, monkeypa
     out.write_text("an older codes file")
     assert main(["encode", str(run_dir), "--out", str(out), "--no-progress"]) == 2  # no --overwrite
 
-    import jetfast.encode
+    import jetfast.latent.codes
 
     seen = []
     real_replace = os.replace
@@ -146,7 +146,7 @@ def test_encode_writes_a_tmp_file_then_renames_it(fitted_run, tmp_path, monkeypa
         assert out.read_text() == "an older codes file"
         real_replace(src, dst)
 
-    monkeypatch.setattr(jetfast.encode.os, "replace", replace)
+    monkeypatch.setattr(jetfast.latent.codes.os, "replace", replace)
     assert main(["encode", str(run_dir), "--out", str(out), "--overwrite", "--batch-size", "16", "--no-progress"]) == 0
     assert seen == [(str(out) + ".tmp", str(out), (45, LATENT_DIM))]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.h5"]

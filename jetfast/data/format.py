@@ -24,6 +24,7 @@ IMAGE_KEY = "X_jets"
 LABEL_KEY = "y"
 SCALAR_KEYS = ("y", "pt", "m0")
 QUARK, GLUON = 1, 0
+CLASS_NAMES = {QUARK: "quark", GLUON: "gluon"}  # label y -> name, in files jetfast writes
 
 
 def validate_jet_file(path: str | os.PathLike, keys=(IMAGE_KEY, LABEL_KEY)) -> int:

@@ -39,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jetfast.data.format import CHANNELS, GLUON, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, QUARK
+from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, QUARK
 from jetfast.errors import InvalidArgument, JetFileError
 from jetfast.evaluate.observables import DEFAULT_THRESHOLDS, OBSERVABLES, PROFILE_EDGES, compute_observables
 
-CLASS_NAMES = {QUARK: "quark", GLUON: "gluon"}
 SPECTRUM_EDGES = np.logspace(-6, 3, 91)  # pixel values (GeV) of the pixel-intensity spectrum
 N_EXAMPLES = 4  # jets drawn in each example grid
 EXAMPLE_CROP = slice(31, 94)  # central 63x63 pixels (|eta|, |phi| < 0.55) where the jet lives

@@ -30,7 +30,6 @@ from jetfast.ops import decode_attention
 from jetfast.run import checkpoint_file, load_checkpoint
 
 __all__ = [
-    "CLASS_NAMES",
     "GPTConfig",
     "GPT",
     "KVCache",
@@ -39,10 +38,6 @@ __all__ = [
     "decode_n_tokens",
     "load_gpt",
 ]
-
-# Class label (the file's `y`) -> name. Class token id = vocab_size + label.
-CLASS_NAMES = {0: "gluon", 1: "quark"}
-
 
 @dataclass
 class GPTConfig:

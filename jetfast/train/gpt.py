@@ -1,9 +1,8 @@
 """``jetfast train-gpt``: fit the class-conditional code Transformer (stage 2).
 
-Reads the codes file written by ``jetfast encode`` (HDF5: ``codes`` (N, D) uint8,
-``y`` (N,) 1 = quark / 0 = gluon, ``split`` (N,) 0 train / 1 val / 2 test,
-attributes ``num_bins`` and ``latent_dim``), trains on split 0, selects the best
-epoch on split 1 and never touches split 2.
+Reads the codes file written by ``jetfast encode`` (:mod:`jetfast.latent.codes`),
+trains on its training split, selects the best epoch on the validation split and never
+touches the test split.
 
 The run directory (default ``RUN_DIR/gpt``) holds config.json, metrics.jsonl
 (losses in nats per code; ``val_bpd`` = bits per latent dimension), checkpoints
@@ -63,56 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from jetfast.train.common import run_trainer
 
     return run_trainer("train-gpt", train, args, (CodesFileError,))
-
-
-# -- the codes file ----------------------------------------------------------------------------
-def read_codes(path) -> dict:
-    """Load and check a codes file; return codes (N, D) uint8/int, labels, split and the attributes."""
-    import h5py
-    import numpy as np
-
-    from jetfast.errors import CodesFileError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codes file not found: {path} (write it with `jetfast encode`, or pass --codes)")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise CodesFileError(f"{path} is not a readable HDF5 file ({exc})") from exc
-    with handle:
-        missing = [key for key in ("codes", "y", "split") if key not in handle]
-        if missing:
-            raise CodesFileError(f"{path} lacks dataset(s) {missing}; a codes file holds codes, y, split (and index)")
-        for attr in ("num_bins", "latent_dim"):
-            if attr not in handle.attrs:
-                raise CodesFileError(f"{path} lacks the attribute {attr!r} written by `jetfast encode`")
-        codes = handle["codes"][...]
-        labels = handle["y"][...]
-        split = handle["split"][...]
-        num_bins = int(handle.attrs["num_bins"])
-        latent_dim = int(handle.attrs["latent_dim"])
-    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
-        raise CodesFileError(f"{path}: codes must be an (N, D) integer array; got {codes.dtype} {codes.shape}")
-    n, dims = codes.shape
-    if dims != latent_dim:
-        raise CodesFileError(f"{path}: codes have D={dims} columns but latent_dim={latent_dim}")
-    if num_bins < 2:
-        raise CodesFileError(f"{path}: num_bins={num_bins}; need at least 2 bins")
-    if labels.shape != (n,) or split.shape != (n,):
-        raise CodesFileError(f"{path}: y {labels.shape} and split {split.shape} must both be ({n},)")
-    if n and (codes.min() < 0 or codes.max() >= num_bins):
-        row = int(np.nonzero(((codes < 0) | (codes >= num_bins)).any(axis=1))[0][0])
-        raise CodesFileError(
-            f"{path}: codes outside the vocabulary [0, {num_bins}) (first at row {row}: "
-            f"min {codes.min()}, max {codes.max()}); was the file written with another number of bins?"
-        )
-    if not np.all((labels == 0) | (labels == 1)):
-        raise CodesFileError(f"{path}: y must be 1 (quark) or 0 (gluon); found {np.unique(labels)[:5]}")
-    if not np.all(np.isin(split, (0, 1, 2))):
-        raise CodesFileError(f"{path}: split must hold 0 (train), 1 (val) or 2 (test); found {np.unique(split)[:5]}")
-    return {"codes": codes, "labels": labels.astype(np.int64), "split": split, "num_bins": num_bins,
-            "latent_dim": latent_dim, "path": str(path.resolve())}
 
 
 # -- training pieces ---------------------------------------------------------------------------
@@ -180,8 +129,10 @@ def train(args: argparse.Namespace):
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from jetfast.data.format import CLASS_NAMES
     from jetfast.distributed import all_reduce_mean, barrier, is_main, setup_distributed
     from jetfast.errors import CodesFileError
+    from jetfast.latent.codes import TRAIN, TEST, VAL, read_codes
     from jetfast.models.gpt import GPT, GPTConfig
     from jetfast.run import GPT_README, RunDir
     from jetfast.train.common import EarlyStopping, check_finite, end_epoch, rng_state, seed_everything, set_rng_state
@@ -230,8 +181,8 @@ def train(args: argparse.Namespace):
     codes = torch.from_numpy(data["codes"])
     labels = torch.from_numpy(data["labels"])
     split = data["split"]
-    train_rows = torch.from_numpy(np.nonzero(split == 0)[0])
-    val_rows = torch.from_numpy(np.nonzero(split == 1)[0])
+    train_rows = torch.from_numpy(np.nonzero(split == TRAIN)[0])
+    val_rows = torch.from_numpy(np.nonzero(split == VAL)[0])
     if len(train_rows) < world_size or len(val_rows) == 0:
         raise CodesFileError(f"{data['path']}: need training (split 0) and validation (split 1) codes; "
                              f"got {len(train_rows)} and {len(val_rows)}")
@@ -271,9 +222,10 @@ def train(args: argparse.Namespace):
             "command": "train-gpt",
             "codes": data["path"],
             "vae_run": str(Path(args.run_dir).resolve()),
-            "n_train": len(train_rows), "n_val": len(val_rows), "n_test": int((split == 2).sum()),
+            "n_train": len(train_rows), "n_val": len(val_rows), "n_test": int((split == TEST).sum()),
             "num_bins": data["num_bins"], "latent_dim": data["latent_dim"],
-            "class_tokens": {"gluon (y=0)": model_config.vocab_size, "quark (y=1)": model_config.vocab_size + 1,
+            "class_tokens": {**{f"{name} (y={label})": model_config.vocab_size + label
+                                for label, name in sorted(CLASS_NAMES.items())},
                              "unconditional": model_config.unconditional_token},
             "model": vars(model_config) | {"parameters": model.num_parameters()},
             "world_size": world_size, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,

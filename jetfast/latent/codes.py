@@ -1,0 +1,155 @@
+"""The codes file: every jet of a run as latent codes, written by ``jetfast encode`` and
+read by ``jetfast train-gpt``. HDF5 (default ``RUN_DIR/codes.h5``)::
+
+    codes    (N, D) uint8    bin index per latent dimension (int16/int32 when K > 256)
+    y        (N,)   float32  class label, as in the jet file (1 quark, 0 gluon)
+    split    (N,)   uint8    0 train, 1 val, 2 test (the VAE run's split.npz)
+    index    (N,)   int64    row of the jet in the jet file
+    centers  (D, K) float32  the bin centers the codes index
+    attrs    num_bins, latent_dim, run_dir, data, checkpoint, bins_method, split_values,
+             jetfast_version
+
+Rows are in file order. The file is written to ``*.tmp`` as batches arrive and renamed
+into place only when every row is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from jetfast.errors import CodesFileError
+from jetfast.run import SPLITS
+
+# Split codes: the position in SPLITS ("train", "val", "test").
+TRAIN, VAL, TEST = (SPLITS.index(name) for name in ("train", "val", "test"))
+SPLIT_VALUES = ", ".join(f"{value} {name}" for value, name in enumerate(SPLITS))
+_UNSPLIT = 255
+
+
+def split_labels(split: dict, file_jets: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, split_of_row)``: the sorted jet indices of a run's split and the split code of each."""
+    label = np.full(file_jets, _UNSPLIT, np.uint8)
+    for value, name in enumerate(SPLITS):
+        if name in split:
+            label[split[name]] = value
+    rows = np.flatnonzero(label != _UNSPLIT)
+    return rows, label[rows]
+
+
+class CodesWriter:
+    """Writes a codes file batch by batch, in any order of rows::
+
+        with CodesWriter(out, rows, split_of_row, centers, code_dtype, run_dir=..., data=...,
+                         checkpoint=..., bins_method=...) as writer:
+            for ...:
+                writer.write(index, codes, y)
+
+    The file appears at ``path`` when the block ends without an error and every row was
+    written; otherwise nothing is left behind.
+    """
+
+    def __init__(self, path, rows: np.ndarray, split_of_row: np.ndarray, centers: np.ndarray, code_dtype,
+                 **attrs):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.rows = np.asarray(rows, np.int64)
+        self.split_of_row = split_of_row
+        self.centers = centers
+        self.code_dtype = np.dtype(code_dtype)
+        self.attrs = attrs
+        self.written = 0
+        self.handle = None
+
+    def __enter__(self) -> "CodesWriter":
+        import jetfast
+
+        latent_dim, num_bins = self.centers.shape
+        n = len(self.rows)
+        self.handle = h5py.File(self.tmp, "w")
+        self.codes = self.handle.create_dataset("codes", (n, latent_dim), dtype=self.code_dtype,
+                                                chunks=(min(n, 4096), latent_dim))
+        self.labels = self.handle.create_dataset("y", (n,), dtype=np.float32)
+        self.handle.create_dataset("split", data=self.split_of_row)
+        self.handle.create_dataset("index", data=self.rows)
+        self.handle.create_dataset("centers", data=self.centers)
+        self.handle.attrs.update({
+            "num_bins": num_bins,
+            "latent_dim": latent_dim,
+            **self.attrs,
+            "split_values": SPLIT_VALUES,
+            "jetfast_version": jetfast.__version__,
+        })
+        return self
+
+    def write(self, index: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> None:
+        """Place the codes and labels of the jets at file rows ``index`` (any order)."""
+        where = np.searchsorted(self.rows, index)
+        order = np.argsort(where, kind="stable")
+        where = where[order]
+        codes, labels = codes[order], labels[order].astype(np.float32)
+        if len(where) and where[-1] - where[0] == len(where) - 1:
+            self.codes[where[0] : where[-1] + 1] = codes
+            self.labels[where[0] : where[-1] + 1] = labels
+        else:
+            self.codes[where] = codes
+            self.labels[where] = labels
+        self.written += len(where)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.handle.close()
+            if exc_type is None:
+                if self.written != len(self.rows):
+                    raise RuntimeError(f"encoded {self.written} jets but expected {len(self.rows)}")
+                os.replace(self.tmp, self.path)
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+
+def read_codes(path) -> dict:
+    """Load and check a codes file; return codes (N, D) uint8/int, labels, split and the attributes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"codes file not found: {path} (write it with `jetfast encode`, or pass --codes)")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise CodesFileError(f"{path} is not a readable HDF5 file ({exc})") from exc
+    with handle:
+        missing = [key for key in ("codes", "y", "split") if key not in handle]
+        if missing:
+            raise CodesFileError(f"{path} lacks dataset(s) {missing}; a codes file holds codes, y, split (and index)")
+        for attr in ("num_bins", "latent_dim"):
+            if attr not in handle.attrs:
+                raise CodesFileError(f"{path} lacks the attribute {attr!r} written by `jetfast encode`")
+        codes = handle["codes"][...]
+        labels = handle["y"][...]
+        split = handle["split"][...]
+        num_bins = int(handle.attrs["num_bins"])
+        latent_dim = int(handle.attrs["latent_dim"])
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise CodesFileError(f"{path}: codes must be an (N, D) integer array; got {codes.dtype} {codes.shape}")
+    n, dims = codes.shape
+    if dims != latent_dim:
+        raise CodesFileError(f"{path}: codes have D={dims} columns but latent_dim={latent_dim}")
+    if num_bins < 2:
+        raise CodesFileError(f"{path}: num_bins={num_bins}; need at least 2 bins")
+    if labels.shape != (n,) or split.shape != (n,):
+        raise CodesFileError(f"{path}: y {labels.shape} and split {split.shape} must both be ({n},)")
+    if n and (codes.min() < 0 or codes.max() >= num_bins):
+        row = int(np.nonzero(((codes < 0) | (codes >= num_bins)).any(axis=1))[0][0])
+        raise CodesFileError(
+            f"{path}: codes outside the vocabulary [0, {num_bins}) (first at row {row}: "
+            f"min {codes.min()}, max {codes.max()}); was the file written with another number of bins?"
+        )
+    if not np.all((labels == 0) | (labels == 1)):
+        raise CodesFileError(f"{path}: y must be 1 (quark) or 0 (gluon); found {np.unique(labels)[:5]}")
+    if not np.all(np.isin(split, (TRAIN, VAL, TEST))):
+        raise CodesFileError(f"{path}: split must hold 0 (train), 1 (val) or 2 (test); found {np.unique(split)[:5]}")
+    return {"codes": codes, "labels": labels.astype(np.int64), "split": split, "num_bins": num_bins,
+            "latent_dim": latent_dim, "path": str(path.resolve())}
