@@ -3,7 +3,8 @@
 Two data paths feed the same model and the same optimiser step in the same run:
 
 - jetfast: ``JetLoader`` (C++ prefetcher when built with HDF5, h5py chunk reader otherwise)
-  delivering transformed (B, 3, 128, 128) batches, then ``jetfast.train.vae.train_step``;
+  delivering transformed (B, 3, 128, 128) batches, then the VAE's loss and the training
+  loop's optimizer step (``jetfast.train.loop.optimize``);
 - baseline: the plain PyTorch recipe, a per-index ``h5py`` ``Dataset`` (one file handle per
   worker, opened lazily after the fork) + ``DataLoader`` with one worker, pad and transform
   per jet, default collate. With 32-jet LZF chunks (6 MB) and h5py's default 1 MiB chunk
@@ -26,7 +27,7 @@ import torch
 from jetfast.data.loader import JetLoader
 from jetfast.data.transforms import IntensityTransform
 from jetfast.models.vae import VAE, VAEConfig
-from jetfast.train.vae import train_step
+from jetfast.train.loop import optimize
 from tests.jetfiles import write_jet_file
 
 BATCH = 64
@@ -72,16 +73,21 @@ def _images(batch):
     return batch["X_jets"] if isinstance(batch, dict) else batch[0]
 
 
+def _train_step(model, optimizer, x, step: int) -> None:
+    """One step of the trainer: the VAE's loss terms, then the training loop's optimizer step."""
+    optimize(model, optimizer, model.loss(x, *model(x), 1.0)["loss"], grad_clip=5.0, step=step)
+
+
 def _train(loader, steps: int) -> float:
     """Seconds for ``steps`` training steps after one warm-up step (loader time included)."""
     torch.manual_seed(0)
     model = VAE(VAEConfig()).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batches = iter(loader)
-    train_step(model, model, optimizer, _images(next(batches)), 1.0, 5.0, 0)
+    _train_step(model, optimizer, _images(next(batches)), 0)
     start = time.perf_counter()
     for step in range(steps):
-        train_step(model, model, optimizer, _images(next(batches)), 1.0, 5.0, step + 1)
+        _train_step(model, optimizer, _images(next(batches)), step + 1)
     return time.perf_counter() - start
 
 

@@ -227,6 +227,41 @@ def test_train_gpt_learns_the_classes_and_resumes(tmp_path, seed):
     assert resumed[-1]["val_loss"] < metrics[0]["val_loss"]
 
 
+def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):
+    """A run stopped after an epoch and resumed ends with the metrics and weights of an uninterrupted
+    run: the checkpoint holds the learning-rate schedule's state and the resumed run starts from it."""
+    from jetfast.run import RunDir
+    from jetfast.train.gpt import train_gpt
+
+    write_codes_file(tmp_path / "codes.h5", n=300)
+    tiny = dict(d_model=32, n_heads=2, n_layers=2, batch_size=64, lr=3e-3, dropout=0.1, no_progress=True, num_threads=1)
+    straight = train_gpt(tmp_path, out=tmp_path / "straight", epochs=3, **tiny)
+
+    real_save = RunDir.save_checkpoint
+
+    def interrupted_after_first_epoch(self, state, which="last"):
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+        return real_save(self, state, which)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", interrupted_after_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train_gpt(tmp_path, out=tmp_path / "resumed", epochs=3, **tiny)
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["scheduler"]["last_epoch"] == state["step"]
+    resumed = train_gpt(tmp_path, out=tmp_path / "resumed", epochs=3, resume=True, no_progress=True)
+
+    lines = [[json.loads(line) for line in (run.metrics_path).read_text().splitlines()] for run in (straight, resumed)]
+    assert len(lines[0]) == len(lines[1]) == 3
+    for a, b in zip(*lines):
+        for key in ("epoch", "step", "train_loss", "val_loss", "val_bpd_uncond", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=0), key
+    a, b = (torch.load(run.checkpoint("last"), weights_only=False)["model"] for run in (straight, resumed))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):
     write_codes_file(tmp_path / "codes.h5", n=60)
     out = tmp_path / "elsewhere"

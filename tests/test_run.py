@@ -12,7 +12,7 @@ import torch
 from jetfast.distributed import setup_distributed
 from jetfast.errors import RunDirExists, TrainingDiverged
 from jetfast.run import RunDir, load_split, make_split, save_split
-from jetfast.train.common import EarlyStopping, check_finite, plot_losses, rng_state, seed_everything, set_rng_state
+from jetfast.train.loop import EarlyStopping, check_finite, plot_losses, rng_state, seed_everything, set_rng_state
 
 
 @pytest.mark.parametrize("n", [3, 10, 101, 1000])

@@ -1,13 +1,15 @@
-"""``jetfast train-gpt``: fit the class-conditional code Transformer (stage 2).
+"""Training the class-conditional code Transformer (stage 2, ``jetfast train-gpt``).
 
 Reads the codes file written by ``jetfast encode`` (:mod:`jetfast.latent.codes`),
 trains on its training split, selects the best epoch on the validation split and never
-touches the test split.
+touches the test split. AdamW (no decay on LayerNorm, biases, embeddings), linear warm-up
+then cosine decay per optimizer step, gradient clipping.
 
 The run directory (default ``RUN_DIR/gpt``) holds config.json, metrics.jsonl
 (losses in nats per code; ``val_bpd`` = bits per latent dimension), checkpoints
-(last.pt, best.pt; load with :func:`jetfast.models.gpt.load_gpt`) and
-plots/loss.png. Runs under ``torchrun`` use DistributedDataParallel (gloo on CPU).
+(last.pt, best.pt: model, optimizer, scheduler, early stopping, RNG, epoch, step; load
+the model with :func:`jetfast.models.gpt.load_gpt`) and plots/loss.png. The loop, resume
+and torchrun are :mod:`jetfast.train.loop`'s.
 """
 
 from __future__ import annotations
@@ -15,11 +17,239 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jetfast.data.format import CLASS_NAMES
+from jetfast.errors import CodesFileError, InvalidArgument
+from jetfast.latent.codes import TEST, TRAIN, VAL, read_codes
+from jetfast.models.gpt import GPT, GPTConfig
+from jetfast.run import GPT_README, RunDir
+from jetfast.train.loop import Stage, fit
 
 DESCRIPTION = "train the class-conditional Transformer over latent codes (stage 2)"
 
+
+@dataclass
+class GPTTraining:
+    """Every option of a Transformer training run: those of ``jetfast train-gpt``, by the
+    same names (config.json records them under "args")."""
+
+    run_dir: str
+    codes: str | None = None  # default RUN_DIR/codes.h5
+    out: str | None = None  # default RUN_DIR/gpt
+    resume: bool = False
+    overwrite: bool = False
+    d_model: int = 256
+    n_heads: int = 8
+    n_layers: int = 4
+    dropout: float = 0.1
+    tie_weights: bool = False
+    p_uncond: float = 0.1
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 256
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # default 5% of all steps, at most 1000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 0
+    seed: int = 0
+    num_threads: int | None = None
+    no_progress: bool = False
+
+
+def train_gpt(run_dir, **options) -> RunDir:
+    """Train the code Transformer on the codes of the VAE run ``run_dir``; return its run directory.
+
+    ``options`` are the fields of :class:`GPTTraining` (``codes=None`` for RUN_DIR/codes.h5,
+    ``out=None`` for RUN_DIR/gpt, ``epochs=30``, ...). Under torchrun every process calls this.
+    """
+    return fit(GPTStage(GPTTraining(run_dir=run_dir, **options)))
+
+
+class GPTStage(Stage):
+    """The Transformer as a training stage: shuffled rows of the codes file, the
+    cross-entropy of every code, a warm-up + cosine schedule stepped per optimizer step."""
+
+    name = "train-gpt"
+    readme = GPT_README
+    throughput = ("codes_per_s", 1)
+    plot_keys = ("train_loss", "val_loss")
+
+    def __init__(self, options: GPTTraining):
+        super().__init__(options)
+        run = RunDir(options.run_dir)
+        self.out = Path(options.out) if options.out else run.gpt.path
+        self.codes_path = Path(options.codes) if options.codes else run.codes_path
+
+    def open(self) -> None:
+        o = self.options
+        if o.max_steps is not None and o.max_steps < 1:
+            raise InvalidArgument(f"--max-steps must be >= 1; got {o.max_steps}")
+        if not 0.0 <= o.p_uncond < 1.0:
+            raise InvalidArgument(f"--p-uncond must be in [0, 1); got {o.p_uncond}")
+        self.data = read_codes(self.codes_path)
+
+    def begin(self, run: RunDir, main: bool) -> None:
+        o = self.options
+        self.model_config = GPTConfig(
+            vocab_size=self.data["num_bins"], seq_len=self.data["latent_dim"], d_model=o.d_model, n_heads=o.n_heads,
+            n_layers=o.n_layers, dropout=o.dropout, num_classes=2, tie_weights=o.tie_weights,
+        )
+
+    def resume(self, run: RunDir, state: dict, config: dict) -> None:
+        if self.data["path"] != config["codes"]:
+            print(f"jetfast train-gpt: note: resuming with --codes {self.data['path']}; the run was started on "
+                  f"{config['codes']}", file=sys.stderr)
+        self.model_config = GPTConfig.from_dict(state["config"])
+
+    def build(self, rank: int, world_size: int, device: torch.device) -> GPT:
+        o, data = self.options, self.data
+        self.rank, self.world_size, self.device = rank, world_size, device
+        codes = torch.from_numpy(data["codes"])
+        labels = torch.from_numpy(data["labels"])
+        self.split = data["split"]
+        train_rows = torch.from_numpy(np.nonzero(self.split == TRAIN)[0])
+        val_rows = torch.from_numpy(np.nonzero(self.split == VAL)[0])
+        if len(train_rows) < world_size or len(val_rows) == 0:
+            raise CodesFileError(f"{data['path']}: need training (split {TRAIN}) and validation (split {VAL}) codes; "
+                                 f"got {len(train_rows)} and {len(val_rows)}")
+        self.n_train, self.n_val = len(train_rows), len(val_rows)
+        self.train_codes, self.train_labels = codes[train_rows], labels[train_rows]
+        self.val_codes, self.val_labels = codes[val_rows], labels[val_rows]
+        self.per_rank = self.n_train // world_size
+        self.steps_per_epoch = math.ceil(self.per_rank / o.batch_size)
+        self.total_steps = o.epochs * self.steps_per_epoch
+        if o.max_steps is not None:
+            self.total_steps = min(self.total_steps, o.max_steps)
+        self.warmup = o.warmup_steps if o.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
+        self.model = GPT(self.model_config)
+        return self.model
+
+    def build_optimizer(self, model: GPT) -> torch.optim.Optimizer:
+        o = self.options
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(0.9, 0.95))
+        return self.optimizer
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, step: int):
+        # On resume the schedule follows the (possibly longer) new run from the saved step.
+        schedule = warmup_cosine(self.warmup, self.total_steps, self.options.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=step - 1)
+
+    def checkpoint_extras(self) -> dict:
+        return {"config": vars(self.model_config).copy(), "codes": self.data["path"]}
+
+    def write_run_files(self, run: RunDir, world_size: int) -> None:
+        o, config = self.options, self.model_config
+        run.write_config({
+            "command": "train-gpt",
+            "codes": self.data["path"],
+            "vae_run": str(Path(o.run_dir).resolve()),
+            "n_train": self.n_train, "n_val": self.n_val, "n_test": int((self.split == TEST).sum()),
+            "num_bins": self.data["num_bins"], "latent_dim": self.data["latent_dim"],
+            "class_tokens": {**{f"{name} (y={label})": config.vocab_size + label
+                                for label, name in sorted(CLASS_NAMES.items())},
+                             "unconditional": config.unconditional_token},
+            "model": vars(config) | {"parameters": self.model.num_parameters()},
+            "world_size": world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "warmup_steps": self.warmup,
+            "args": asdict(o),
+        })
+
+    def batches(self, epoch: int):
+        # Same permutation on every rank; each takes its own interleaved shard.
+        shuffle = torch.Generator()
+        shuffle.manual_seed(self.options.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_train, generator=shuffle)[self.rank : self.per_rank * self.world_size : self.world_size]
+        for start in range(0, self.per_rank, self.options.batch_size):
+            yield order[start : start + self.options.batch_size]
+
+    def step(self, net, rows, step: int):
+        inputs, targets = sequences(self.model_config, self.train_codes[rows].to(self.device),
+                                    self.train_labels[rows].to(self.device), self.options.p_uncond)
+        logits = net(inputs)  # (B, D, vocab)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), targets.flatten())}, targets.numel()
+
+    def validate(self, model: GPT):
+        """Summed cross-entropy, class-conditional and unconditional, over this rank's shard of the validation codes."""
+        config, batch_size = self.model_config, self.options.batch_size
+        conditional = unconditional = 0.0
+        codes = 0
+        shard = torch.arange(self.rank, self.n_val, self.world_size)
+        with torch.no_grad():
+            for start in range(0, len(shard), batch_size):
+                rows = shard[start : start + batch_size]
+                inputs, targets = sequences(config, self.val_codes[rows].to(self.device), self.val_labels[rows].to(self.device))
+                conditional += float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
+                inputs[:, 0] = config.unconditional_token
+                unconditional += float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
+                codes += targets.numel()
+        return {"loss": conditional, "loss_uncond": unconditional}, codes
+
+    def record(self, train: dict, val: dict, step: int) -> dict:
+        return {
+            "train_loss": train["loss"],
+            "val_loss": val["loss"],
+            "val_bpd": val["loss"] / math.log(2),
+            "val_bpd_uncond": val["loss_uncond"] / math.log(2),
+        }
+
+    def progress(self, terms: dict) -> dict:
+        return {"loss": f"{terms['loss']:.4f}", "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"}
+
+    def describe_start(self, run: RunDir, start_epoch: int, step: int, world_size: int) -> str:
+        config = self.model_config
+        return (f"{self.n_train} train / {self.n_val} val sequences of {config.seq_len} codes ({config.vocab_size} bins), "
+                f"{self.model.num_parameters():,} parameters, {self.steps_per_epoch} steps per epoch x {world_size} "
+                f"process(es), run directory {run.path}")
+
+    def describe_epoch(self, record: dict) -> str:
+        return (f"train {record['train_loss']:.4f}  val {record['val_loss']:.4f} nats/code "
+                f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f})  lr {record['lr']:.2e}")
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay the Linear matrices only (not LayerNorm, biases or embeddings)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Linear) and name == "weight":
+                decay.append(param)
+            else:
+                no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """lr multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sequences(model_config, codes, labels, p_uncond: float = 0.0):
+    """Model input [class_token, c_0..c_{D-2}] and targets [c_0..c_{D-1}], both (B, D) int64."""
+    targets = codes.long()
+    class_tokens = model_config.vocab_size + labels
+    if p_uncond > 0:
+        dropped = torch.rand(labels.shape, device=labels.device) < p_uncond
+        class_tokens = torch.where(dropped, model_config.unconditional_token, class_tokens)
+    inputs = torch.cat([class_tokens[:, None], targets[:, :-1]], dim=1)
+    return inputs, targets
+
+
+# -- command line (until jetfast.cli takes it over) ---
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the VAE run directory the codes come from")
     io = parser.add_argument_group("input and output")
@@ -61,263 +291,8 @@ def run(args: argparse.Namespace) -> int:
     from jetfast.errors import CodesFileError
     from jetfast.train.common import run_trainer
 
-    return run_trainer("train-gpt", train, args, (CodesFileError,))
-
-
-# -- training pieces ---------------------------------------------------------------------------
-def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay the Linear matrices only (not LayerNorm, biases or embeddings)."""
-    import torch
-
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, torch.nn.Linear) and name == "weight":
-                decay.append(param)
-            else:
-                no_decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """lr multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def sequences(model_config, codes, labels, p_uncond: float = 0.0):
-    """Model input [class_token, c_0..c_{D-2}] and targets [c_0..c_{D-1}], both (B, D) int64."""
-    import torch
-
-    targets = codes.long()
-    class_tokens = model_config.vocab_size + labels
-    if p_uncond > 0:
-        dropped = torch.rand(labels.shape, device=labels.device) < p_uncond
-        class_tokens = torch.where(dropped, model_config.unconditional_token, class_tokens)
-    inputs = torch.cat([class_tokens[:, None], targets[:, :-1]], dim=1)
-    return inputs, targets
-
-
-def _validation_loss(model, model_config, codes, labels, batch_size: int, device, rank: int, world_size: int):
-    """Summed cross-entropy (conditional, unconditional) and the number of codes, over this rank's shard."""
-    import torch
-    import torch.nn.functional as F
-
-    totals = torch.zeros(3, dtype=torch.float64)
-    shard = torch.arange(rank, codes.shape[0], world_size)
-    with torch.no_grad():
-        for start in range(0, len(shard), batch_size):
-            rows = shard[start : start + batch_size]
-            batch_codes, batch_labels = codes[rows].to(device), labels[rows].to(device)
-            inputs, targets = sequences(model_config, batch_codes, batch_labels)
-            conditional = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum")
-            inputs[:, 0] = model_config.unconditional_token
-            unconditional = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum")
-            totals += torch.tensor([float(conditional), float(unconditional), targets.numel()], dtype=torch.float64)
-    return totals
-
-
-def train(args: argparse.Namespace):
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from jetfast.data.format import CLASS_NAMES
-    from jetfast.distributed import all_reduce_mean, barrier, is_main, setup_distributed
-    from jetfast.errors import CodesFileError
-    from jetfast.latent.codes import TRAIN, TEST, VAL, read_codes
-    from jetfast.models.gpt import GPT, GPTConfig
-    from jetfast.run import GPT_README, RunDir
-    from jetfast.train.common import EarlyStopping, check_finite, end_epoch, rng_state, seed_everything, set_rng_state
-
-    out = Path(args.out) if args.out else RunDir(args.run_dir).gpt.path
-    codes_path = Path(args.codes) if args.codes else RunDir(args.run_dir).codes_path
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise ValueError(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0; got {args.epochs}, {args.batch_size}, {args.lr}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1; got {args.max_steps}")
-    if not 0.0 <= args.p_uncond < 1.0:
-        raise ValueError(f"--p-uncond must be in [0, 1); got {args.p_uncond}")
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    rank, world_size, _, device = setup_distributed()
-    main = is_main()
-
-    data = read_codes(codes_path)
-    resume_state = None
-    if args.resume:
-        run_dir = RunDir.prepare(out, resume=True)
-        resume_state = run_dir.load_checkpoint("last")
-        saved = run_dir.read_config()
-        if data["path"] != saved["codes"]:
-            print(f"jetfast train-gpt: note: resuming with --codes {data['path']}; the run was started on "
-                  f"{saved['codes']}", file=sys.stderr)
-        # The model and optimisation are the run's; only how long to train may change on resume.
-        keep = {"epochs": args.epochs, "max_steps": args.max_steps, "no_progress": args.no_progress,
-                "num_threads": args.num_threads}
-        for key, value in saved["args"].items():
-            if hasattr(args, key) and key not in ("resume", "overwrite", "out", "codes", "run_dir"):
-                setattr(args, key, value)
-        for key, value in keep.items():
-            setattr(args, key, value)
-        model_config = GPTConfig.from_dict(resume_state["config"])
-    else:
-        if main:
-            run_dir = RunDir.prepare(out, overwrite=args.overwrite, readme=GPT_README)
-        barrier()
-        run_dir = RunDir(out)
-        model_config = GPTConfig(
-            vocab_size=data["num_bins"], seq_len=data["latent_dim"], d_model=args.d_model, n_heads=args.n_heads,
-            n_layers=args.n_layers, dropout=args.dropout, num_classes=2, tie_weights=args.tie_weights,
-        )
-
-    codes = torch.from_numpy(data["codes"])
-    labels = torch.from_numpy(data["labels"])
-    split = data["split"]
-    train_rows = torch.from_numpy(np.nonzero(split == TRAIN)[0])
-    val_rows = torch.from_numpy(np.nonzero(split == VAL)[0])
-    if len(train_rows) < world_size or len(val_rows) == 0:
-        raise CodesFileError(f"{data['path']}: need training (split 0) and validation (split 1) codes; "
-                             f"got {len(train_rows)} and {len(val_rows)}")
-    train_codes, train_labels = codes[train_rows], labels[train_rows]
-    val_codes, val_labels = codes[val_rows], labels[val_rows]
-
-    per_rank = len(train_rows) // world_size
-    steps_per_epoch = math.ceil(per_rank / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, max(1, total_steps // 20))
-
-    seed_everything(args.seed)
-    model = GPT(model_config).to(device)
-    net = model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    stopper = EarlyStopping(patience=args.patience)
-    start_epoch, step = 0, 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        stopper.load_state_dict(resume_state["early_stopping"])
-        start_epoch, step = resume_state["epoch"] + 1, resume_state["step"]
-        set_rng_state(resume_state["rng"])
-    # On resume the schedule follows the (possibly longer) new run from the saved step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(warmup, total_steps, args.min_lr_ratio), last_epoch=step - 1
-    )
-    if resume_state is not None:
-        if main:
-            run_dir.truncate_metrics(after_epoch=resume_state["epoch"])
-    elif main:
-        run_dir.write_config({
-            "command": "train-gpt",
-            "codes": data["path"],
-            "vae_run": str(Path(args.run_dir).resolve()),
-            "n_train": len(train_rows), "n_val": len(val_rows), "n_test": int((split == TEST).sum()),
-            "num_bins": data["num_bins"], "latent_dim": data["latent_dim"],
-            "class_tokens": {**{f"{name} (y={label})": model_config.vocab_size + label
-                                for label, name in sorted(CLASS_NAMES.items())},
-                             "unconditional": model_config.unconditional_token},
-            "model": vars(model_config) | {"parameters": model.num_parameters()},
-            "world_size": world_size, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "warmup_steps": warmup,
-            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        })
-
-    def checkpoint(epoch: int) -> dict:
-        return {
-            "config": vars(model_config).copy(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "early_stopping": stopper.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "rng": rng_state(),
-            "world_size": world_size,
-            "codes": data["path"],
-        }
-
-    if main and start_epoch < args.epochs and step < total_steps:
-        print(f"jetfast train-gpt: {len(train_rows)} train / {len(val_rows)} val sequences of {model_config.seq_len} "
-              f"codes ({model_config.vocab_size} bins), {model.num_parameters():,} parameters, "
-              f"{steps_per_epoch} steps per epoch x {world_size} process(es), run directory {run_dir.path}",
-              file=sys.stderr)
-    shuffle = torch.Generator()
-    for epoch in range(start_epoch, args.epochs):
-        if stopper.should_stop or step >= total_steps:
-            break
-        # Same permutation on every rank; each takes its own interleaved shard.
-        shuffle.manual_seed(args.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train_rows), generator=shuffle)[rank : per_rank * world_size : world_size]
-        net.train()
-        totals = torch.zeros(2, dtype=torch.float64)
-        started = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                   disable=args.no_progress or not main, leave=False, dynamic_ncols=True)
-        for start in range(0, per_rank, args.batch_size):
-            if step >= total_steps:
-                break
-            rows = order[start : start + args.batch_size]
-            inputs, targets = sequences(model_config, train_codes[rows].to(device), train_labels[rows].to(device),
-                                        args.p_uncond)
-            logits = net(inputs)  # (B, D, vocab)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            loss_value = float(loss.detach())
-            check_finite(loss_value, step, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                check_finite(grad_norm, step, epoch, what="gradient norm")
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            totals += torch.tensor([loss_value * targets.numel(), targets.numel()], dtype=torch.float64)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-            bar.update(1)
-        bar.close()
-        train_seconds = time.perf_counter() - started
-
-        net.eval()
-        val_totals = _validation_loss(model, model_config, val_codes, val_labels, args.batch_size, device, rank,
-                                      world_size)
-        train_totals = all_reduce_mean(totals) * world_size
-        val_totals = all_reduce_mean(val_totals) * world_size
-        train_loss = float(train_totals[0] / train_totals[1].clamp_min(1))
-        val_loss = float(val_totals[0] / val_totals[2])
-        val_loss_uncond = float(val_totals[1] / val_totals[2])
-        check_finite(val_loss, step, epoch, what="validation loss")
-        improved = stopper.step(val_loss, epoch)
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_bpd": val_loss / math.log(2),
-            "val_bpd_uncond": val_loss_uncond / math.log(2),
-            "lr": scheduler.get_last_lr()[0],
-            "time_s": round(time.perf_counter() - started, 3),
-            "codes_per_s": round(float(train_totals[1]) / max(train_seconds, 1e-9), 1),
-        }
-        if main:
-            end_epoch(run_dir, checkpoint(epoch), record, improved, plot_keys=("train_loss", "val_loss"))
-            print(f"epoch {epoch + 1}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f} nats/code "
-                  f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f})  "
-                  f"lr {record['lr']:.2e}" + ("  *best" if improved else ""), file=sys.stderr)
-        barrier()
-        if stopper.should_stop and main:
-            print(f"jetfast train-gpt: early stop, no val improvement for {stopper.patience} epochs "
-                  f"(best epoch {stopper.best_epoch + 1})", file=sys.stderr)
-    return run_dir
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    return run_trainer("train-gpt", lambda _: train_gpt(**options), args, (CodesFileError,))
 
 
 def main(argv=None) -> int:
