@@ -23,7 +23,7 @@ STAMPS := $(VENV)/.jetfast-stamps
 NATIVE_SOURCES := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 export JETFAST_CUDA
 
-.PHONY: all test demo bench build sanitize system-packages clean help
+.PHONY: all test demo bench build sanitize system-packages clean help FORCE
 all: test
 
 help:
@@ -59,7 +59,13 @@ $(STAMPS)/deps: pyproject.toml $(STAMPS)/torch $(STAMPS)/system
 	$(PY) -m pip install -q -r $(STAMPS)/requirements.txt
 	@touch $@
 
-$(STAMPS)/build: $(STAMPS)/deps $(NATIVE_SOURCES)
+# The editable install maps each module of the package to its file, so adding, moving or
+# removing a module needs a reinstall: this list changes (and triggers one) only then.
+$(STAMPS)/modules: FORCE | $(STAMPS)
+	@find jetfast -name '*.py' | sort > $@.new
+	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
+
+$(STAMPS)/build: $(STAMPS)/deps $(STAMPS)/modules $(NATIVE_SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . \
 	  -Ccmake.define.JETFAST_CUDA=$(JETFAST_CUDA)
 	@$(PY) -c "import jetfast._C as c; print(f'jetfast: built extension (CUDA kernels: {c.built_with_cuda}, C++ prefetcher: {c.built_with_prefetch})')"

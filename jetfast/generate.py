@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jetfast import distributed
 from jetfast.bins import load_bins
 from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, IMAGE_SIZE, QUARK
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
@@ -329,74 +330,28 @@ def write_virtual_dataset(out: Path, shards: list[Path]) -> Path:
 
 
 def generate(run_dir, n: int, out, **kwargs) -> Path:
-    """Generate ``n`` jets into ``out``; under torchrun, shards per rank plus a virtual dataset."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return generate_file(run_dir, n, out, **kwargs)
-    import torch.distributed as dist
+    """Generate ``n`` jets into ``out``; under torchrun, shards per rank plus a virtual dataset.
 
-    rank = int(os.environ.get("RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    ``kwargs`` are those of :func:`generate_file` (``cls``, ``batch_size``, ``seed``, ``resume``,
+    ``overwrite``, ``zero_suppress``, ``gpt_dir``, ``device``, ``progress``, ``times``) and the
+    sampling options of :func:`jetfast.sample` (``temperature``, ``top_k``, ``top_p``).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return generate_file(run_dir, n, out, **kwargs)
+    rank, world, _, device = distributed.setup_distributed()
     out = Path(out)
     share = n // world + (1 if rank < n % world else 0)
-    if torch.cuda.is_available():
-        kwargs.setdefault("device", f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    if device.type == "cuda":
+        kwargs.setdefault("device", str(device))
     shards = [shard_path(out, r, world) for r in range(world)]
     try:
         generate_file(run_dir, share, shards[rank], rank=rank, world_size=world, progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
-        dist.barrier()
+        distributed.barrier()
         if rank == 0:
             if out.exists() and not kwargs.get("overwrite", False):
                 raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
             write_virtual_dataset(out, shards)
-        dist.barrier()
+        distributed.barrier()
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", help="a trained run: VAE (train-vae), bins.npz (fit-bins) and gpt/ (train-gpt)")
-    # --num-jets is the spelling to use under torchrun, whose own parser mistakes --n for its --nnodes/--nproc-per-node.
-    parser.add_argument("--n", "--num-jets", dest="n", type=int, required=True, help="number of jets to generate (in total, across ranks)")
-    parser.add_argument("--out", required=True, help="output HDF5 file, in the input layout (X_jets, y, pt, m0)")
-    parser.add_argument("--cls", choices=_CLASS_CHOICES, default="mix", help="class of the jets: quark, gluon, a 50/50 mix (default), or unconditional")
-    parser.add_argument("--batch-size", type=int, default=256, help="jets per block (memory and resume granularity; default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="master seed (default 0); the same seed gives the same file")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--zero-suppress", action="store_true",
-                        help="zero every pixel below the smallest deposit seen in training, as the detector does "
-                             "(off by default: a briefly trained VAE spreads energy thinly and would lose most of it)")
-    parser.add_argument("--gpt-dir", default=None, help="Transformer run directory (default RUN_DIR/gpt)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most probable codes")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    parser.epilog = (
-        "Under torchrun (torchrun --nproc-per-node W -m jetfast.cli generate RUN --num-jets N --out OUT), each rank "
-        "writes OUT.rank{r}-of-{W}.h5 and rank 0 writes OUT as a virtual dataset over them."
-    )
-
-
-def run(args) -> int:
-    sampling = {"temperature": args.temperature}
-    if args.top_k is not None:
-        sampling["top_k"] = args.top_k
-    if args.top_p is not None:
-        sampling["top_p"] = args.top_p
-    start = time.perf_counter()
-    times = StageTimes()
-    out = generate(
-        args.run_dir, args.n, args.out, cls=args.cls, batch_size=args.batch_size, seed=args.seed,
-        resume=args.resume, overwrite=args.overwrite, zero_suppress=args.zero_suppress, gpt_dir=args.gpt_dir, device=args.device, times=times, **sampling,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        seconds = time.perf_counter() - start
-        shares = ", ".join(f"{stage} {share:.0%}" for stage, share in times.shares().items())
-        print(f"wrote {args.n} jets to {out} in {seconds:.1f} s ({args.n / seconds:.1f} jets/s; {shares})")
-    return 0

@@ -1,6 +1,5 @@
 """`jetfast fit-bins` and `jetfast encode` on a tiny trained VAE run."""
 
-import argparse
 import json
 import os
 
@@ -12,7 +11,6 @@ import torch
 from jetfast import _ext, bins
 from jetfast.cli import main
 from jetfast.models.vae import load_vae
-from jetfast.train import vae as train_vae
 from jetfast.run import load_split
 from tests.jetfiles import write_jet_file
 
@@ -28,13 +26,10 @@ def trained_run(tmp_path_factory, module_seed):
     root = tmp_path_factory.mktemp("encode")
     data = root / "jets.h5"
     write_jet_file(data, n=45, seed=module_seed, chunk=16)
-    parser = argparse.ArgumentParser()
-    train_vae.add_arguments(parser)
-    args = parser.parse_args([
-        "--data", str(data), "--out", str(root / "run"), "--widths", "4,8,8,8", "--latent-dim", str(LATENT_DIM),
-        "--batch-size", "16", "--transform-jets", "30", "--epochs", "1", "--no-progress",
-    ])
-    assert train_vae.run(args) == 0
+    assert main([
+        "train-vae", "--data", str(data), "--out", str(root / "run"), "--widths", "4,8,8,8", "--latent-dim",
+        str(LATENT_DIM), "--batch-size", "16", "--transform-jets", "30", "--epochs", "1", "--no-progress",
+    ]) == 0
     return root / "run", data
 
 

@@ -397,7 +397,7 @@ def test_cli_with_run_split_and_errors(synthetic, tmp_path, capsys):
 
     code = main(["evaluate", "--real", str(tmp_path / "missing.h5"), "--gen", str(d / "same.h5"),
                  "--out", str(tmp_path / "o")])
-    assert code == 1 and "not found" in capsys.readouterr().err
+    assert code == 2 and "not found" in capsys.readouterr().err
     assert main(["evaluate", "--real", str(d / "real.h5"), "--gen", str(d / "same.h5")]) == 2
-    assert main(["evaluate", "--gen", str(d / "same.h5"), "--out", str(tmp_path / "o3")]) == 1
+    assert main(["evaluate", "--gen", str(d / "same.h5"), "--out", str(tmp_path / "o3")]) == 2
     assert "give --real" in capsys.readouterr().err

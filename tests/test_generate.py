@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -368,12 +367,10 @@ def test_unwritable_directory(tmp_path):
 
 
 def cli(argv):
-    """``jetfast data generate ARGV`` through the command's own parser."""
-    from jetfast.data import generate_cli
+    """``jetfast data generate ARGV``; the exit status."""
+    from jetfast.cli import main
 
-    parser = argparse.ArgumentParser(prog="jetfast data generate")
-    generate_cli.add_arguments(parser)
-    return generate_cli.run(parser.parse_args(argv))
+    return main(["data", "generate", *argv])
 
 
 def test_cli_help(capsys):

@@ -14,7 +14,7 @@ import torch
 
 from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
 from jetfast.sampling import sample
-from jetfast.train import gpt as train_gpt
+from jetfast.cli import main
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
@@ -187,9 +187,8 @@ def test_single_class_model_rejects_the_other_class():
 # train-gpt
 # ---------------------------------------------------------------------------------------------
 def run_train(*argv) -> int:
-    parser = train_gpt.argparse.ArgumentParser()
-    train_gpt.add_arguments(parser)
-    return train_gpt.run(parser.parse_args([str(a) for a in argv]))
+    """``jetfast train-gpt ARGV``; the exit status."""
+    return main(["train-gpt", *map(str, argv)])
 
 
 TINY = ["--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--batch-size", "64", "--lr", "3e-3",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import torch
 
 from jetfast.data.transforms import IntensityTransform, crop_to_image
 from jetfast.models.vae import VAE, VAEConfig, load_vae
-from jetfast.train import vae as train_vae
+from jetfast.cli import main
 from jetfast.run import load_split
 from tests.jetfiles import jet_images, write_jet_file
 
@@ -35,10 +34,9 @@ def _restore_determinism_flag():
     torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
-def train_args(data, out, *extra) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    train_vae.add_arguments(parser)
-    return parser.parse_args(["--data", str(data), "--out", str(out), *TINY, *map(str, extra)])
+def train(data, out, *extra) -> int:
+    """``jetfast train-vae`` on a tiny model; the exit status."""
+    return main(["train-vae", "--data", str(data), "--out", str(out), *TINY, *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def jet_file(tmp_path_factory, module_seed):
 @pytest.fixture(scope="module")
 def trained_run(jet_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("vae") / "run"
-    assert train_vae.run(train_args(jet_file, out, "--epochs", 2, "--seed", 3)) == 0
+    assert train(jet_file, out, "--epochs", 2, "--seed", 3) == 0
     return out
 
 
@@ -174,8 +172,8 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
 
 def test_resume_matches_uninterrupted(jet_file, trained_run, tmp_path):
     out = tmp_path / "run"
-    assert train_vae.run(train_args(jet_file, out, "--epochs", 1, "--seed", 3)) == 0
-    assert train_vae.run(train_args(jet_file, out, "--epochs", 2, "--seed", 3, "--resume")) == 0
+    assert train(jet_file, out, "--epochs", 1, "--seed", 3) == 0
+    assert train(jet_file, out, "--epochs", 2, "--seed", 3, "--resume") == 0
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     straight = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert len(resumed) == len(straight) == 2
@@ -191,7 +189,7 @@ def test_refuses_existing_out_and_bad_file(jet_file, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert train_vae.run(train_args(jet_file, out, "--epochs", 1)) == 2
+    assert train(jet_file, out, "--epochs", 1) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -199,10 +197,10 @@ def test_refuses_existing_out_and_bad_file(jet_file, tmp_path, capsys):
     with h5py.File(bad, "w") as f:
         f["X_jets"] = np.zeros((5, 64, 64, 3), np.float32)
         f["y"] = np.zeros(5, np.float32)
-    assert train_vae.run(train_args(bad, tmp_path / "run_bad", "--epochs", 1)) == 2
+    assert train(bad, tmp_path / "run_bad", "--epochs", 1) == 2
     err = capsys.readouterr().err
     assert "(5, 64, 64, 3)" in err and "(N, 125, 125, 3)" in err
-    assert train_vae.run(train_args(tmp_path / "missing.h5", tmp_path / "run_missing", "--epochs", 1)) == 2
+    assert train(tmp_path / "missing.h5", tmp_path / "run_missing", "--epochs", 1) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -221,7 +219,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(jet_file, tmp_path, monke
         return terms
 
     monkeypatch.setattr(VAE, "loss", poisoned)
-    assert train_vae.run(train_args(jet_file, out, "--epochs", 3)) == 2
+    assert train(jet_file, out, "--epochs", 3) == 2
     err = capsys.readouterr().err
     assert "diverged" in err and f"step {steps_per_epoch + 1}" in err and "checkpoint was kept" in err
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
@@ -249,7 +247,7 @@ def nan_jet_file(tmp_path_factory, module_seed):
 
 def test_nan_pixels_are_named(nan_jet_file, tmp_path, capsys):
     path, bad = nan_jet_file
-    assert train_vae.run(train_args(path, tmp_path / "run", "--epochs", 1, "--transform-jets", 10)) == 2
+    assert train(path, tmp_path / "run", "--epochs", 1, "--transform-jets", 10) == 2
     err = capsys.readouterr().err
     assert f"jet(s) {bad} have NaN" in err, err
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
@@ -258,8 +256,8 @@ def test_nan_pixels_are_named(nan_jet_file, tmp_path, capsys):
 def test_ddp_ranks_stop_together_on_nan(nan_jet_file, tmp_path):
     path, bad = nan_jet_file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.train.vae",
-           "--data", str(path), "--out", str(tmp_path / "run"), *TINY, "--transform-jets", "10", "--epochs", "1",
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.cli",
+           "train-vae", "--data", str(path), "--out", str(tmp_path / "run"), *TINY, "--transform-jets", "10", "--epochs", "1",
            "--num-threads", "1"]
     # Without the shared check the clean rank would wait forever in backward: the timeout fails the test.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
@@ -277,8 +275,8 @@ def load_split_for(jet_file):
 def test_ddp_two_processes_keep_ranks_equal(jet_file, tmp_path):
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     env = {**os.environ, "JETFAST_RANK_STATE_DIR": str(ranks), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.train.vae",
-           "--data", str(jet_file), "--out", str(out), *TINY, "--epochs", "1", "--num-threads", "1"]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.cli",
+           "train-vae", "--data", str(jet_file), "--out", str(out), *TINY, "--epochs", "1", "--num-threads", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0 = torch.load(ranks / "rank0.pt", weights_only=True)
@@ -294,15 +292,15 @@ def test_ddp_two_processes_keep_ranks_equal(jet_file, tmp_path):
                        rank0["to_mu.weight"])
 
 
-@pytest.mark.parametrize("module, words", [
-    ("jetfast.train.vae", ("--data", "--out", "--resume", "--overwrite", "--max-jets", "--beta", "--epochs")),
-    ("jetfast.evaluate.vae_report", ("RUN_DIR", "--data", "--max-jets", "--out")),
+@pytest.mark.parametrize("command, words", [
+    ("train-vae", ("--data", "--out", "--resume", "--overwrite", "--max-jets", "--beta", "--epochs")),
+    ("evaluate-vae", ("RUN_DIR", "--data", "--max-jets", "--out")),
 ])
-def test_cli_help(module, words):
-    proc = subprocess.run([PYTHON, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
+def test_cli_help(command, words):
+    proc = subprocess.run([PYTHON, "-m", "jetfast.cli", command, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert all(w in proc.stdout for w in words), proc.stdout
-    proc = subprocess.run([PYTHON, "-m", module, "--data"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run([PYTHON, "-m", "jetfast.cli", command, "--data"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
@@ -341,13 +339,9 @@ def test_gaussian_ssim_against_numpy_reference(rng):
 
 
 def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
-    from jetfast.evaluate import vae_report
-
-    parser = argparse.ArgumentParser()
-    vae_report.add_arguments(parser)
     out = tmp_path / "eval"
-    args = parser.parse_args([str(trained_run), "--data", str(jet_file), "--out", str(out), "--no-progress", "--show", "3"])
-    assert vae_report.run(args) == 0
+    assert main(["evaluate-vae", str(trained_run), "--data", str(jet_file), "--out", str(out), "--no-progress",
+                 "--show", "3"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     test = load_split(trained_run)["test"]
     assert metrics["n_test_jets"] == len(test) and metrics["split"] == "test"
@@ -377,9 +371,5 @@ def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
 
 
 def test_evaluate_vae_bad_run_dir(tmp_path, capsys):
-    from jetfast.evaluate import vae_report
-
-    parser = argparse.ArgumentParser()
-    vae_report.add_arguments(parser)
-    assert vae_report.run(parser.parse_args([str(tmp_path)])) == 2
+    assert main(["evaluate-vae", str(tmp_path)]) == 2
     assert "run directory" in capsys.readouterr().err

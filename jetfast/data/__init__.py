@@ -1,18 +1,35 @@
-"""Jet data: the file format contract, the intensity transform, the Pythia
-generator with its detector model, and the fast loader."""
+"""Jet data: the file format contract (:mod:`.format`), the intensity transform
+(:mod:`.transforms`), the fast loader (:mod:`.loader`), and the Pythia generator with its
+detector model.
 
-from jetfast.data.format import CHANNELS, IMAGE_SIZE, MODEL_SIZE, validate_jet_file
-from jetfast.data.transforms import IntensityTransform, pad_to_model, crop_to_image
-from jetfast.data.loader import JetLoader, JetReadError
+Attributes that need torch are imported on first use, so that ``jetfast.data.format``
+(and the command line's ``--help``) stay light.
+"""
 
-__all__ = [
-    "CHANNELS",
-    "IMAGE_SIZE",
-    "MODEL_SIZE",
-    "IntensityTransform",
-    "JetLoader",
-    "JetReadError",
-    "crop_to_image",
-    "pad_to_model",
-    "validate_jet_file",
-]
+_LAZY = {
+    "CHANNELS": "jetfast.data.format",
+    "IMAGE_SIZE": "jetfast.data.format",
+    "MODEL_SIZE": "jetfast.data.format",
+    "validate_jet_file": "jetfast.data.format",
+    "IntensityTransform": "jetfast.data.transforms",
+    "crop_to_image": "jetfast.data.transforms",
+    "pad_to_model": "jetfast.data.transforms",
+    "JetLoader": "jetfast.data.loader",
+    "JetReadError": "jetfast.errors",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jetfast.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -516,14 +516,14 @@ def _fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _pm(value, err) -> str:
+def plus_minus(value, err) -> str:
     return _fmt(value) if err is None or not math.isfinite(err) else f"{_fmt(value)} ± {_fmt(err, 2)}"
 
 
 def _distance_rows(table: dict) -> list[list[str]]:
     return [
-        [name, _pm(d["w"], d["w_err"]), _fmt(d["w_norm"]), _pm(d["w_half"], d["w_half_err"]),
-         _pm(d["floor"], d["floor_err"]), _fmt(d["ratio"], 2), _fmt(d["real_mean"]), _fmt(d["gen_mean"])]
+        [name, plus_minus(d["w"], d["w_err"]), _fmt(d["w_norm"]), plus_minus(d["w_half"], d["w_half_err"]),
+         plus_minus(d["floor"], d["floor_err"]), _fmt(d["ratio"], 2), _fmt(d["real_mean"]), _fmt(d["gen_mean"])]
         for name, d in table.items()
     ]
 
@@ -718,7 +718,7 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         c2st_text = [f"Skipped: {c2st['skipped']}"]
     else:
         c2st_text = [
-            f"ROC AUC = **{_pm(c2st['auc'], c2st['auc_err'])}** ({c2st['n_per_side']} jets per side, "
+            f"ROC AUC = **{plus_minus(c2st['auc'], c2st['auc_err'])}** ({c2st['n_per_side']} jets per side, "
             f"{c2st['folds']}-fold out-of-fold scores; per-fold AUCs "
             f"{', '.join(_fmt(a) for a in c2st['fold_aucs'])}) — {_c2st_verdict(c2st['auc'], c2st['auc_err'])}.",
             "A gradient-boosted classifier is trained to tell real from generated jets using the observables "
@@ -730,7 +730,7 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
     elif cnn is not None:
         c2st_text.append(
             f"Image-level test: a small CNN on 25x25 tower-summed images ({cnn['n_per_side']} jets per side, "
-            f"{cnn['n_test']} held out) reaches ROC AUC = **{_pm(cnn['auc'], cnn['auc_err'])}** — "
+            f"{cnn['n_test']} held out) reaches ROC AUC = **{plus_minus(cnn['auc'], cnn['auc_err'])}** — "
             f"{_c2st_verdict(cnn['auc'], cnn['auc_err'])}."
         )
     sections.append({"heading": "Classifier two-sample test", "text": c2st_text})
@@ -740,8 +740,8 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         qg_text = [f"Skipped: {qg['skipped']}"]
     else:
         qg_text = [
-            f"Quark/gluon AUC on held-out real jets: **{_pm(qg['auc_real'], qg['auc_real_err'])}**; "
-            f"on generated jets (labelled with the class asked for): **{_pm(qg['auc_gen'], qg['auc_gen_err'])}**.",
+            f"Quark/gluon AUC on held-out real jets: **{plus_minus(qg['auc_real'], qg['auc_real_err'])}**; "
+            f"on generated jets (labelled with the class asked for): **{plus_minus(qg['auc_gen'], qg['auc_gen_err'])}**.",
             f"The classifier is trained on {qg['n_train']} real jets. Similar AUCs mean the generated jets "
             "carry the class information of real ones; a lower generated AUC means the classes were washed out.",
         ]
@@ -770,76 +770,3 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         sections.append({"heading": "Plots", "images": [images.get(k) for k in (
             "classes", "radial_profile", "pixel_spectrum", "mean_images", "jets_real", "jets_generated")]})
     return sections
-
-
-# -- the command ---------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--real", metavar="FILE",
-                        help="real jets (HDF5, ML4SCI layout; default with --run: the run's training data file)")
-    parser.add_argument("--gen", required=True, metavar="FILE", help="generated jets (HDF5, same layout)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="output directory (default with --run: RUN_DIR/eval/<name of --gen>)")
-    parser.add_argument("--run", metavar="RUN_DIR",
-                        help="training run whose split.npz 'test' jets are the real sample (default: all real jets)")
-    parser.add_argument("--max-jets", type=int, metavar="N", help="use at most N random jets from each file")
-    parser.add_argument("--threshold", type=float, nargs=3, metavar=("TRACKS", "ECAL", "HCAL"),
-                        default=DEFAULT_THRESHOLDS,
-                        help="pixel thresholds in GeV for the multiplicities (default: %(default)s; "
-                             "HCAL pixels are towers/25, so 4e-5 is a 1e-3 GeV tower)")
-    parser.add_argument("--bootstrap", type=int, default=50, metavar="B",
-                        help="bootstrap replicas for the errors (default: %(default)s; 0 = no errors)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of subsampling, halves and classifiers")
-    parser.add_argument("--cnn", action="store_true",
-                        help="add an image-level two-sample test: a small CNN on 25x25 tower-summed images "
-                             "(torch; about a minute on 2 cores)")
-    parser.add_argument("--no-plots", action="store_true", help="write numbers only (faster)")
-
-
-def _run_test_jets(run_dir: str, real: str | None) -> tuple[str, np.ndarray]:
-    """The jet file of a training run (``real`` when given) and the indices of its test jets."""
-    from jetfast.errors import RunDirError
-    from jetfast.run import RunDir, load_split
-
-    run = RunDir(run_dir)
-    real = run.data_file(real, option="--real")
-    split = load_split(run)
-    if "test" not in split:
-        raise RunDirError(f"{run.split_path} has no 'test' indices (keys: {sorted(split)})")
-    return real, np.asarray(split["test"], np.int64)
-
-
-def run(args) -> int:
-    if args.out is None and args.run is None:
-        print("jetfast evaluate: give --out DIR (or --run RUN_DIR to write into RUN_DIR/eval/)", file=sys.stderr)
-        return 2
-    from jetfast.errors import USER_ERRORS, InvalidArgument
-    from jetfast.run import RunDir
-
-    out = Path(args.out) if args.out else RunDir(args.run).eval_dir / Path(args.gen).stem
-    try:
-        if args.run:
-            real, indices = _run_test_jets(args.run, args.real)
-            note = f"test split of {args.run} ({len(indices)} jets)"
-        else:
-            if args.real is None:
-                raise InvalidArgument("give --real FILE (or --run RUN_DIR of a run whose config.json names its data file)")
-            real, indices, note = args.real, None, "all jets"
-            print("jetfast evaluate: no --run given, so every real jet is used; real jets a model was trained "
-                  "on flatter it — pass --run RUN_DIR to use its held-out test split", file=sys.stderr)
-        metrics = evaluate(real, args.gen, out, real_indices=indices, max_jets=args.max_jets,
-                           thresholds=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
-                           plots=not args.no_plots, real_note=note, cnn=args.cnn)
-    except USER_ERRORS as exc:
-        print(f"jetfast evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    c2st = metrics["c2st"]
-    if "auc" in c2st:
-        print(f"classifier two-sample AUC: {_pm(c2st['auc'], c2st['auc_err'])} (0.5 = indistinguishable)")
-    if "auc" in metrics.get("c2st_cnn", {}):
-        print(f"image CNN two-sample AUC: {_pm(metrics['c2st_cnn']['auc'], metrics['c2st_cnn']['auc_err'])}")
-    summary = metrics["summary"]
-    if summary["median_ratio"] is not None:
-        print(f"median distance / noise floor: {summary['median_ratio']:.2f} (1 = as close as two real samples); "
-              f"farthest: {summary['worst_observable']} at {summary['worst_ratio']:.2f}")
-    print(f"report: {out / 'report.html'}  (also report.md, metrics.json, plots/)")
-    return 0

@@ -1,4 +1,4 @@
-"""``jetfast evaluate-vae``: how well a trained VAE reconstructs the held-out test jets.
+"""How well a trained VAE reconstructs the held-out test jets (``jetfast evaluate-vae``).
 
 Everything is computed on the run's TEST split (``split.npz``), never seen in training or
 model selection, with reconstructions decoded from the posterior mean ``mu``. Written to
@@ -23,46 +23,15 @@ model selection, with reconstructions decoded from the posterior mean ``mu``. Wr
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 from jetfast.data.format import CHANNELS
 
-DESCRIPTION = __doc__.split("\n\n")[0]
 # Below this energy a pixel is drawn as empty: the reconstruction's soft floor
 # (expm1 of a small positive number) would otherwise paint the whole image.
 DISPLAY_MIN_GEV = 1e-3
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `jetfast train-vae` run directory")
-    parser.add_argument("--data", default=None, help="the jet file the run was trained on (default: the one in config.json)")
-    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval)")
-    parser.add_argument("--max-jets", type=int, default=None, help="evaluate at most this many test jets")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint to evaluate")
-    parser.add_argument("--batch-size", type=int, default=64, help="jets per forward pass")
-    parser.add_argument("--show", type=int, default=4, help="jets drawn in reconstructions.png")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the half/half split of the latent classifier")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    from jetfast.errors import USER_ERRORS
-
-    try:
-        metrics = evaluate(args)
-    except USER_ERRORS as exc:
-        print(f"jetfast evaluate-vae: error: {exc}", file=sys.stderr)
-        return 2
-    summary = ", ".join(f"{c} rel. energy error median {metrics['channels'][c]['total_energy_rel_error']['median']:+.3f}"
-                        for c in CHANNELS)
-    print(f"jetfast evaluate-vae: {metrics['n_test_jets']} test jets; {summary}; "
-          f"latent q/g AUC {metrics['latent']['qg_auc']}; wrote {metrics['out_dir']}", file=sys.stderr)
-    return 0
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -239,7 +208,25 @@ def _plot_anomaly(scores, labels, path: Path) -> None:
 
 
 # -- the evaluation ----------------------------------------------------------------------------
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate_vae(
+    run_dir,
+    *,
+    data=None,
+    out=None,
+    max_jets: int | None = None,
+    checkpoint: str = "best",
+    batch_size: int = 64,
+    show: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the VAE of ``run_dir`` on its test jets; write metrics.json and the plots into
+    ``out`` (default ``RUN_DIR/eval``) and return the metrics.
+
+    ``data`` is the jet file (default: the one the run was trained on); ``max_jets`` caps the
+    test jets; ``checkpoint`` is "best" or "last"; ``show`` jets are drawn in
+    reconstructions.png; ``seed`` draws the halves of the latent classifier.
+    """
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -251,35 +238,35 @@ def evaluate(args: argparse.Namespace) -> dict:
     from jetfast.errors import InvalidArgument, RunDirError
     from jetfast.run import RunDir, check_split_fits, load_split, write_json
 
-    run_dir = RunDir(args.run_dir)
-    data = run_dir.data_file(args.data)
+    run_dir = RunDir(run_dir)
+    data = run_dir.data_file(data)
     n_file = validate_jet_file(data)
     split = load_split(run_dir)
     check_split_fits(split, n_file, data)
     test = split["test"]
-    if args.max_jets is not None:
-        if args.max_jets < 1:
-            raise InvalidArgument(f"--max-jets must be >= 1; got {args.max_jets}")
-        test = test[: args.max_jets]
+    if max_jets is not None:
+        if max_jets < 1:
+            raise InvalidArgument(f"--max-jets must be >= 1; got {max_jets}")
+        test = test[: max_jets]
     if len(test) == 0:
         raise RunDirError("the run's test split is empty")
-    model, transform, _ = load_vae(run_dir.path, which=args.checkpoint)
-    out = Path(args.out) if args.out else run_dir.eval_dir
+    model, transform, _ = load_vae(run_dir.path, which=checkpoint)
+    out = Path(out) if out else run_dir.eval_dir
     out.mkdir(parents=True, exist_ok=True)
 
     # PSNR and SSIM need the data range of the real test images in transformed space before
     # the main pass; reading the pixels once more is cheap beside the model.
-    data_range = _transformed_range(data, test, transform, args.batch_size)
+    data_range = _transformed_range(data, test, transform, batch_size)
 
     # Physical-unit batches (padded only): the originals stay exact, the model input is
     # transformed here, and the reconstruction goes back through the exact inverse.
-    loader = JetLoader(data, args.batch_size, indices=test, shuffle=False, transform=None, rank=0, world_size=1)
+    loader = JetLoader(data, batch_size, indices=test, shuffle=False, transform=None, rank=0, world_size=1)
     n_ch = len(CHANNELS)
     sq_err = np.zeros(n_ch + 1)
     true_sums, reco_sums, latents, labels, scores, psnr, ssim = [], [], [], [], [], [], []
     shown_true, shown_reco, shown_labels = [], [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluate-vae", unit="batch", disable=args.no_progress, leave=False):
+        for batch in tqdm(loader, desc="evaluate-vae", unit="batch", disable=not progress, leave=False):
             physical = batch["X_jets"]
             x = transform.forward(physical)
             mu, _ = model.encode(x)
@@ -298,8 +285,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             scores.append(mse_t.mean(1).numpy())
             psnr.append((10 * torch.log10(data_range.view(1, -1) ** 2 / mse_t.clamp_min(1e-20))).numpy())
             ssim.append(gaussian_ssim(x.double(), x_hat.double(), data_range).numpy())
-            if sum(len(s) for s in shown_true) < args.show:
-                need = args.show - sum(len(s) for s in shown_true)
+            if sum(len(s) for s in shown_true) < show:
+                need = show - sum(len(s) for s in shown_true)
                 shown_true.append(true_img[:need].float().numpy())
                 shown_reco.append(reco_img[:need].float().numpy())
                 shown_labels.append(batch["y"][:need].numpy())
@@ -337,7 +324,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     metrics = {
         "run_dir": str(run_dir.path),
-        "checkpoint": args.checkpoint,
+        "checkpoint": checkpoint,
         "data": os.path.abspath(data),
         "split": "test",
         "n_test_jets": int(n),
@@ -349,7 +336,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                           "test images per channel; SSIM uses an 11x11 Gaussian window (sigma 1.5), K1=0.01, K2=0.03. Both are "
                           "dominated by the empty background of sparse jets (SSIM stays near 1 for blurred jets): "
                           "read them beside the energy errors",
-        "latent": {**_latent_auc(latents, labels, args.seed), "pca_explained_variance_ratio": pca_ratio,
+        "latent": {**_latent_auc(latents, labels, seed), "pca_explained_variance_ratio": pca_ratio,
                    "latent_dim": int(latents.shape[1])},
         "anomaly_score": {
             "definition": "per-jet mean squared reconstruction error per pixel, transformed units",
@@ -361,12 +348,3 @@ def evaluate(args: argparse.Namespace) -> dict:
     write_json(out / files["metrics"], metrics)
     return metrics
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jetfast evaluate-vae", description=DESCRIPTION)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,6 @@ and torchrun are :mod:`jetfast.train.loop`'s.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -30,9 +29,6 @@ from jetfast.latent.codes import TEST, TRAIN, VAL, read_codes
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.run import GPT_README, RunDir
 from jetfast.train.loop import Stage, fit
-
-DESCRIPTION = "train the class-conditional Transformer over latent codes (stage 2)"
-
 
 @dataclass
 class GPTTraining:
@@ -247,59 +243,3 @@ def sequences(model_config, codes, labels, p_uncond: float = 0.0):
         class_tokens = torch.where(dropped, model_config.unconditional_token, class_tokens)
     inputs = torch.cat([class_tokens[:, None], targets[:, :-1]], dim=1)
     return inputs, targets
-
-
-# -- command line (until jetfast.cli takes it over) ---
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the VAE run directory the codes come from")
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--codes", default=None,
-                    help="codes file from `jetfast encode` (default: RUN_DIR/codes.h5)")
-    io.add_argument("--out", default=None, help="GPT run directory (default: RUN_DIR/gpt)")
-    io.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--d-model", type=int, default=256, help="width of the residual stream")
-    model.add_argument("--n-heads", type=int, default=8, help="attention heads (must divide --d-model)")
-    model.add_argument("--n-layers", type=int, default=4, help="Transformer blocks")
-    model.add_argument("--dropout", type=float, default=0.1, help="dropout in attention, MLP and embeddings")
-    model.add_argument("--tie-weights", action="store_true", help="share the output head with the code embedding")
-    model.add_argument("--p-uncond", type=float, default=0.1,
-                       help="probability of replacing the class token by the unconditional one")
-
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")
-    opt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    opt.add_argument("--batch-size", type=int, default=256, help="sequences per step (per process under torchrun)")
-    opt.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
-    opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr of the cosine decay, relative to --lr")
-    opt.add_argument("--warmup-steps", type=int, default=None,
-                     help="linear warm-up steps (default: 5%% of all steps, at most 1000)")
-    opt.add_argument("--weight-decay", type=float, default=0.1,
-                     help="AdamW weight decay of the matrices (never LayerNorm, biases or embeddings)")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    opt.add_argument("--patience", type=int, default=0,
-                     help="epochs without val improvement before stopping (0: never)")
-
-    from jetfast.train.common import add_execution_arguments
-
-    add_execution_arguments(parser, seed_help="seed for initialisation, shuffling and class dropout")
-
-
-def run(args: argparse.Namespace) -> int:
-    from jetfast.errors import CodesFileError
-    from jetfast.train.common import run_trainer
-
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    return run_trainer("train-gpt", lambda _: train_gpt(**options), args, (CodesFileError,))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jetfast train-gpt", description=DESCRIPTION)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

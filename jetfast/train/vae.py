@@ -9,7 +9,6 @@ the run directory is :mod:`jetfast.run`'s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -26,9 +25,6 @@ from jetfast.errors import InvalidArgument, JetFileError, RunDirError
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
 from jetfast.train.loop import Stage, fit
-
-DESCRIPTION = "train the stage-1 convolutional VAE on a jet file"
-
 
 @dataclass
 class VAETraining:
@@ -258,70 +254,3 @@ def _warn_if_unbalanced(path: str, n_used: int) -> None:
         share = ", ".join(f"y={v:g}: {c}" for v, c in zip(values, counts))
         print(f"jetfast train-vae: warning: the {n_used} jets used have unbalanced classes ({share}); "
               "if the file is sorted by class, use a shuffled copy or more jets", file=sys.stderr)
-
-
-# -- command line (until jetfast.cli takes it over) ---
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts like 32,64,128,256; got {text!r}")
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"channel counts must be positive; got {text!r}")
-    return widths
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--data", required=True, help="HDF5 jet file: X_jets (N,125,125,3) and y (N,)")
-    io.add_argument("--out", required=True, help="run directory to create (config, metrics, checkpoints, plots)")
-    io.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    io.add_argument("--max-jets", type=int, default=None, help="use only the first N jets of the file")
-    io.add_argument("--val-fraction", type=float, default=0.1, help="fraction of jets for validation")
-    io.add_argument("--test-fraction", type=float, default=0.1, help="fraction of jets held out for evaluation")
-    io.add_argument("--transform-jets", type=int, default=1000,
-                    help="training jets used to fit the intensity transform")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--latent-dim", type=int, default=128, help="latent dimensions")
-    model.add_argument("--widths", type=_widths, default=(32, 64, 128, 256),
-                       help="encoder channels per stride-2 stage (decoder mirrors them)")
-    model.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
-    model.add_argument("--recon", choices=("mse", "gaussian_nll"), default="mse",
-                       help="reconstruction term: squared error, or Gaussian NLL with learned per-channel variance")
-    model.add_argument("--kl-warmup-epochs", type=float, default=1.0,
-                       help="epochs over which the KL weight ramps linearly from 0 to --beta")
-
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
-    opt.add_argument("--batch-size", type=int, default=64, help="jets per step (per process under torchrun)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
-    opt.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW when > 0, else Adam)")
-    opt.add_argument("--grad-clip", type=float, default=5.0, help="clip the global gradient norm (0: off)")
-    opt.add_argument("--lr-patience", type=int, default=2, help="epochs without val improvement before halving the lr")
-    opt.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping (0: never)")
-
-    from jetfast.train.common import add_execution_arguments
-
-    run = add_execution_arguments(parser, seed_help="seed for the split, initialisation, shuffling and sampling")
-    run.add_argument("--loader-threads", type=int, default=None, help="decoding threads of the jet loader")
-
-
-def run(args: argparse.Namespace) -> int:
-    from jetfast.errors import JetFileError
-    from jetfast.train.common import run_trainer
-
-    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    return run_trainer("train-vae", lambda _: train_vae(**options), args, (JetFileError,))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jetfast train-vae", description=DESCRIPTION)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

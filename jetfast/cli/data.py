@@ -1,4 +1,4 @@
-"""``jetfast data generate``: simulate a quark/gluon jet-image file with Pythia 8."""
+"""``jetfast data generate``: simulate a quark/gluon jet-image file (:func:`jetfast.data.generate.generate_jets`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ example:
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def data_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--n", type=int, required=True, help="number of jets to write")
@@ -46,11 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_data_generate(args: argparse.Namespace) -> int:
     import dataclasses
     import signal
     import sys
     import time
+
+    import h5py
 
     from jetfast.data.detector import CMS_LIKE
     from jetfast.data.generate import generate_jets
@@ -65,29 +67,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         path = generate_jets(
-            args.n,
-            args.out,
-            quark_fraction=args.quark_fraction,
-            seed=args.seed,
-            workers=args.workers,
-            compression=args.compression,
-            pt_min=args.pt_min,
-            pt_max=args.pt_max,
-            eta_max=args.eta_max,
-            pthat_min_fraction=args.pthat_min_fraction,
-            chunk=args.chunk,
-            overwrite=args.overwrite,
-            detector=detector,
-            progress=not args.quiet,
+            args.n, args.out, quark_fraction=args.quark_fraction, seed=args.seed, workers=args.workers,
+            compression=args.compression, pt_min=args.pt_min, pt_max=args.pt_max, eta_max=args.eta_max,
+            pthat_min_fraction=args.pthat_min_fraction, chunk=args.chunk, overwrite=args.overwrite,
+            detector=detector, progress=not args.quiet,
         )
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"jetfast data generate: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - start
-    import h5py
-
     with h5py.File(path, "r") as f:
         events = int(f.attrs["events"])
         quarks = int(f["y"][:].sum())

@@ -1,4 +1,4 @@
-"""The end-to-end demo: simulate jets, train both stages, generate, evaluate.
+"""``jetfast demo``: simulate jets, train both stages, generate, evaluate.
 
 Every stage is the real command a user would run (``jetfast data generate``,
 ``train-vae``, ``fit-bins``, ``encode``, ``train-gpt``, ``generate``, ``evaluate``)
@@ -9,16 +9,24 @@ finished is skipped when the demo is run again (``--restart`` starts over).
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 STAGES = ("data", "train-vae", "fit-bins", "encode", "train-gpt", "generate", "evaluate")
 
 
-def add_arguments(parser) -> None:
+def _gpt_size(text: str) -> tuple[int, int, int]:
+    try:
+        d_model, heads, layers = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three integers d_model,heads,layers like 128,4,3; got {text!r}")
+    return d_model, heads, layers
+
+
+def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="demo directory (default ./demo)")
     parser.add_argument("--jets", type=int, default=4000, help="Pythia jets to simulate (default 4000)")
     parser.add_argument("--generate", type=int, default=2000, help="jets to generate (default 2000)")
@@ -26,7 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpt-epochs", type=int, default=8, help="Transformer epochs (default 8)")
     parser.add_argument("--latent-dim", type=int, default=128, help="latent dimensions = codes per jet (default 128)")
     parser.add_argument("--bins", type=int, default=256, help="bins per latent dimension (default 256)")
-    parser.add_argument("--gpt-size", default="128,4,3", help="Transformer d_model,heads,layers (default 128,4,3)")
+    parser.add_argument("--gpt-size", type=_gpt_size, default=(128, 4, 3), metavar="D_MODEL,HEADS,LAYERS",
+                        help="Transformer d_model,heads,layers (default 128,4,3)")
     parser.add_argument("--workers", type=int, default=None, help="Pythia worker processes (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--restart", action="store_true", help="delete the demo directory and start over")
@@ -34,6 +43,7 @@ def add_arguments(parser) -> None:
 
 def _stage(out: Path, name: str, argv: list[str], log: dict) -> None:
     from jetfast.cli import main
+    from jetfast.errors import UserError
 
     marker = out / f".done-{name}"
     if marker.exists():
@@ -42,20 +52,27 @@ def _stage(out: Path, name: str, argv: list[str], log: dict) -> None:
     print(f"\n[demo] {name}: jetfast {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     code = main(argv)
+    if code == 130:
+        raise KeyboardInterrupt
     if code:
-        raise SystemExit(f"[demo] {name} failed (exit {code}); fix the cause and run the demo again to continue")
+        raise UserError(f"the {name} stage failed (exit {code}); fix the cause and run the demo again to continue")
     seconds = time.perf_counter() - start
     log[name] = round(seconds, 1)
     marker.write_text(f"{seconds:.1f} s\n")
     print(f"[demo] {name}: {seconds:.0f} s", flush=True)
 
 
-def run(args) -> int:
+def run_demo(args: argparse.Namespace) -> int:
+    from jetfast.errors import InvalidArgument
+
+    for option in ("jets", "generate", "vae_epochs", "gpt_epochs", "latent_dim", "bins"):
+        if getattr(args, option) < 1:
+            raise InvalidArgument(f"--{option.replace('_', '-')} must be at least 1; got {getattr(args, option)}")
     out = Path(args.out)
     if args.restart and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    d_model, heads, layers = (int(v) for v in args.gpt_size.split(","))
+    d_model, heads, layers = args.gpt_size
     data, run_dir, codes = out / "jets.h5", out / "run", out / "codes.h5"
     generated, report = out / "generated.h5", out / "report"
     seed = str(args.seed)
@@ -84,10 +101,3 @@ def run(args) -> int:
     print(f"[demo] the report: {report / 'report.md'}  (plots in {report / 'plots'})")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="jetfast demo", description=__doc__)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

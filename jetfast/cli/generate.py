@@ -1,0 +1,59 @@
+"""``jetfast generate``: sample new jets from a trained run (:func:`jetfast.generate.generate`)."""
+
+from __future__ import annotations
+
+import argparse
+
+GENERATE_EPILOG = (
+    "Under torchrun (torchrun --nproc-per-node W -m jetfast.cli generate RUN --num-jets N --out OUT), each rank "
+    "writes OUT.rank{r}-of-{W}.h5 and rank 0 writes OUT as a virtual dataset over them."
+)
+
+
+def generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from jetfast.data.format import CLASS_NAMES
+
+    parser.add_argument("run_dir", help="a trained run: VAE (train-vae), bins.npz (fit-bins) and gpt/ (train-gpt)")
+    # --num-jets is the spelling to use under torchrun, whose own parser mistakes --n for its --nnodes/--nproc-per-node.
+    parser.add_argument("--n", "--num-jets", dest="n", type=int, required=True, help="number of jets to generate (in total, across ranks)")
+    parser.add_argument("--out", required=True, help="output HDF5 file, in the input layout (X_jets, y, pt, m0)")
+    parser.add_argument("--cls", choices=(*CLASS_NAMES.values(), "mix", "unconditional"), default="mix",
+                        help="class of the jets: quark, gluon, a 50/50 mix (default), or unconditional")
+    parser.add_argument("--batch-size", type=int, default=256, help="jets per block (memory and resume granularity; default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="master seed (default 0); the same seed gives the same file")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--zero-suppress", action="store_true",
+                        help="zero every pixel below the smallest deposit seen in training, as the detector does "
+                             "(off by default: a briefly trained VAE spreads energy thinly and would lose most of it)")
+    parser.add_argument("--gpt-dir", default=None, help="Transformer run directory (default RUN_DIR/gpt)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most probable codes")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    parser.epilog = GENERATE_EPILOG
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from jetfast.generate import StageTimes, generate
+
+    sampling = {"temperature": args.temperature}
+    if args.top_k is not None:
+        sampling["top_k"] = args.top_k
+    if args.top_p is not None:
+        sampling["top_p"] = args.top_p
+    start = time.perf_counter()
+    times = StageTimes()
+    out = generate(
+        args.run_dir, args.n, args.out, cls=args.cls, batch_size=args.batch_size, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite, zero_suppress=args.zero_suppress, gpt_dir=args.gpt_dir, device=args.device,
+        times=times, **sampling,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        seconds = time.perf_counter() - start
+        shares = ", ".join(f"{stage} {share:.0%}" for stage, share in times.shares().items())
+        print(f"wrote {args.n} jets to {out} in {seconds:.1f} s ({args.n / seconds:.1f} jets/s; {shares})")
+    return 0

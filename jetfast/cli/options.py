@@ -1,0 +1,25 @@
+"""Option groups that several commands share, defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def execution_arguments(parser: argparse.ArgumentParser, seed_help: str):
+    """The options every trainer has: seed, torch threads, progress bar."""
+    group = parser.add_argument_group("execution")
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    return group
+
+
+def encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a VAE run's encoder over its jets (fit-bins, encode)."""
+    parser.add_argument("--batch-size", type=int, default=256, help="jets per encoder batch (default: %(default)s)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which VAE checkpoint to use (default: %(default)s)")
+    parser.add_argument("--report-jets", type=int, default=512,
+                        help="jets decoded twice, from mu and from the codes, to measure the image change (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device for the VAE (default: cuda if available, else cpu)")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
