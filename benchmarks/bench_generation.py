@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from jetfast.data.transforms import IntensityTransform
-from jetfast.generate import StageTimes, generate_file
+from jetfast.generation.writer import StageTimes, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import save_checkpoint

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from jetfast.models.gpt import GPT, GPTConfig
-from jetfast.sampling import sample
+from jetfast.generation.sampler import sample
 
 CONFIG = GPTConfig(vocab_size=256, seq_len=128, d_model=256, n_heads=8, n_layers=4, dropout=0.0)
 BATCH = 512

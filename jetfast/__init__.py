@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize": ("jetfast.ops", "quantize"),
     "dequantize": ("jetfast.ops", "dequantize"),
-    "sample": ("jetfast.sampling", "sample"),
+    "sample": ("jetfast.generation.sampler", "sample"),
     "fit_bins": ("jetfast.bins", "fit_bins"),
     "JetLoader": ("jetfast.data.loader", "JetLoader"),
 }

@@ -280,9 +280,9 @@ def inertia(latents, centers, chunk_rows: int = 65536) -> np.ndarray:
     return total
 
 
-def quantisation_error(latents, centers) -> dict:
+def quantization_error(latents, centers) -> dict:
     """RMS of z - dequantize(quantize(z)) per dimension, absolute and relative to the std of z."""
-    latents = as_latents(latents, "quantisation_error")
+    latents = as_latents(latents, "quantization_error")
     n = max(1, latents.shape[0])
     rms = np.sqrt(inertia(latents, centers) / n)
     std = latents.astype(np.float64).std(axis=0)

@@ -18,18 +18,18 @@ def jet_images(n: int, seed: int = 0, size: int = 125) -> tuple[np.ndarray, np.n
     images = np.zeros((n, size, size, 3), np.float32)
     labels = (np.arange(n) % 2).astype(np.float32)
     rng.shuffle(labels)
-    centre = size // 2
+    center = size // 2
     for i in range(n):
         width = 4.0 if labels[i] == 1 else 7.0  # "quarks" narrower than "gluons"
         count = rng.integers(10, 40) if labels[i] == 1 else rng.integers(20, 70)
         for channel in (0, 1):
-            rows = np.clip(np.round(rng.normal(centre, width, count)), 0, size - 1).astype(int)
-            cols = np.clip(np.round(rng.normal(centre, width, count)), 0, size - 1).astype(int)
+            rows = np.clip(np.round(rng.normal(center, width, count)), 0, size - 1).astype(int)
+            cols = np.clip(np.round(rng.normal(center, width, count)), 0, size - 1).astype(int)
             np.add.at(images[i, :, :, channel], (rows, cols), rng.exponential(2.0, count).astype(np.float32))
         towers = rng.integers(3, 10)
         for _ in range(towers):
-            r0 = int(np.clip(rng.normal(centre, width), 0, size - 5)) // 5 * 5
-            c0 = int(np.clip(rng.normal(centre, width), 0, size - 5)) // 5 * 5
+            r0 = int(np.clip(rng.normal(center, width), 0, size - 5)) // 5 * 5
+            c0 = int(np.clip(rng.normal(center, width), 0, size - 5)) // 5 * 5
             images[i, r0 : r0 + 5, c0 : c0 + 5, 2] += np.float32(rng.exponential(3.0) / 25.0)
     return images, labels
 

@@ -220,12 +220,12 @@ def test_deterministic_and_independent_of_threads(rng):
     np.testing.assert_array_equal(one, bins.fit_bins(latents.astype(np.float64), num_bins=37))
 
 
-def test_inertia_and_quantisation_error_match_brute_force(rng):
+def test_inertia_and_quantization_error_match_brute_force(rng):
     latents = rng.normal(size=(999, 4)).astype(np.float32) * np.array([1, 2, 0.5, 3], np.float32)
     centers = np.sort(rng.normal(size=(4, 11)).astype(np.float32), axis=1)
     expected = np.array([reference_inertia(latents[:, d], centers[d]) for d in range(4)])
     np.testing.assert_allclose(bins.inertia(latents, centers, chunk_rows=100), expected, rtol=1e-9)
-    error = bins.quantisation_error(latents, centers)
+    error = bins.quantization_error(latents, centers)
     np.testing.assert_allclose(error["rms"], np.sqrt(expected / 999), rtol=1e-9)
     np.testing.assert_allclose(error["relative_rms"], error["rms"] / latents.astype(np.float64).std(axis=0), rtol=1e-9)
 

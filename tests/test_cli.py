@@ -80,10 +80,10 @@ def test_trainer_options_are_the_dataclass_fields():
 @pytest.mark.parametrize("name, function, renamed", [
     ("fit-bins", "jetfast.latent.fit:fit_run_bins", {}),
     ("encode", "jetfast.latent.encode:encode_run", {}),
-    ("evaluate-vae", "jetfast.evaluate.vae_report:evaluate_vae", {}),
-    ("generate", "jetfast.generate:generate_file", {}),
+    ("evaluate-vae", "jetfast.evaluate.vae:evaluate_vae", {}),
+    ("generate", "jetfast.generation.writer:generate_file", {}),
     ("evaluate", "jetfast.evaluate.report:evaluate", {"threshold": "thresholds", "no_plots": "plots"}),
-    ("data generate", "jetfast.data.generate:generate_jets", {"quiet": "progress"}),
+    ("data generate", "jetfast.sim.simulate:generate_jets", {"quiet": "progress"}),
 ])
 def test_command_defaults_are_the_library_defaults(name, function, renamed):
     import importlib
@@ -108,7 +108,7 @@ def test_choices_spelled_in_the_command_line_are_the_library_ones():
     from jetfast.cli.evaluate import DEFAULT_THRESHOLDS
     from jetfast.cli.latent import BIN_METHODS
     from jetfast.evaluate import observables
-    from jetfast.generate import _CLASS_CHOICES
+    from jetfast.generation.writer import _CLASS_CHOICES
     from jetfast.models.vae import RECON_KINDS
 
     assert BIN_METHODS == bins.METHODS

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 from jetfast.errors import JetFileError
-from jetfast.data.kinematics import CELL_SIZE, cell_centres, jet_pt_mass
+from jetfast.data.kinematics import CELL_SIZE, cell_centers, jet_pt_mass
 from jetfast.evaluate import metrics
 from jetfast.evaluate.observables import (
     CORE_RADII,
@@ -21,11 +21,12 @@ from jetfast.evaluate.observables import (
     compute_observables,
     radial_profile,
 )
-from jetfast.evaluate.report import evaluate, read_jets
+from jetfast.evaluate.reader import read_jets
+from jetfast.evaluate.report import evaluate
 from tests.jetfiles import jet_images, write_jet_file
 
 C = 62  # the central pixel: the jet axis
-COORDS = cell_centres()
+COORDS = cell_centers()
 
 
 def _dr(i, j):
@@ -123,7 +124,7 @@ def test_random_images_against_per_jet_reference(rng):
     images = (rng.random((n, size, size, 3)) < 0.1) * rng.exponential(2.0, (n, size, size, 3))
     images = images.astype(np.float32)
     obs = compute_observables(images, with_profile=True)
-    coords = cell_centres(size, CELL_SIZE)
+    coords = cell_centers(size, CELL_SIZE)
     dr = np.hypot(coords[:, None], coords[None, :])
     pt, mass = jet_pt_mass(images)
     np.testing.assert_allclose(obs["pt"], pt, rtol=1e-5)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jetfast.data.transforms import IntensityTransform
-from jetfast.generate import JetGenerator, generate_file
+from jetfast.generation.writer import JetGenerator, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import save_checkpoint
@@ -98,7 +98,7 @@ def test_refuses_to_clobber_and_checks_arguments(run_dir, tmp_path):
         JetGenerator(tmp_path)
     # A partial written with other settings is not silently continued.
     partial = tmp_path / "c.h5.partial"
-    from jetfast.generate import _create_partial
+    from jetfast.generation.writer import _create_partial
 
     _create_partial(partial, 3, {"seed": 99}).close()
     with pytest.raises(ValueError, match="other settings"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
-from jetfast.sampling import sample
+from jetfast.generation.sampler import sample
 from jetfast.cli import main
 
 
@@ -24,12 +24,12 @@ def tiny_model(seed=0, **overrides) -> GPT:
     return GPT(GPTConfig(**config)).eval()
 
 
-def write_codes_file(path, n=600, dims=8, num_bins=256, seed=0, quark_centre=50, gluon_centre=200, **replace):
-    """Synthetic codes: quark (y=1) codes near ``quark_centre``, gluon (y=0) near ``gluon_centre``."""
+def write_codes_file(path, n=600, dims=8, num_bins=256, seed=0, quark_center=50, gluon_center=200, **replace):
+    """Synthetic codes: quark (y=1) codes near ``quark_center``, gluon (y=0) near ``gluon_center``."""
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.5).astype(np.float32)
-    centre = np.where(y == 1, quark_centre, gluon_centre)[:, None]
-    codes = np.clip(centre + rng.integers(-6, 7, (n, dims)), 0, num_bins - 1).astype(np.uint8)
+    center = np.where(y == 1, quark_center, gluon_center)[:, None]
+    codes = np.clip(center + rng.integers(-6, 7, (n, dims)), 0, num_bins - 1).astype(np.uint8)
     split = rng.choice(np.array([0] * 8 + [1, 2], np.uint8), n)
     datasets = {"codes": codes, "y": y, "split": split, "index": np.arange(n, dtype=np.int64)}
     datasets.update(replace)
@@ -281,7 +281,7 @@ def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):
 )
 def test_train_gpt_bad_codes_files_are_clear_errors(tmp_path, capsys, replace, match):
     num_bins = 100 if "codes" in replace else 256
-    write_codes_file(tmp_path / "codes.h5", n=60, num_bins=num_bins, quark_centre=20, gluon_centre=70, **replace)
+    write_codes_file(tmp_path / "codes.h5", n=60, num_bins=num_bins, quark_center=20, gluon_center=70, **replace)
     assert run_train(tmp_path, "--epochs", "1", *TINY) == 2
     err = capsys.readouterr().err
     assert "jetfast train-gpt: error:" in err

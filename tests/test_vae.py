@@ -316,7 +316,7 @@ def test_jetfast_cli_lists_vae_commands(command):
 def test_gaussian_ssim_against_numpy_reference(rng):
     from scipy.ndimage import correlate1d
 
-    from jetfast.evaluate.vae_report import gaussian_ssim
+    from jetfast.evaluate.vae import gaussian_ssim
 
     x = rng.normal(size=(2, 3, 23, 31))
     y = x + rng.normal(scale=0.5, size=x.shape)

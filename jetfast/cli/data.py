@@ -1,4 +1,4 @@
-"""``jetfast data generate``: simulate a quark/gluon jet-image file (:func:`jetfast.data.generate.generate_jets`)."""
+"""``jetfast data generate``: simulate a quark/gluon jet-image file (:func:`jetfast.sim.simulate.generate_jets`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ EPILOG = """\
 Quark jets come from HardQCD:qq2qq + qqbar2qqbarNew, gluon jets from HardQCD:gg2gg +
 qqbar2gg (pp at 13 TeV, MPI and hadronisation on); anti-kT R=0.4 jets (FastJet) are
 labelled by the hard parton within Delta R < 0.4 and imaged by a CMS-like detector
-model (see jetfast/data/detector.py). The same --seed and --n give the same file
+model (see jetfast/sim/detector.py). The same --seed and --n give the same file
 whatever --workers is. Please cite Pythia 8.3 (SciPost Phys. Codebases 8 (2022)) and
 FastJet (EPJC 72 (2012) 1896) when you use these files.
 
@@ -54,8 +54,8 @@ def run_data_generate(args: argparse.Namespace) -> int:
 
     import h5py
 
-    from jetfast.data.detector import CMS_LIKE
-    from jetfast.data.generate import generate_jets
+    from jetfast.sim.detector import CMS_LIKE
+    from jetfast.sim.simulate import generate_jets
 
     def terminate(signum, frame):
         # Unwind normally on `kill` so the temporary file is removed.

@@ -37,7 +37,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jetfast.errors import InvalidArgument, RunDirError
-    from jetfast.evaluate.report import evaluate, plus_minus
+    from jetfast.evaluate.render import plus_minus
+    from jetfast.evaluate.report import evaluate
     from jetfast.run import RunDir, load_split
 
     if args.out is None and args.run is None:

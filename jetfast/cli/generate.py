@@ -1,4 +1,4 @@
-"""``jetfast generate``: sample new jets from a trained run (:func:`jetfast.generate.generate`)."""
+"""``jetfast generate``: sample new jets from a trained run (:func:`jetfast.generation.writer.generate`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from jetfast.generate import StageTimes, generate
+    from jetfast.generation.writer import StageTimes, generate
 
     sampling = {"temperature": args.temperature}
     if args.top_k is not None:

@@ -1,5 +1,5 @@
 """``jetfast train-vae`` (:func:`jetfast.train.vae.train_vae`) and ``jetfast evaluate-vae``
-(:func:`jetfast.evaluate.vae_report.evaluate_vae`)."""
+(:func:`jetfast.evaluate.vae.evaluate_vae`)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def evaluate_vae_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate_vae(args: argparse.Namespace) -> int:
     from jetfast.data.format import CHANNELS
-    from jetfast.evaluate.vae_report import evaluate_vae
+    from jetfast.evaluate.vae import evaluate_vae
 
     metrics = evaluate_vae(args.run_dir, data=args.data, out=args.out, max_jets=args.max_jets,
                            checkpoint=args.checkpoint, batch_size=args.batch_size, show=args.show, seed=args.seed,

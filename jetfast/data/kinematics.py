@@ -20,7 +20,7 @@ CELL_SIZE = 0.0174  # (eta, phi) width of one pixel, as in the CMS ECAL barrel
 CALORIMETER_CHANNELS = (1, 2)
 
 
-def cell_centres(size: int = IMAGE_SIZE, cell: float = CELL_SIZE) -> np.ndarray:
+def cell_centers(size: int = IMAGE_SIZE, cell: float = CELL_SIZE) -> np.ndarray:
     """Cell-centre coordinates relative to the jet axis (the central pixel)."""
     return (np.arange(size, dtype=np.float64) - (size - 1) / 2.0) * cell
 
@@ -31,7 +31,7 @@ def jet_pt_mass(images: np.ndarray, channels=CALORIMETER_CHANNELS, cell: float =
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"expected images of shape (N, H, H, 3); got {images.shape}")
     et = images[..., list(channels)].sum(-1, dtype=np.float64)  # (N, H, W)
-    coords = cell_centres(images.shape[1], cell)
+    coords = cell_centers(images.shape[1], cell)
     eta = coords[:, None]  # rows are eta
     phi = coords[None, :]  # columns are phi
     px = np.einsum("nij,ij->n", et, np.broadcast_to(np.cos(phi), et.shape[1:]))

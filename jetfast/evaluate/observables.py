@@ -4,7 +4,7 @@ Every observable is computed from images (N, 125, 125, 3) in GeV, channels last
 [Tracks, ECAL, HCAL], fully vectorised over jets so that 100k jets take seconds.
 
 Geometry. The images are centred on the jet axis, so distances are taken from the
-image centre: pixel (i, j) sits at (eta, phi) = cell_centres()[i], cell_centres()[j]
+image centre: pixel (i, j) sits at (eta, phi) = cell_centers()[i], cell_centers()[j]
 relative to the axis, and dR = hypot(eta, phi). Energy-flow observables (pT, mass,
 girth, radial profile, leading-pixel fraction) use the calorimeter transverse energy
 ECAL + HCAL, the same pixels as :func:`jetfast.data.kinematics.jet_pt_mass`; Tracks
@@ -37,7 +37,7 @@ from functools import lru_cache
 import numpy as np
 
 from jetfast.data.format import CHANNELS
-from jetfast.data.kinematics import CELL_SIZE, cell_centres
+from jetfast.data.kinematics import CELL_SIZE, cell_centers
 
 DEFAULT_THRESHOLDS = (1e-3, 1e-3, 4e-5)  # GeV per pixel for (Tracks, ECAL, HCAL)
 CORE_RADII = (0.05, 0.1, 0.2)  # dR of the "fraction of pT within" observables
@@ -68,7 +68,7 @@ def _pixel_weights(size: int, cell: float, edges: tuple[float, ...]) -> np.ndarr
     energy-flow observable is linear in the pixel pT, so one matrix product of the
     flattened calorimeter images with this matrix gives them all in a single pass.
     """
-    coords = cell_centres(size, cell)
+    coords = cell_centers(size, cell)
     eta, phi = np.meshgrid(coords, coords, indexing="ij")  # rows are eta, columns are phi
     eta, phi = eta.ravel(), phi.ravel()
     dr = np.hypot(eta, phi)

@@ -1,7 +1,7 @@
 """Quark and gluon jets from Pythia 8: events, FastJet clustering, parton labels.
 
 One :class:`JetSource` is one Pythia instance (pp at 13 TeV, hadronisation and
-multi-parton interactions on) that produces jets of one flavour only:
+multi-parton interactions on) that produces jets of one flavor only:
 
 * quark jets from ``HardQCD:qq2qq`` and ``HardQCD:qqbar2qqbarNew``;
 * gluon jets from ``HardQCD:gg2gg`` and ``HardQCD:qqbar2gg``.
@@ -9,8 +9,8 @@ multi-parton interactions on) that produces jets of one flavour only:
 Jets are anti-kT R = 0.4 on the visible final state (no neutrinos). Of each event
 the two leading jets are candidates; a candidate is kept when it lies in the pT
 window and |eta| < eta_max and one outgoing hard parton (|status| = 23) of the
-requested flavour lies within Delta R < 0.4 of it. Unmatched or wrong-flavour
-jets are dropped, so every label is the flavour of the parton that made the jet.
+requested flavor lies within Delta R < 0.4 of it. Unmatched or wrong-flavor
+jets are dropped, so every label is the flavor of the parton that made the jet.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def select_jets(jets: Jets, partons, quark: bool, selection: JetSelection) -> np
     """Indices of the leading jets that pass the window and match a parton of the flavour.
 
     Each jet takes its nearest hard parton within MATCH_RADIUS; a parton labels at
-    most one jet. A jet whose nearest parton has the other flavour is dropped.
+    most one jet. A jet whose nearest parton has the other flavor is dropped.
     """
     parton_id, parton_eta, parton_phi = partons
     kept = []
@@ -297,10 +297,10 @@ def select_jets(jets: Jets, partons, quark: bool, selection: JetSelection) -> np
         nearest = int(np.argmin(distance))
         if distance[nearest] >= MATCH_RADIUS or nearest in used:
             continue
-        flavour_is_quark = bool(is_quark(parton_id[nearest]))
-        if parton_id[nearest] != 21 and not flavour_is_quark:
+        flavor_is_quark = bool(is_quark(parton_id[nearest]))
+        if parton_id[nearest] != 21 and not flavor_is_quark:
             continue
-        if flavour_is_quark != quark:
+        if flavor_is_quark != quark:
             continue
         used.add(nearest)
         kept.append(j)

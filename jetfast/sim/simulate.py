@@ -5,7 +5,7 @@ is fixed up front (a seeded shuffle of round(N * quark_fraction) quarks and the
 rest gluons), and each unit reseeds Pythia and the detector from (seed, unit), so
 the file depends on the seed and N only, not on how many workers ran. Worker
 processes (started with 'spawn': no HDF5 handle is ever inherited) keep one
-initialised Pythia per flavour and simulate units; the parent writes the units in
+initialised Pythia per flavor and simulate units; the parent writes the units in
 order as they arrive, whole chunks at a time, into ``FILE.tmp-<pid>`` and renames
 it to ``FILE`` only when every jet is in. A failed or interrupted run leaves no
 file under the final name.
@@ -22,10 +22,10 @@ import signal
 
 import numpy as np
 
-from jetfast.data.detector import CMS_LIKE, Detector
+from jetfast.sim.detector import CMS_LIKE, Detector
 from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, QUARK
 from jetfast.errors import InvalidArgument
-from jetfast.data.pythia import (
+from jetfast.sim.pythia import (
     PARTICLE_ETA_MARGIN,
     JetSelection,
     JetSource,
@@ -64,7 +64,7 @@ def generate_jets(
     ``X_jets`` (n,125,125,3) float32 [Tracks, ECAL, HCAL] in GeV, ``y`` (1 = quark,
     0 = gluon), ``pt`` and ``m0`` (FastJet jet pT and mass, GeV), and attributes with
     every generator setting, the library versions and the seed. ``pthat_min_fraction``
-    trades a few low-pT jets for speed (see :class:`jetfast.data.pythia.JetSelection`).
+    trades a few low-pT jets for speed (see :class:`jetfast.sim.pythia.JetSelection`).
     """
     out = pathlib.Path(out)
     selection = JetSelection(
@@ -254,7 +254,7 @@ def _source(quark: bool, selection: JetSelection):
 def simulate_unit(index: int, seed: int, labels: np.ndarray, selection: JetSelection, detector: Detector) -> dict:
     """Simulate the jets of one work unit, in the order of ``labels``.
 
-    Pythia and the detector are reseeded from (seed, index, flavour), so the result
+    Pythia and the detector are reseeded from (seed, index, flavor), so the result
     does not depend on which process runs the unit or what it ran before.
     """
     labels = np.asarray(labels, np.float32)
@@ -266,17 +266,17 @@ def simulate_unit(index: int, seed: int, labels: np.ndarray, selection: JetSelec
         "m0": np.zeros(k, np.float32),
         "events": 0,
     }
-    for flavour in (QUARK, 1 - QUARK):
-        slots = np.flatnonzero(labels == flavour)
+    for flavor in (QUARK, 1 - QUARK):
+        slots = np.flatnonzero(labels == flavor)
         if slots.size == 0:
             continue
-        sequence = np.random.SeedSequence([seed, index, flavour])
+        sequence = np.random.SeedSequence([seed, index, flavor])
         pythia_seq, detector_seq = sequence.spawn(2)
-        source = _source(flavour == QUARK, selection)
+        source = _source(flavor == QUARK, selection)
         source.reseed(pythia_seed(pythia_seq))
         rng = np.random.default_rng(detector_seq)
         filled = 0
-        for image, pt, mass, events in flavour_jets(source, detector, rng):
+        for image, pt, mass, events in flavor_jets(source, detector, rng):
             slot = slots[filled]
             out["X_jets"][slot], out["pt"][slot], out["m0"][slot] = image, pt, mass
             out["events"] += events
@@ -286,7 +286,7 @@ def simulate_unit(index: int, seed: int, labels: np.ndarray, selection: JetSelec
     return out
 
 
-def flavour_jets(source, detector: Detector, rng):
+def flavor_jets(source, detector: Detector, rng):
     """Yield (image, jet pt, jet mass, events used) for accepted jets of the source's flavour, forever."""
     selection = source.selection
     events = accepted = 0

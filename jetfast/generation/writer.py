@@ -29,13 +29,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+import jetfast
 from jetfast import distributed
 from jetfast.bins import load_bins
 from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, IMAGE_SIZE, QUARK
+from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
+from jetfast.generation.sampler import sample
+from jetfast.models.gpt import load_gpt
+from jetfast.models.vae import load_vae
+from jetfast.ops import dequantize
 from jetfast.run import RunDir
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
@@ -65,9 +73,6 @@ class JetGenerator:
     """
 
     def __init__(self, run_dir, gpt_dir=None, device=None):
-        from jetfast.models.gpt import load_gpt
-        from jetfast.models.vae import load_vae
-
         run = RunDir(run_dir)
         self.run_dir = run.path
         if not run.path.is_dir():
@@ -92,9 +97,6 @@ class JetGenerator:
     def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, zero_suppress: bool = False,
              **sampling) -> np.ndarray:
         """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional)."""
-        from jetfast import dequantize
-        from jetfast.sampling import sample
-
         times = times or StageTimes()
         start = time.perf_counter()
         codes = sample(self.gpt, len(labels), cls=labels, seed=seed, batch_size=max(1, len(labels)), device=self.device, **sampling)
@@ -145,8 +147,6 @@ def _settings(run_dir, n, cls, batch_size, seed, rank, world, zero_suppress, sam
 
 
 def _create_partial(path: Path, n: int, settings: dict):
-    import h5py
-
     f = h5py.File(path, "w", libver="latest")
     f.create_dataset(
         "X_jets", shape=(n, IMAGE_SIZE, IMAGE_SIZE, len(CHANNELS)), dtype=np.float32,
@@ -167,8 +167,6 @@ def _open_partial(path: Path, settings: dict):
     HDF5 refuses to open it for writing again; it still reads consistently, so the
     finished blocks are copied into a fresh partial file, which replaces the old one.
     """
-    import h5py
-
     try:
         f = h5py.File(path, "r+", libver="latest")
     except OSError:
@@ -211,16 +209,12 @@ def _check_settings(f, path: Path, settings: dict) -> None:
 
 
 def _finish(partial: Path, final: Path) -> None:
-    import h5py
-
     with h5py.File(partial, "r+") as f:
         settings = json.loads(f.attrs["jetfast_generate"])
         del f["blocks_done"]
         f.attrs["generator"] = "jetfast generate"
         f.attrs["label_meaning"] = "y = 1 quark, 0 gluon, -1 unconditional"
         f.attrs["settings"] = json.dumps(settings, sort_keys=True)
-        import jetfast
-
         f.attrs["jetfast_version"] = jetfast.__version__
     os.replace(partial, final)
 
@@ -249,10 +243,6 @@ def generate_file(
 
     Returns the path written. See the module docstring for resuming and sharding.
     """
-    from tqdm.auto import tqdm
-
-    from jetfast.data.kinematics import jet_pt_mass
-
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise InvalidArgument(f"n must be a positive number of jets; got {n!r}")
     if cls not in _CLASS_CHOICES:
@@ -304,8 +294,6 @@ def generate_file(
 
 def write_virtual_dataset(out: Path, shards: list[Path]) -> Path:
     """Write ``out`` as an HDF5 virtual dataset concatenating the shards along N."""
-    import h5py
-
     sizes, shapes = [], {}
     for shard in shards:
         with h5py.File(shard, "r") as f:

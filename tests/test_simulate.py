@@ -12,16 +12,16 @@ import pytest
 pytest.importorskip("pythia8mc")
 pytest.importorskip("fastjet")
 
-from jetfast.data import generate as gen  # noqa: E402
-from jetfast.data.detector import CMS_LIKE, ECAL, HCAL, TRACKS, Detector  # noqa: E402
-from jetfast.data.kinematics import CELL_SIZE, cell_centres, jet_pt_mass  # noqa: E402
-from jetfast.data.pythia import Jets, JetSelection, Particles, cluster_jets, delta_r, select_jets  # noqa: E402
+from jetfast.sim import simulate as sim  # noqa: E402
+from jetfast.sim.detector import CMS_LIKE, ECAL, HCAL, TRACKS, Detector  # noqa: E402
+from jetfast.data.kinematics import CELL_SIZE, cell_centers, jet_pt_mass  # noqa: E402
+from jetfast.sim.pythia import Jets, JetSelection, Particles, cluster_jets, delta_r, select_jets  # noqa: E402
 from tests.seeds import seed_of  # noqa: E402
 
 EXACT = dataclasses.replace(CMS_LIKE, smear=False)
-CENTRE = 62
+CENTER = 62
 # This module's seed in the session (failures print it; the header says how to replay it).
-SEED = seed_of("tests/test_generate.py") % 100_000
+SEED = seed_of("tests/test_simulate.py") % 100_000
 
 
 def particle(pdgid, pt, deta, dphi, jet_eta=0.3, jet_phi=1.0, charge=0.0, mass=0.0):
@@ -56,9 +56,9 @@ def test_axis_falls_in_central_pixel_and_phi_wraps():
     parts["phi"] = [-np.pi + 0.03]
     image = render(EXACT, parts, jet_phi=np.pi - 0.02)
     col = int(np.floor(0.05 / CELL_SIZE + 62.5))
-    assert image[CENTRE, col, ECAL] > 0 and np.count_nonzero(image) == 1
-    centred = render(EXACT, particle(22, 8.0, 0.4 * CELL_SIZE, -0.4 * CELL_SIZE))
-    assert centred[CENTRE, CENTRE, ECAL] > 0
+    assert image[CENTER, col, ECAL] > 0 and np.count_nonzero(image) == 1
+    centered = render(EXACT, particle(22, 8.0, 0.4 * CELL_SIZE, -0.4 * CELL_SIZE))
+    assert centered[CENTER, CENTER, ECAL] > 0
 
 
 def test_neutral_hadron_fills_one_hcal_tower_with_et_over_25():
@@ -137,7 +137,7 @@ def test_noise_only_image_has_the_expected_rate_of_hits():
     assert abs(rate - expected) < 5 * np.sqrt(expected / images[..., ECAL].size), (rate, expected, SEED)
     lit = images[..., ECAL] > 0
     # a hit holds at least the threshold energy, as E_T at its row's eta
-    row_eta = 0.7 + cell_centres()
+    row_eta = 0.7 + cell_centers()
     assert (images[..., ECAL] * np.cosh(row_eta)[None, :, None] >= CMS_LIKE.ecal_threshold * (1 - 1e-5))[lit].all()
     hcal_rate = np.count_nonzero(images[..., HCAL]) / images[..., HCAL].size
     assert hcal_rate < 0.01
@@ -203,7 +203,7 @@ N_JETS = 224
 @pytest.fixture(scope="module")
 def jet_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "jets.h5"
-    gen.generate_jets(N_JETS, path, quark_fraction=0.5, seed=SEED, workers=2, progress=False)
+    sim.generate_jets(N_JETS, path, quark_fraction=0.5, seed=SEED, workers=2, progress=False)
     with h5py.File(path, "r") as f:
         data = {key: f[key][:] for key in ("X_jets", "y", "pt", "m0")}
         data["attrs"] = dict(f.attrs)
@@ -246,8 +246,8 @@ def test_pixels_physical(jet_file):
 
 def test_image_kinematics_match_fastjet_jet(jet_file):
     images, pt, m0 = jet_file["X_jets"], jet_file["pt"], jet_file["m0"]
-    centres = cell_centres()
-    cone = (np.hypot(centres[:, None], centres[None, :]) < 0.4)[None, :, :, None]
+    centers = cell_centers()
+    cone = (np.hypot(centers[:, None], centers[None, :]) < 0.4)[None, :, :, None]
     pt_image, m_image = jet_pt_mass(images * cone)
     assert 0.9 < np.median(pt_image / pt) < 1.1
     assert np.corrcoef(pt_image, pt)[0, 1] > 0.8
@@ -257,8 +257,8 @@ def test_image_kinematics_match_fastjet_jet(jet_file):
 
 def test_gluon_jets_wider_and_busier_than_quark_jets(jet_file):
     images, y = jet_file["X_jets"], jet_file["y"]
-    centres = cell_centres()
-    radius = np.hypot(centres[:, None], centres[None, :])
+    centers = cell_centers()
+    radius = np.hypot(centers[:, None], centers[None, :])
     energy = images.sum(-1)
     girth = (energy * radius).sum((1, 2)) / energy.sum((1, 2))
     lit = np.count_nonzero(images, axis=(1, 2, 3))
@@ -270,8 +270,8 @@ def test_gluon_jets_wider_and_busier_than_quark_jets(jet_file):
 def test_same_seed_same_file_whatever_the_workers(tmp_path):
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     settings = dict(quark_fraction=0.3, seed=SEED + 1, compression="gzip", chunk=7, progress=False)
-    gen.generate_jets(37, one, workers=1, **settings)
-    gen.generate_jets(37, two, workers=2, **settings)
+    sim.generate_jets(37, one, workers=1, **settings)
+    sim.generate_jets(37, two, workers=2, **settings)
     with h5py.File(one, "r") as a, h5py.File(two, "r") as b:
         for key in ("X_jets", "y", "pt", "m0"):
             np.testing.assert_array_equal(a[key][:], b[key][:], err_msg=f"{key} (seed {SEED + 1})")
@@ -282,7 +282,7 @@ def test_same_seed_same_file_whatever_the_workers(tmp_path):
 
 
 def test_uncompressed_is_contiguous_and_single_flavour(tmp_path):
-    path = gen.generate_jets(5, tmp_path / "g.h5", quark_fraction=0.0, seed=SEED, workers=1,
+    path = sim.generate_jets(5, tmp_path / "g.h5", quark_fraction=0.0, seed=SEED, workers=1,
                              compression="none", progress=False)
     with h5py.File(path, "r") as f:
         assert f["X_jets"].chunks is None and f["X_jets"].compression is None
@@ -290,7 +290,7 @@ def test_uncompressed_is_contiguous_and_single_flavour(tmp_path):
 
 
 def test_failed_run_leaves_no_file(tmp_path, monkeypatch):
-    real = gen.simulate_unit
+    real = sim.simulate_unit
     calls = []
 
     def failing(*args):
@@ -299,10 +299,10 @@ def test_failed_run_leaves_no_file(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args)
 
-    monkeypatch.setattr(gen, "simulate_unit", failing)
+    monkeypatch.setattr(sim, "simulate_unit", failing)
     out = tmp_path / "jets.h5"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        gen.generate_jets(40, out, seed=SEED, workers=1, progress=False)
+        sim.generate_jets(40, out, seed=SEED, workers=1, progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -314,7 +314,7 @@ class BrokenDetector(Detector):
 
 def test_worker_failure_stops_the_run_and_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError, match="detector failure"):
-        gen.generate_jets(64, tmp_path / "jets.h5", seed=SEED, workers=2, detector=BrokenDetector(), progress=False)
+        sim.generate_jets(64, tmp_path / "jets.h5", seed=SEED, workers=2, detector=BrokenDetector(), progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -339,7 +339,7 @@ def test_worker_failure_stops_the_run_and_leaves_no_file(tmp_path):
 def test_bad_arguments(tmp_path, kwargs, error, message):
     arguments = dict(n=10, out=tmp_path / "x.h5", progress=False) | kwargs
     with pytest.raises(error, match=message):
-        gen.generate_jets(arguments.pop("n"), arguments.pop("out"), **arguments)
+        sim.generate_jets(arguments.pop("n"), arguments.pop("out"), **arguments)
     assert os.listdir(tmp_path) == []
 
 
@@ -347,12 +347,12 @@ def test_bad_output_paths(tmp_path):
     existing = tmp_path / "old.h5"
     existing.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
-        gen.generate_jets(5, existing, progress=False)
+        sim.generate_jets(5, existing, progress=False)
     assert existing.read_bytes() == b"keep me"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        gen.generate_jets(5, tmp_path / "missing" / "x.h5", progress=False)
+        sim.generate_jets(5, tmp_path / "missing" / "x.h5", progress=False)
     with pytest.raises(IsADirectoryError):
-        gen.generate_jets(5, tmp_path, progress=False, overwrite=True)
+        sim.generate_jets(5, tmp_path, progress=False, overwrite=True)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to any directory")
@@ -360,7 +360,7 @@ def test_unwritable_directory(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     with pytest.raises(PermissionError, match="cannot write"):
-        gen.generate_jets(5, locked / "x.h5", progress=False)
+        sim.generate_jets(5, locked / "x.h5", progress=False)
 
 
 # ---------------------------------------------------------------- command line

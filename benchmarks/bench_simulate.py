@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("pythia8mc")
 pytest.importorskip("fastjet")
 
-from jetfast.data import generate as gen  # noqa: E402
-from jetfast.data.pythia import JetSelection  # noqa: E402
+from jetfast.sim import simulate as sim  # noqa: E402
+from jetfast.sim.pythia import JetSelection  # noqa: E402
 
 SELECTION = JetSelection()
 EVENTS, JETS = 100, 32
@@ -27,7 +27,7 @@ EVENTS, JETS = 100, 32
 
 @pytest.mark.parametrize("flavour", ["quark", "gluon"])
 def test_pythia_events(benchmark, record, flavour):
-    source = gen._source(flavour == "quark", SELECTION)
+    source = sim._source(flavour == "quark", SELECTION)
     source.reseed(1)
     source.next_event()  # warm-up
 
@@ -42,12 +42,12 @@ def test_pythia_events(benchmark, record, flavour):
 @pytest.mark.parametrize("flavour", ["quark", "gluon"])
 def test_simulate_unit(benchmark, record, flavour):
     labels = np.full(JETS, 1.0 if flavour == "quark" else 0.0, np.float32)
-    gen.simulate_unit(0, 0, labels[:2], SELECTION, gen.CMS_LIKE)  # Pythia init outside the timing
+    sim.simulate_unit(0, 0, labels[:2], SELECTION, sim.CMS_LIKE)  # Pythia init outside the timing
     results, cpu_seconds = [], []
 
     def unit():
         start = time.process_time()
-        results.append(gen.simulate_unit(len(results) + 1, 0, labels, SELECTION, gen.CMS_LIKE))
+        results.append(sim.simulate_unit(len(results) + 1, 0, labels, SELECTION, sim.CMS_LIKE))
         cpu_seconds.append(time.process_time() - start)
 
     benchmark.pedantic(unit, rounds=2, warmup_rounds=0)
@@ -62,13 +62,13 @@ def test_simulate_unit(benchmark, record, flavour):
     )
 
 
-def test_generate_file_all_cores(benchmark, record, tmp_path):
+def test_simulate_file_all_cores(benchmark, record, tmp_path):
     n = 256
     workers = os.cpu_count()
 
     def run():
         out = tmp_path / f"jets-{time.perf_counter_ns()}.h5"
-        gen.generate_jets(n, out, seed=1, workers=workers, progress=False)
+        sim.generate_jets(n, out, seed=1, workers=workers, progress=False)
 
     benchmark.pedantic(run, rounds=1, warmup_rounds=0)
     record(jets_per_s=n / benchmark.stats.stats.min, workers=workers, note="includes worker start-up and Pythia init")

@@ -18,10 +18,12 @@ import os
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from jetfast.errors import InvalidArgument
 from jetfast.data.format import CLASS_NAMES
+from jetfast.errors import InvalidArgument
 from jetfast.models.gpt import GPT, decode_n_tokens, prefill
+from jetfast.ops import code_dtype_for
 
 __all__ = ["sample", "class_labels"]
 
@@ -160,8 +162,6 @@ def sample(
     Returns:
         codes (n, seq_len) uint8 (int16/int32 for vocabularies above 256), on the CPU.
     """
-    from jetfast.ops import code_dtype_for
-
     config = model.config
     _check_arguments(n, temperature, top_k, top_p, batch_size, config.vocab_size)
     n, batch_size = int(n), int(batch_size)
@@ -173,8 +173,6 @@ def sample(
     codes = torch.empty((n, config.seq_len), dtype=code_dtype_for(config.vocab_size))
     if n == 0:
         return codes
-
-    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()

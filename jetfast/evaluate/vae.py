@@ -16,7 +16,7 @@ model selection, with reconstructions decoded from the posterior mean ``mu``. Wr
     on a random half of the test jets and scored on the other half; PCA variance ratios;
   - ``anomaly_score``: per-jet mean squared error in transformed units, summarised per class.
 * ``reconstructions.png``: originals beside reconstructions, per channel and combined, in
-  GeV on a log colour scale.
+  GeV on a log color scale.
 * ``latent_pca.png``: latent means projected on their first two principal components.
 * ``anomaly_score.png``: distribution of the anomaly score per class.
 """
@@ -27,7 +27,17 @@ import math
 import os
 from pathlib import Path
 
-from jetfast.data.format import CHANNELS
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from jetfast.data.format import CHANNELS, validate_jet_file
+from jetfast.data.loader import JetLoader
+from jetfast.data.transforms import crop_to_image
+from jetfast.errors import InvalidArgument, RunDirError
+from jetfast.models.vae import load_vae
+from jetfast.run import RunDir, check_split_fits, load_split, write_json
 
 # Below this energy a pixel is drawn as empty: the reconstruction's soft floor
 # (expm1 of a small positive number) would otherwise paint the whole image.
@@ -41,9 +51,6 @@ def gaussian_ssim(x, y, data_range, sigma: float = 1.5, radius: int = 5, k1: flo
     ``data_range`` is a per-channel tensor (C,). Borders are excluded (valid convolution),
     as in the reference implementation.
     """
-    import torch
-    import torch.nn.functional as F
-
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-(offsets**2) / (2 * sigma**2))
     g = (g / g.sum()).to(x.dtype)
@@ -65,7 +72,6 @@ def gaussian_ssim(x, y, data_range, sigma: float = 1.5, radius: int = 5, k1: flo
 
 
 def _summary(values) -> dict:
-    import numpy as np
 
     values = np.asarray(values, np.float64)
     values = values[np.isfinite(values)]
@@ -83,7 +89,6 @@ def _summary(values) -> dict:
 
 def _latent_auc(latents, labels, seed: int) -> dict:
     """Logistic regression on standardised latent means: fit on one random half of the test jets, score the other."""
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
@@ -105,10 +110,6 @@ def _latent_auc(latents, labels, seed: int) -> dict:
 
 def _transformed_range(data, indices, transform, batch_size):
     """Per-channel max - min of the real images in transformed space, (C,) float64."""
-    import torch
-
-    from jetfast.data.loader import JetLoader
-
     low = torch.full((len(CHANNELS),), math.inf, dtype=torch.float64)
     high = torch.full((len(CHANNELS),), -math.inf, dtype=torch.float64)
     with JetLoader(data, batch_size, indices=indices, shuffle=False, transform=None, keys=("X_jets",),
@@ -128,7 +129,6 @@ def _plot_reconstructions(originals, reconstructions, labels, path: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.colors import LogNorm
 
     n = len(originals)
@@ -169,10 +169,10 @@ def _plot_pca(latents, labels, path: Path) -> list[float]:
     pca = PCA(n_components=k).fit(latents)
     projected = pca.transform(latents)
     fig, ax = plt.subplots(figsize=(5, 4.4))
-    for value, colour in ((0, "tab:orange"), (1, "tab:blue")):
+    for value, color in ((0, "tab:orange"), (1, "tab:blue")):
         mask = labels == value
         ys = projected[mask, 1] if k > 1 else 0 * projected[mask, 0]
-        ax.scatter(projected[mask, 0], ys, s=5, alpha=0.5, c=colour, label=f"y={value}")
+        ax.scatter(projected[mask, 0], ys, s=5, alpha=0.5, c=color, label=f"y={value}")
     ratio = pca.explained_variance_ratio_.tolist()
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
     if k > 1:
@@ -190,13 +190,12 @@ def _plot_anomaly(scores, labels, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     positive = scores[scores > 0]
     bins = np.geomspace(positive.min(), positive.max() * 1.001, 40) if positive.size and positive.max() > positive.min() else 30
-    for value, colour in ((0, "tab:orange"), (1, "tab:blue")):
-        ax.hist(scores[labels == value], bins=bins, histtype="step", color=colour, label=f"y={value}", density=True)
+    for value, color in ((0, "tab:orange"), (1, "tab:blue")):
+        ax.hist(scores[labels == value], bins=bins, histtype="step", color=color, label=f"y={value}", density=True)
     if not isinstance(bins, int):
         ax.set_xscale("log")
     ax.set_xlabel("anomaly score: mean squared error per pixel (transformed units)")
@@ -227,21 +226,10 @@ def evaluate_vae(
     test jets; ``checkpoint`` is "best" or "last"; ``show`` jets are drawn in
     reconstructions.png; ``seed`` draws the halves of the latent classifier.
     """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from jetfast.data.format import validate_jet_file
-    from jetfast.data.loader import JetLoader
-    from jetfast.data.transforms import crop_to_image
-    from jetfast.models.vae import load_vae
-    from jetfast.errors import InvalidArgument, RunDirError
-    from jetfast.run import RunDir, check_split_fits, load_split, write_json
-
-    run_dir = RunDir(run_dir)
-    data = run_dir.data_file(data)
+    run = RunDir(run_dir)
+    data = run.data_file(data)
     n_file = validate_jet_file(data)
-    split = load_split(run_dir)
+    split = load_split(run)
     check_split_fits(split, n_file, data)
     test = split["test"]
     if max_jets is not None:
@@ -250,8 +238,8 @@ def evaluate_vae(
         test = test[: max_jets]
     if len(test) == 0:
         raise RunDirError("the run's test split is empty")
-    model, transform, _ = load_vae(run_dir.path, which=checkpoint)
-    out = Path(out) if out else run_dir.eval_dir
+    model, transform, _ = load_vae(run.path, which=checkpoint)
+    out = Path(out) if out else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)
 
     # PSNR and SSIM need the data range of the real test images in transformed space before
@@ -323,7 +311,7 @@ def evaluate_vae(
     _plot_anomaly(scores, labels, out / files["anomaly_score"])
 
     metrics = {
-        "run_dir": str(run_dir.path),
+        "run_dir": str(run.path),
         "checkpoint": checkpoint,
         "data": os.path.abspath(data),
         "split": "test",

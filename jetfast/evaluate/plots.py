@@ -1,0 +1,262 @@
+"""The report's plots: real against generated jets, drawn in the CMS style (mplhep).
+
+Each function draws one figure from two :class:`~jetfast.evaluate.reader.JetSample` and
+writes it to ``path``; no global matplotlib state (backend, figure registry) is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, QUARK
+from jetfast.evaluate.observables import OBSERVABLES, PROFILE_EDGES
+from jetfast.evaluate.reader import SPECTRUM_EDGES, JetSample
+
+EXAMPLE_CROP = slice(31, 94)  # central 63x63 pixels (|eta|, |phi| < 0.55) where the jet lives
+REAL_COLOR, GEN_COLOR = "#3f90da", "#e42536"  # from the colour-blind-safe CMS palette
+CLASS_COLORS = {QUARK: "#3f90da", GLUON: "#e76300"}
+
+
+class _Figures:
+    """pyplot's figure constructors without pyplot: no global backend or figure registry is
+    touched, so making a report from a notebook or a GUI session leaves it as it was."""
+
+    @staticmethod
+    def figure(figsize):
+        from matplotlib.figure import Figure
+
+        return Figure(figsize=figsize)
+
+    @staticmethod
+    def subplots(nrows, ncols, figsize, **kwargs):
+        fig = _Figures.figure(figsize)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def close(fig):
+        fig.clear()
+
+
+@contextmanager
+def _style():
+    """The CMS look (mplhep) at a font size that suits figure grids, for the enclosed plots."""
+    import matplotlib
+    import mplhep
+
+    grid_fonts = {
+        "font.size": 12, "axes.labelsize": 12, "axes.titlesize": 12, "legend.fontsize": 10,
+        "xtick.labelsize": 10, "ytick.labelsize": 10,
+        # minor ticks on dozens of small panels cost most of the drawing time
+        "xtick.minor.visible": False, "ytick.minor.visible": False,
+    }
+    with matplotlib.style.context(mplhep.style.CMS), matplotlib.rc_context(grid_fonts):
+        yield _Figures
+
+
+def _bins(*samples, n_bins: int = 40) -> np.ndarray:
+    """Common bins over the central 99.8% of the pooled samples (tails land in the edge bins)."""
+    pooled = np.concatenate([np.asarray(s, np.float64) for s in samples if len(s)])
+    lo, hi = np.quantile(pooled, [0.001, 0.999])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    if np.allclose(pooled, np.round(pooled)) and hi - lo < 3 * n_bins:  # counts: one bin per integer
+        return np.arange(math.floor(lo), math.ceil(hi) + 2) - 0.5
+    return np.linspace(lo, hi, n_bins + 1)
+
+
+def _density(values, bins) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised histogram with under/overflow folded into the edge bins, and its Poisson error."""
+    counts, _ = np.histogram(np.clip(values, bins[0], bins[-1]), bins=bins)
+    norm = max(counts.sum(), 1) * np.diff(bins)
+    return counts / norm, np.sqrt(counts) / norm
+
+
+def _grid(n: int, columns: int = 4) -> tuple[int, int]:
+    return math.ceil(n / columns), min(columns, n)
+
+
+def plot_observables(real: JetSample, gen: JetSample, path: Path, cls: int | None = None) -> Path:
+    """Real vs generated histograms of every observable, each with a generated/real ratio panel."""
+    names = list(OBSERVABLES)
+    with _style() as plt:
+        rows, cols = _grid(len(names))
+        fig = plt.figure((4.2 * cols, 3.6 * rows))
+        outer = fig.add_gridspec(rows, cols, hspace=0.45, wspace=0.3, top=1 - 0.35 / rows,
+                                 left=0.05, right=0.98, bottom=0.25 / rows)
+        r_mask = slice(None) if cls is None else real.labels == cls
+        g_mask = slice(None) if cls is None else gen.labels == cls
+        for i, name in enumerate(names):
+            inner = outer[i // cols, i % cols].subgridspec(2, 1, height_ratios=(3, 1), hspace=0.05)
+            ax, ax_ratio = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+            r, g = real.observables[name][r_mask], gen.observables[name][g_mask]
+            bins = _bins(r, g)
+            hr, er = _density(r, bins)
+            hg, eg = _density(g, bins)
+            ax.stairs(hr, bins, fill=True, alpha=0.35, color=REAL_COLOR, label="real")
+            ax.stairs(hg, bins, color=GEN_COLOR, linewidth=1.5, label="generated")
+            ax.set_xticklabels([])
+            ax.set_ylabel("density")
+            ax.set_xlim(bins[0], bins[-1])
+            if i == 0:
+                ax.legend(frameon=False)
+            centers = 0.5 * (bins[1:] + bins[:-1])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = hg / hr
+                ratio_err = ratio * np.hypot(eg / hg, er / hr)
+            ax_ratio.errorbar(centers, ratio, yerr=ratio_err, fmt="o", ms=2.5, color="black", elinewidth=0.8)
+            ax_ratio.axhline(1.0, color="gray", lw=0.8)
+            ax_ratio.set_ylim(0.4, 1.6)
+            ax_ratio.set_yticks([0.5, 1.0, 1.5])
+            ax_ratio.set_xlim(bins[0], bins[-1])
+            ax_ratio.set_ylabel("gen/real", fontsize=9)
+            ax_ratio.set_xlabel(OBSERVABLES[name])
+        title = "all jets" if cls is None else f"{CLASS_NAMES[cls]} jets (y={cls})"
+        fig.suptitle(f"Observables, real vs generated: {title}")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+    return path
+
+
+def plot_classes(real: JetSample, gen: JetSample, path: Path) -> Path:
+    """Quark and gluon jets, real (filled) and generated (lines), for every observable."""
+    names = list(OBSERVABLES)
+    with _style() as plt:
+        rows, cols = _grid(len(names))
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+        for i, name in enumerate(names):
+            ax = axes[i // cols, i % cols]
+            bins = _bins(real.observables[name], gen.observables[name])
+            for cls, label in CLASS_NAMES.items():
+                hr, _ = _density(real.observables[name][real.labels == cls], bins)
+                hg, _ = _density(gen.observables[name][gen.labels == cls], bins)
+                ax.stairs(hr, bins, fill=True, alpha=0.3, color=CLASS_COLORS[cls], label=f"{label} real")
+                ax.stairs(hg, bins, color=CLASS_COLORS[cls], linewidth=1.5, label=f"{label} gen")
+            ax.set_xlabel(OBSERVABLES[name])
+            ax.set_xlim(bins[0], bins[-1])
+            if i == 0:
+                ax.legend(frameon=False, fontsize=8)
+        for j in range(len(names), rows * cols):
+            axes[j // cols, j % cols].set_visible(False)
+        fig.suptitle("Quark vs gluon jets: real (filled) and generated (lines)", y=0.995)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
+
+
+def plot_mean_images(real: JetSample, gen: JetSample, path: Path) -> Path:
+    """Mean image per channel, real and generated, and generated/real (masked where real is 0)."""
+    from matplotlib.colors import LogNorm
+
+    mean_real, mean_gen = real.mean_image(), gen.mean_image()
+    with _style() as plt:
+        fig, axes = plt.subplots(3, 3, figsize=(13, 12))
+        for c, channel in enumerate(CHANNELS):
+            r, g = mean_real[..., c], mean_gen[..., c]
+            positive = np.concatenate([r[r > 0], g[g > 0]])
+            vmax = positive.max() if positive.size else 1.0
+            vmin = max(np.quantile(positive, 0.01) if positive.size else 1e-6, vmax * 1e-6)
+            norm = LogNorm(vmin=vmin, vmax=vmax)
+            for col, (image, who) in enumerate(((r, "real"), (g, "generated"))):
+                ax = axes[c, col]
+                im = ax.imshow(np.ma.masked_less_equal(image, 0), norm=norm, cmap="viridis", origin="lower")
+                ax.set_title(f"{channel}, mean {who}")
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="GeV")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.ma.masked_where(r <= 0, g / r)
+            im = axes[c, 2].imshow(ratio, norm=LogNorm(vmin=0.1, vmax=10), cmap="RdBu_r", origin="lower")
+            axes[c, 2].set_title(f"{channel}, generated / real")
+            fig.colorbar(im, ax=axes[c, 2], fraction=0.046, pad=0.02)
+        for ax in axes.flat:
+            ax.set_xlabel(r"$\phi$ pixel")
+            ax.set_ylabel(r"$\eta$ pixel")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
+
+
+def plot_jets(sample: JetSample, path: Path, who: str) -> Path:
+    """A few random jets: one row per jet, one column per channel plus their sum, log colour."""
+    from matplotlib.colors import LogNorm
+
+    jets = sample.examples
+    if len(jets) == 0:
+        return None
+    jets = jets[:, EXAMPLE_CROP, EXAMPLE_CROP]
+    columns = [jets[..., c] for c in range(3)] + [jets.sum(-1)]  # each (k, h, w)
+    with _style() as plt:
+        fig, axes = plt.subplots(len(jets), 4, figsize=(12, 3 * len(jets) + 0.8), squeeze=False)
+        fig.subplots_adjust(top=1 - 0.6 / (3 * len(jets) + 0.8), hspace=0.06, wspace=0.06)
+        for col, (stack, title) in enumerate(zip(columns, (*CHANNELS, "Tracks+ECAL+HCAL"))):
+            # One log scale per column, shared by the jets: sizes and spreads compare at a glance.
+            positive = stack[stack > 0]
+            vmax = positive.max() if positive.size else 1.0
+            norm = LogNorm(vmin=max(vmax * 1e-4, 1e-6), vmax=vmax)
+            for i in range(len(jets)):
+                ax = axes[i, col]
+                im = ax.imshow(np.ma.masked_less_equal(stack[i], 0), cmap="viridis", origin="lower", norm=norm)
+                ax.set_facecolor("#0b0b2a")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            axes[0, col].set_title(title)
+            fig.colorbar(im, ax=axes[:, col], orientation="horizontal", fraction=0.03, pad=0.02, label="GeV")
+        fig.suptitle(f"Random {who} jets: central 63x63 pixels, log colour")
+        fig.savefig(path, dpi=70, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
+
+
+def plot_radial_profile(real: JetSample, gen: JetSample, path: Path) -> Path:
+    """Mean fraction of calorimeter pT per annulus of dR, all jets and per class."""
+    centers = 0.5 * (PROFILE_EDGES[1:] + PROFILE_EDGES[:-1])
+    with _style() as plt:
+        fig, (ax, ax_ratio) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+        curves = [("all", None, "black")]
+        if real.labels is not None and gen.labels is not None:
+            curves += [(CLASS_NAMES[c], c, CLASS_COLORS[c]) for c in CLASS_NAMES]
+        for label, cls, color in curves:
+            r = real.profile if cls is None else real.profile[real.labels == cls]
+            g = gen.profile if cls is None else gen.profile[gen.labels == cls]
+            if len(r) == 0 or len(g) == 0:
+                continue
+            ax.stairs(r.mean(0), PROFILE_EDGES, color=color, linewidth=1.5, label=f"{label} real")
+            ax.errorbar(centers, g.mean(0), yerr=g.std(0) / np.sqrt(len(g)), fmt="o", ms=3, color=color,
+                        label=f"{label} generated")
+            # The ratio only where real jets carry at least 0.1% of their pT: beyond, it is noise.
+            shown = r.mean(0) > 1e-3
+            ax_ratio.plot(centers[shown], g.mean(0)[shown] / r.mean(0)[shown], "o-", ms=3, color=color)
+        ax.set_yscale("log")
+        ax.set_ylabel(r"mean $p_T$ fraction per annulus")
+        ax.legend(frameon=False, ncol=2, fontsize=9)
+        ax_ratio.axhline(1.0, color="gray", lw=0.8)
+        ax_ratio.set_ylim(0.5, 1.5)
+        ax_ratio.set_ylabel("gen/real")
+        ax_ratio.set_xlabel(r"$\Delta R$ from the jet axis")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
+
+
+def plot_pixel_spectrum(real: JetSample, gen: JetSample, path: Path) -> Path:
+    """Distribution of non-zero pixel values per channel (per jet), real vs generated."""
+    with _style() as plt:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        for c, channel in enumerate(CHANNELS):
+            ax = axes[c]
+            ax.stairs(real.spectrum[c] / real.n, SPECTRUM_EDGES, fill=True, alpha=0.35, color=REAL_COLOR, label="real")
+            ax.stairs(gen.spectrum[c] / gen.n, SPECTRUM_EDGES, color=GEN_COLOR, linewidth=1.5, label="generated")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{channel} pixel value [GeV]")
+            ax.set_ylabel("pixels per jet per bin")
+            ax.legend(frameon=False)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
