@@ -1,1 +1,2 @@
-"""Training: the shared run-directory utilities and one trainer per stage."""
+"""Training: the loop both stages run (:mod:`.loop`) and the two stages, the VAE (:mod:`.vae`)
+and the code Transformer (:mod:`.gpt`)."""

@@ -126,7 +126,7 @@ class VAEStage(Stage):
         return {"vae_config": self.vae_config.to_dict(), "transform": self.transform.to_dict()}
 
     def write_run_files(self, run: RunDir, world_size: int) -> None:
-        run.write_config(self._config(world_size))
+        run.write_config(self._config(run, world_size))
         save_split(run, self.split)
 
     def batches(self, epoch: int):
@@ -180,7 +180,7 @@ class VAEStage(Stage):
             if loader is not None:
                 loader.close()
 
-    def _config(self, world_size: int) -> dict:
+    def _config(self, run: RunDir, world_size: int) -> dict:
         o = self.options
         return {
             "command": "train-vae",
@@ -192,7 +192,7 @@ class VAEStage(Stage):
                 "seed": o.seed,
                 "fractions": [1 - o.val_fraction - o.test_fraction, o.val_fraction, o.test_fraction],
                 "sizes": {k: int(len(v)) for k, v in self.split.items()},
-                "file": "split.npz",
+                "file": run.split_path.name,
             },
             "vae": self.vae_config.to_dict(),
             "transform": self.transform.to_dict(),
@@ -214,7 +214,7 @@ class VAEStage(Stage):
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(o).items()},
             "versions": {"jetfast": jetfast.__version__, "torch": torch.__version__},
             "metrics": {
-                "file": "metrics.jsonl",
+                "file": run.metrics_path.name,
                 "keys": ["epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
                          "beta", "lr", "time_s", "images_per_s"],
                 "note": "per-jet means; train_* average the epoch's steps (KL weight 'beta' ramping during warm-up), "
