@@ -134,60 +134,39 @@ def checkpoint_file(run_dir_or_checkpoint: str | os.PathLike, which: str = "best
 
 
 # -- the run directory -------------------------------------------------------------------------
+class _Entry:
+    """A file or directory of the layout, as a path inside a :class:`RunDir`."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def __get__(self, run: "RunDir | None", owner=None):
+        return self if run is None else run.path.joinpath(*self.parts)
+
+
 class RunDir:
     """A run directory; see the module docstring for its layout."""
+
+    # Files of every training run (the VAE run, and the Transformer run in gpt/).
+    readme_path = _Entry("README.txt")
+    config_path = _Entry("config.json")
+    metrics_path = _Entry("metrics.jsonl")
+    checkpoints = _Entry("checkpoints")
+    plots = _Entry("plots")
+    loss_plot = _Entry("plots", "loss.png")
+    # Files of a VAE run and of the stages after it.
+    split_path = _Entry("split.npz")
+    eval_dir = _Entry("eval")
+    bins_path = _Entry("bins.npz")
+    bins_report_path = _Entry("bins_report.json")
+    codes_path = _Entry("codes.h5")
+    encode_report_path = _Entry("encode_report.json")
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    # Files of every training run (the VAE run, and the Transformer run in gpt/).
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
     def checkpoint(self, which: str = "last") -> Path:
         return self.checkpoints / f"{which}.pt"
-
-    @property
-    def plots(self) -> Path:
-        return self.path / "plots"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.plots / "loss.png"
-
-    # Files the later stages add to a VAE run.
-    @property
-    def split_path(self) -> Path:
-        return self.path / "split.npz"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.path / "eval"
-
-    @property
-    def bins_path(self) -> Path:
-        return self.path / "bins.npz"
-
-    @property
-    def bins_report_path(self) -> Path:
-        return self.path / "bins_report.json"
-
-    @property
-    def codes_path(self) -> Path:
-        return self.path / "codes.h5"
-
-    @property
-    def encode_report_path(self) -> Path:
-        return self.path / "encode_report.json"
 
     @property
     def gpt(self) -> "RunDir":
@@ -217,11 +196,11 @@ class RunDir:
                 )
             run._remove_run_files()
         run.path.mkdir(parents=True, exist_ok=True)
-        (run.path / "README.txt").write_text(readme)
+        run.readme_path.write_text(readme)
         return run
 
     def _remove_run_files(self) -> None:
-        for path in (self.config_path, self.metrics_path, self.split_path, self.path / "README.txt"):
+        for path in (self.config_path, self.metrics_path, self.split_path, self.readme_path):
             path.unlink(missing_ok=True)
         for directory in (self.checkpoints, self.plots, self.eval_dir):
             shutil.rmtree(directory, ignore_errors=True)
