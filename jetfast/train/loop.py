@@ -5,9 +5,9 @@ schedule, one training step (a dict of loss terms, ``"loss"`` the one minimized)
 validation sums, what its checkpoints hold besides the common state, and how its epochs
 are reported. :func:`fit` does the rest the same way for every stage:
 
-* the run directory (:mod:`jetfast.run`): created, or reopened with ``resume``, when the
-  options a run may change on resume (:data:`RUN_OPTIONS`) come from the new call and
-  every other option from the run's config.json;
+* the run directory (:mod:`jetfast.run`): created, or reopened with ``resume``; then the
+  options a run may change (:data:`RUN_OPTIONS`: paths, length, threads, progress bar) come
+  from the new call and every other option from the run's config.json;
 * torchrun: DistributedDataParallel, rank 0 writing files, sums over all ranks;
 * each step: a NaN/inf loss on any rank stops every rank at that step (``TrainingDiverged``,
   the last good checkpoint kept), then backward, gradient clipping (a non-finite norm
@@ -17,7 +17,8 @@ are reported. :func:`fit` does the rest the same way for every stage:
   scheduler, early stopping, RNG states, epoch and step, one metrics line with every term
   the stage logs, and ``plots/loss.png``.
 
-A resumed run continues exactly: the same losses and weights as an uninterrupted run.
+A run resumed with the same length continues exactly: the same losses and weights as an
+uninterrupted run (a longer one may change a schedule that depends on the run's length).
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ RUN_OPTIONS = ("out", "resume", "overwrite", "data", "codes", "run_dir", "epochs
 class Stage:
     """One training stage, as :func:`fit` sees it.
 
-    ``options`` is the stage's options dataclass; :func:`fit` reads ``out``-independent
-    common options from it (``epochs``, ``batch_size``, ``lr``, ``grad_clip``, ``patience``,
-    ``seed``, ``num_threads``, ``no_progress``, ``resume``, ``overwrite``). A stage sets
-    ``out`` (its run directory) and, in :meth:`build`, ``steps_per_epoch`` and optionally
-    ``total_steps`` (a cap on optimizer steps).
+    ``options`` is the stage's options dataclass; :func:`fit` reads the options every stage
+    has from it (``epochs``, ``batch_size``, ``lr``, ``grad_clip``, ``patience``, ``seed``,
+    ``num_threads``, ``no_progress``, ``resume``, ``overwrite``). A stage sets ``out`` (its run
+    directory) and, in :meth:`build`, ``steps_per_epoch`` and optionally ``total_steps`` (a cap
+    on optimizer steps).
     """
 
     name = "train"  # the command, in messages

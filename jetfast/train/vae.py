@@ -172,8 +172,11 @@ class VAEStage(Stage):
                 + (f", resuming at epoch {start_epoch + 1} (step {step})" if start_epoch else ""))
 
     def describe_epoch(self, record: dict) -> str:
-        return (f"train {record['train_loss']:.5g}  val {record['val_loss']:.5g} (recon {record['val_recon']:.5g}, "
-                f"kl {record['val_kl']:.4g})  lr {record['lr']:.2g}  {record['images_per_s']:.1f} images/s")
+        # Every validation term the loss returns, beside the total (the KL with fewer digits).
+        terms = ", ".join(f"{key[4:]} {value:{'.4g' if key == 'val_kl' else '.5g'}}" for key, value in record.items()
+                          if key.startswith("val_") and key != "val_loss")
+        return (f"train {record['train_loss']:.5g}  val {record['val_loss']:.5g} ({terms})  lr {record['lr']:.2g}  "
+                f"{record['images_per_s']:.1f} images/s")
 
     def close(self) -> None:
         for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
