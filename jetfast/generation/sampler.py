@@ -24,33 +24,11 @@ from jetfast.data.format import CLASS_NAMES
 from jetfast.errors import InvalidArgument
 from jetfast.models.gpt import GPT, decode_n_tokens, prefill
 from jetfast.ops import code_dtype_for
+from jetfast.seeding import jet_uniforms
 
 __all__ = ["sample", "class_labels"]
 
 _CLASS_IDS = {name: label for label, name in CLASS_NAMES.items()}
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    # Decorrelates neighbouring (seed, index) pairs; torch's CPU generator only
-    # keeps 32 bits of a seed, so the mixed bits matter.
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _jet_uniforms(seed: int, start: int, count: int, length: int) -> torch.Tensor:
-    """Uniforms (count, length) in [0, 1); row i depends only on (seed, start + i)."""
-    generator = torch.Generator()
-    out = torch.empty((count, length), dtype=torch.float32)
-    base = _splitmix64(seed & _MASK64)
-    for row in range(count):
-        generator.manual_seed(_splitmix64(base ^ (start + row)))
-        torch.rand(length, generator=generator, out=out[row])
-    return out
-
-
 def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
     """Class labels (n,) int64 from a name, an int, or per-jet labels; -1 = unconditional."""
     names = ", ".join(f"{name!r}" for name in _CLASS_IDS)
@@ -183,7 +161,7 @@ def sample(
                 count = min(batch_size, n - start)
                 model.setup_caches(count)
                 batch_codes = torch.empty((count, config.seq_len), dtype=torch.int64, device=device)
-                uniforms = None if greedy else _jet_uniforms(seed, start, count, config.seq_len).to(device)
+                uniforms = None if greedy else jet_uniforms(seed, start, count, config.seq_len).to(device)
                 pick = _make_picker(temperature, top_k, top_p, greedy, uniforms)
                 class_tokens = model.class_tokens(labels[start : start + count].to(device))
                 logits = prefill(model, class_tokens)

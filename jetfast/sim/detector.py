@@ -137,10 +137,29 @@ class Detector:
                 tower_e += noise
                 tower_et += noise / np.repeat(np.cosh(row_eta[TOWER // 2 :: TOWER]), towers)
         tower_et = np.where(tower_e >= self.hcal_threshold, np.clip(tower_et, 0.0, None), 0.0).reshape(towers, towers)
-        hcal = np.repeat(np.repeat(tower_et / (TOWER * TOWER), TOWER, axis=0), TOWER, axis=1)
-        image[HCAL] = hcal.reshape(-1)
+        image[HCAL] = towers_to_cells(tower_et).reshape(-1)
 
         return np.ascontiguousarray(image.reshape(3, size, size).transpose(1, 2, 0), dtype=np.float32)
+
+
+def towers_to_cells(towers):
+    """HCAL towers (..., 25, 25), E_T in GeV -> image cells (..., 125, 125) as the CMS Open Data
+    file stores them: every cell of a 5 x 5 tower holds the tower's E_T / 25.
+
+    NumPy arrays or torch tensors; the generator's decoder expands its towers with this too.
+    """
+    *lead, rows, cols = towers.shape
+    cells = (towers / (TOWER * TOWER))[..., :, None, :, None]
+    blocks = (*lead, rows, TOWER, cols, TOWER)
+    cells = cells.expand(blocks) if hasattr(cells, "expand") else np.broadcast_to(cells, blocks)
+    return cells.reshape(*lead, rows * TOWER, cols * TOWER)
+
+
+def cells_to_towers(cells):
+    """Image cells (..., 125, 125) -> HCAL towers (..., 25, 25): the sum of each 5 x 5 block, a
+    tower's E_T (the inverse of :func:`towers_to_cells` on HCAL images). NumPy or torch."""
+    *lead, rows, cols = cells.shape
+    return cells.reshape(*lead, rows // TOWER, TOWER, cols // TOWER, TOWER).sum(axis=(-3, -1))
 
 
 def _sum_by(index, weights, length):
