@@ -54,7 +54,8 @@ This directory is a jetfast code-Transformer (stage 2) training run.
   config.json          every option of the run, the codes file, its sizes, the model config
   metrics.jsonl        one JSON object per epoch: train_loss / val_loss (nats per code),
                        val_bpd (bits per latent dimension, class-conditional), val_bpd_uncond
-                       (unconditional start token), lr, step, time_s, codes_per_s
+                       (unconditional start token), marginal_val_bpd (the same for the per-dimension
+                       histograms of the training codes: the baseline), lr, step, time_s, codes_per_s
   checkpoints/last.pt  state at the end of the latest epoch: config, model, optimizer, scheduler, RNG, epoch, step
   checkpoints/best.pt  the same at the lowest validation loss
   plots/loss.png       loss curves drawn from metrics.jsonl

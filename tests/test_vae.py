@@ -59,16 +59,18 @@ def test_default_shapes():
     x = torch.randn(2, 3, 128, 128)
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, 128)
-    assert model.decode(mu).shape == (2, 3, 128, 128)
+    # The sparse observation model: (hit logit, loc, log scale) per channel.
+    assert model.decode(mu).shape == (2, 9, 128, 128)
     x_hat, mu2, _ = model(x)
-    assert x_hat.shape == x.shape and torch.equal(mu, mu2)
+    assert x_hat.shape == (2, 9, 128, 128) and torch.equal(mu, mu2)
+    assert VAE(VAEConfig(recon="mse")).decode(mu).shape == (2, 3, 128, 128)
     # eval mode decodes the posterior mean
     assert torch.equal(x_hat, model.decode(mu))
 
 
 def test_odd_configs_and_bad_shapes():
     model = VAE(VAEConfig(latent_dim=1, widths=(3, 5), image_size=128))
-    assert model(torch.randn(3, 3, 128, 128))[0].shape == (3, 3, 128, 128)
+    assert model(torch.randn(3, 3, 128, 128))[0].shape == (3, 9, 128, 128)
     with pytest.raises(ValueError, match=r"\(B, 3, 128, 128\)"):
         model.encode(torch.randn(2, 3, 125, 125))
     with pytest.raises(ValueError, match=r"\(B, 1\)"):
@@ -120,16 +122,17 @@ def test_intensity_transform_roundtrip_extreme_values(seed):
     assert (back[physical == 0] < 1e-6).all()
 
 
-def test_loss_falls_on_tiny_dataset(seed):
+@pytest.mark.parametrize("recon", ["sparse", "mse"])
+def test_loss_falls_on_tiny_dataset(recon, seed):
     torch.manual_seed(0)
     images, _ = jet_images(8, seed=seed)
     transform = IntensityTransform.fit(images)
     x = transform.to_model(torch.from_numpy(images))
-    model = VAE(VAEConfig(latent_dim=8, widths=(8, 8, 16, 16), beta=0.1))
+    model = VAE(VAEConfig(latent_dim=8, widths=(8, 8, 16, 16), beta=0.1, recon=recon))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
-        terms = model.loss(x, *model(x))
+        terms = model.loss(x, *model(x), images=torch.from_numpy(images))
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -159,9 +162,10 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
     assert state["epoch"] == best_epoch
     # The best checkpoint's model reproduces the logged validation loss at its epoch.
     with h5py.File(jet_file) as f:
-        x = transform.to_model(torch.from_numpy(f["X_jets"][split["val"]]))
+        images = torch.from_numpy(f["X_jets"][split["val"]])
+    x = transform.to_model(images)
     with torch.no_grad():
-        terms = model.loss(x, *model(x), beta=cfg.beta)
+        terms = model.loss(x, *model(x), beta=cfg.beta, images=images)
     assert math.isclose(float(terms["loss"]), metrics[best_epoch]["val_loss"], rel_tol=1e-4)
 
     last, _, _ = load_vae(trained_run / "checkpoints" / "last.pt", which="ignored-for-files")
@@ -210,8 +214,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(jet_file, tmp_path, monke
     calls = {"n": 0}
     real_loss = VAE.loss
 
-    def poisoned(self, x, x_hat, mu, logvar, beta=None):
-        terms = real_loss(self, x, x_hat, mu, logvar, beta)
+    def poisoned(self, x, x_hat, mu, logvar, beta=None, images=None):
+        terms = real_loss(self, x, x_hat, mu, logvar, beta, images)
         if self.training:
             calls["n"] += 1
             if calls["n"] == steps_per_epoch + 2:  # third step of the second epoch
@@ -362,7 +366,7 @@ def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
         true = torch.from_numpy(f["X_jets"][test]).double()
     with torch.no_grad():
         mu, _ = model.encode(transform.to_model(true.float()))
-        reco = crop_to_image(transform.inverse(model.decode(mu))).double()
+        reco = model.images(mu, transform, mode="sample", seed=0).double()  # evaluate-vae's default seed
     mse = ((reco - true) ** 2).mean(dim=(0, 1, 2))
     for c, channel in enumerate(("Tracks", "ECAL", "HCAL")):
         assert metrics["channels"][channel]["mse_gev2"] == pytest.approx(float(mse[c]), rel=1e-4)

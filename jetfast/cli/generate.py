@@ -23,9 +23,9 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="master seed (default 0); the same seed gives the same file")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--zero-suppress", action="store_true",
-                        help="zero every pixel below the smallest deposit seen in training, as the detector does "
-                             "(off by default: a briefly trained VAE spreads energy thinly and would lose most of it)")
+    parser.add_argument("--decode", choices=("sample", "mean"), default="sample",
+                        help="sample: draw every pixel's hit and intensity from the VAE's observation model (jets); "
+                             "mean: its expected image (smooth, for studies). Default: sample")
     parser.add_argument("--gpt-dir", default=None, help="Transformer run directory (default RUN_DIR/gpt)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most probable codes")
@@ -49,7 +49,7 @@ def run_generate(args: argparse.Namespace) -> int:
     times = StageTimes()
     out = generate(
         args.run_dir, args.n, args.out, cls=args.cls, batch_size=args.batch_size, seed=args.seed, resume=args.resume,
-        overwrite=args.overwrite, zero_suppress=args.zero_suppress, gpt_dir=args.gpt_dir, device=args.device,
+        overwrite=args.overwrite, decode=args.decode, gpt_dir=args.gpt_dir, device=args.device,
         times=times, **sampling,
     )
     if int(os.environ.get("RANK", "0")) == 0:

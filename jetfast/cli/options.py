@@ -9,6 +9,9 @@ def execution_arguments(parser: argparse.ArgumentParser, seed_help: str):
     """The options every trainer has: seed, torch threads, progress bar."""
     group = parser.add_argument_group("execution")
     group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="bf16 autocast (fp32 weights and losses) or fp32; auto: bf16 where the CPU (AVX512-BF16, "
+                            "AMX) or GPU computes it natively")
     group.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     return group

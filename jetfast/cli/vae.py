@@ -43,12 +43,17 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--widths", type=_widths, default=(32, 64, 128, 256),
                        help="encoder channels per stride-2 stage (decoder mirrors them)")
     model.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
-    model.add_argument("--recon", choices=("mse", "gaussian_nll"), default="mse",
-                       help="reconstruction term: squared error, or Gaussian NLL with learned per-channel variance")
+    model.add_argument("--recon", choices=("sparse", "mse", "gaussian_nll"), default="sparse",
+                       help="observation model: sparse (per pixel a hit probability and a log-normal intensity, HCAL in "
+                            "towers), or the mean-image baselines: squared error, Gaussian NLL with learned variance")
+    model.add_argument("--intensity-components", type=int, default=1,
+                       help="sparse: log-normal components of each pixel's intensity distribution")
     model.add_argument("--kl-warmup-epochs", type=float, default=1.0,
                        help="epochs over which the KL weight ramps linearly from 0 to --beta")
 
     opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--no-augment", dest="augment", action="store_false",
+                     help="do not mirror training jets in eta and phi at random")
     opt.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
     opt.add_argument("--batch-size", type=int, default=64, help="jets per step (per process under torchrun)")
     opt.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
@@ -78,7 +83,10 @@ def evaluate_vae_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint to evaluate")
     parser.add_argument("--batch-size", type=int, default=64, help="jets per forward pass")
     parser.add_argument("--show", type=int, default=4, help="jets drawn in reconstructions.png")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the half/half split of the latent classifier")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampled reconstructions and of the half/half split of the latent classifier")
+    parser.add_argument("--decode", choices=("sample", "mean"), default="sample",
+                        help="reconstructions drawn from the observation model, or its expected image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -88,7 +96,7 @@ def run_evaluate_vae(args: argparse.Namespace) -> int:
 
     metrics = evaluate_vae(args.run_dir, data=args.data, out=args.out, max_jets=args.max_jets,
                            checkpoint=args.checkpoint, batch_size=args.batch_size, show=args.show, seed=args.seed,
-                           progress=not args.no_progress)
+                           decode=args.decode, progress=not args.no_progress)
     summary = ", ".join(f"{c} rel. energy error median {metrics['channels'][c]['total_energy_rel_error']['median']:+.3f}"
                         for c in CHANNELS)
     print(f"jetfast evaluate-vae: {metrics['n_test_jets']} test jets; {summary}; "

@@ -29,7 +29,6 @@ from jetfast.data.format import IMAGE_SIZE, MODEL_SIZE
 from jetfast.errors import InvalidArgument
 
 PAD_BEFORE = 1
-HCAL_TOWER = 5  # HCAL cells per tower side in the image grid (125 = 25 towers of 5)
 PAD_AFTER = MODEL_SIZE - IMAGE_SIZE - PAD_BEFORE  # 2
 
 
@@ -56,17 +55,14 @@ class IntensityTransform:
     scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Smallest non-zero pixel per channel in the training data: the detector's
-    # zero-suppression threshold as the data show it (see readout()).
-    floor: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self):
-        for name in ("scale", "mean", "std", "floor"):
+        for name in ("scale", "mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
             if len(values) != 3 or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"IntensityTransform.{name} must be 3 finite numbers; got {values}")
             object.__setattr__(self, name, values)
-        if min(self.scale) <= 0 or min(self.std) <= 0 or min(self.floor) < 0:
+        if min(self.scale) <= 0 or min(self.std) <= 0:
             raise ValueError(f"IntensityTransform needs scale > 0 and std > 0; got scale={self.scale}, std={self.std}")
 
     # -- fitting ---------------------------------------------------------------------------
@@ -83,7 +79,7 @@ class IntensityTransform:
             raise ValueError(f"expected images of shape (N, H, W, 3); got {images.shape}")
         if not np.isfinite(images).all():
             raise InvalidArgument("images contain NaN or inf; cannot fit the intensity transform")
-        scale, mean, std, floor = [], [], [], []
+        scale, mean, std = [], [], []
         pad_fraction = 1.0 - (images.shape[1] * images.shape[2]) / float(MODEL_SIZE * MODEL_SIZE)
         for c in range(3):
             channel = images[..., c]
@@ -94,10 +90,9 @@ class IntensityTransform:
             m1 = t.mean() * (1 - pad_fraction)
             m2 = (t * t).mean() * (1 - pad_fraction)
             scale.append(s)
-            floor.append(float(lit.min()) if lit.size else 0.0)
             mean.append(m1)
             std.append(max(math.sqrt(max(m2 - m1 * m1, 0.0)), 1e-6))
-        return cls(tuple(scale), tuple(mean), tuple(std), tuple(floor))
+        return cls(tuple(scale), tuple(mean), tuple(std))
 
     # -- application -----------------------------------------------------------------------
     def _params(self, like: torch.Tensor):
@@ -127,28 +122,6 @@ class IntensityTransform:
         """Model layout (B, 3, 128, 128) -> file layout (B, 125, 125, 3) in GeV."""
         return crop_to_image(self.inverse(tensors)).contiguous()
 
-    def readout(self, images: torch.Tensor, zero_suppress: bool = True) -> torch.Tensor:
-        """Apply the detector's readout to decoded images (B, 125, 125, 3) in GeV, in place.
-
-        HCAL is averaged over its 5x5 towers (the real file stores each tower as 25 equal
-        cells; the energy of each tower is conserved). With ``zero_suppress``, every
-        channel is then zeroed below ``floor``, the smallest deposit seen in training, as
-        the detector never records less. A decoder that spreads energy thinly (a VAE
-        trained briefly does) loses most of it that way, hence the switch.
-        """
-        if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3); got {tuple(images.shape)}")
-        towers = IMAGE_SIZE // HCAL_TOWER
-        hcal = images[..., 2].reshape(-1, towers, HCAL_TOWER, towers, HCAL_TOWER)
-        tower_mean = hcal.mean(dim=(2, 4), keepdim=True)
-        images[..., 2] = tower_mean.expand_as(hcal).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-        if not zero_suppress:
-            return images
-        # A hair below the floor, so real deposits survive a round trip through float32.
-        floor = torch.tensor(self.floor, dtype=images.dtype, device=images.device) * (1 - 1e-5)
-        images.masked_fill_(images < floor, 0.0)
-        return images
-
     # -- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"kind": "log1p_standardize", **{k: list(v) for k, v in asdict(self).items()}}
@@ -157,4 +130,5 @@ class IntensityTransform:
     def from_dict(cls, d: dict) -> "IntensityTransform":
         if d.get("kind", "log1p_standardize") != "log1p_standardize":
             raise ValueError(f"unknown intensity transform kind {d.get('kind')!r}")
-        return cls(tuple(d["scale"]), tuple(d["mean"]), tuple(d["std"]), tuple(d.get("floor", (0.0, 0.0, 0.0))))
+        # Transforms saved by earlier versions also hold a "floor", no longer used.
+        return cls(tuple(d["scale"]), tuple(d["mean"]), tuple(d["std"]))

@@ -1,7 +1,9 @@
 """How well a trained VAE reconstructs the held-out test jets (``jetfast evaluate-vae``).
 
 Everything is computed on the run's TEST split (``split.npz``), never seen in training or
-model selection, with reconstructions decoded from the posterior mean ``mu``. Written to
+model selection, with reconstructions decoded from the posterior mean ``mu`` (drawn from the
+sparse observation model by default, ``decode="sample"``; ``"mean"`` gives the expected
+image). Written to
 ``RUN_DIR/eval/`` (or ``--out``):
 
 * ``metrics.json``: per channel (Tracks, ECAL, HCAL) and combined,
@@ -217,10 +219,14 @@ def evaluate_vae(
     batch_size: int = 64,
     show: int = 4,
     seed: int = 0,
+    decode: str = "sample",
     progress: bool = True,
 ) -> dict:
     """Evaluate the VAE of ``run_dir`` on its test jets; write metrics.json and the plots into
     ``out`` (default ``RUN_DIR/eval``) and return the metrics.
+
+    ``decode`` is how reconstructions are decoded from ``mu``: "sample" (seeded by ``seed``)
+    or "mean".
 
     ``data`` is the jet file (default: the one the run was trained on); ``max_jets`` caps the
     test jets; ``checkpoint`` is "best" or "last"; ``show`` jets are drawn in
@@ -253,14 +259,16 @@ def evaluate_vae(
     sq_err = np.zeros(n_ch + 1)
     true_sums, reco_sums, latents, labels, scores, psnr, ssim = [], [], [], [], [], [], []
     shown_true, shown_reco, shown_labels = [], [], []
+    jets_done = 0
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluate-vae", unit="batch", disable=not progress, leave=False):
             physical = batch["X_jets"]
             x = transform.forward(physical)
             mu, _ = model.encode(x)
-            x_hat = model.decode(mu)
-            true_img = crop_to_image(physical).double()  # (B, 125, 125, 3) GeV
-            reco_img = crop_to_image(transform.inverse(x_hat)).double()
+            reco_img = model.images(mu, transform, mode=decode, seed=seed, start=jets_done).double()  # (B, 125, 125, 3) GeV
+            jets_done += len(mu)
+            x_hat = transform.to_model(reco_img.float())
+            true_img = crop_to_image(physical).double()
             diff = reco_img - true_img
             pixels = diff.shape[1] * diff.shape[2]
             sq_err[:n_ch] += diff.pow(2).sum(dim=(0, 1, 2)).numpy() / pixels
@@ -316,8 +324,9 @@ def evaluate_vae(
         "data": os.path.abspath(data),
         "split": "test",
         "n_test_jets": int(n),
-        "reconstruction": "decoder output at the posterior mean mu, mapped to GeV by the exact inverse transform; "
-                          "images cropped to 125x125",
+        "reconstruction": f"decoded from the posterior mean mu ({decode} decoding: "
+                          + ("hits and intensities drawn from the observation model" if decode == "sample" else "the expected image")
+                          + "), 125x125 in GeV",
         "channels": channels,
         "combined": combined,
         "psnr_ssim_note": "computed on transformed (log-standardised) images with data_range = max - min of the real "

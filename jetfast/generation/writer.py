@@ -1,11 +1,11 @@
 """Large-scale generation: codes -> latents -> jet images -> HDF5 in the input layout.
 
 Per block of jets: sample codes with the KV-cached Transformer, dequantize them
-with the run's bins, decode with the VAE, undo the intensity transform, crop back
-to 125x125 channels last, apply the detector readout (HCAL in 5x5 towers and,
-with ``zero_suppress``, nothing below the smallest deposit seen in training; see
-IntensityTransform.readout), compute pT and mass from the image, and write the
-block into the output file. Memory is one block, whatever N is.
+with the run's bins, decode them with the VAE into jets in GeV, 125x125 channels
+last (``decode="sample"``: every pixel's hit and intensity drawn from the sparse
+observation model, HCAL spread over its towers by the detector model's own
+layout; ``"mean"``: the expected image), compute pT and mass from the image, and
+write the block into the output file. Memory is one block, whatever N is.
 
 Reproducibility and resuming. Block ``b`` of rank ``r`` is drawn from a seed that
 depends only on ``(seed, r, b)``, so a block is the same whether it is made in
@@ -42,7 +42,7 @@ from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
 from jetfast.generation.sampler import sample
 from jetfast.models.gpt import load_gpt
-from jetfast.models.vae import load_vae
+from jetfast.models.vae import DECODE_MODES, load_vae
 from jetfast.ops import dequantize
 from jetfast.run import RunDir
 
@@ -94,18 +94,17 @@ class JetGenerator:
             )
 
     @torch.inference_mode()
-    def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, zero_suppress: bool = False,
+    def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, decode: str = "sample",
              **sampling) -> np.ndarray:
-        """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional)."""
+        """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional);
+        jet i depends on (seed, i) only, its codes and its pixels alike."""
         times = times or StageTimes()
         start = time.perf_counter()
         codes = sample(self.gpt, len(labels), cls=labels, seed=seed, batch_size=max(1, len(labels)), device=self.device, **sampling)
         times.add("sample", time.perf_counter() - start)
         start = time.perf_counter()
         latents = dequantize(codes.to(self.device), self.centers)
-        model_images = self.vae.decode(latents)
-        images = self.transform.to_images(model_images).float()
-        images = self.transform.readout(images, zero_suppress=zero_suppress).cpu().numpy()
+        images = self.vae.images(latents, self.transform, mode=decode, seed=seed).float().cpu().numpy()
         times.add("decode", time.perf_counter() - start)
         return images
 
@@ -132,9 +131,9 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}-of-{world}{out.suffix}")
 
 
-def _settings(run_dir, n, cls, batch_size, seed, rank, world, zero_suppress, sampling) -> dict:
+def _settings(run_dir, n, cls, batch_size, seed, rank, world, decode, sampling) -> dict:
     return {
-        "zero_suppress": bool(zero_suppress),
+        "decode": decode,
         "run_dir": str(Path(run_dir).resolve()),
         "n": int(n),
         "cls": cls,
@@ -229,7 +228,7 @@ def generate_file(
     seed: int = 0,
     resume: bool = False,
     overwrite: bool = False,
-    zero_suppress: bool = False,
+    decode: str = "sample",
     gpt_dir=None,
     device=None,
     progress: bool = True,
@@ -249,13 +248,15 @@ def generate_file(
         raise InvalidArgument(f"cls must be one of {_CLASS_CHOICES}; got {cls!r}")
     if batch_size < 1:
         raise InvalidArgument(f"batch_size must be positive; got {batch_size}")
+    if decode not in DECODE_MODES:
+        raise InvalidArgument(f"decode must be one of {DECODE_MODES}; got {decode!r}")
     n, out = int(n), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
     partial = out.with_name(out.name + ".partial")
-    settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, zero_suppress, sampling)
+    settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, decode, sampling)
     if partial.exists() and not resume:
         raise FileExistsError(
             f"{partial} is left from an interrupted run: pass resume=True (--resume) to continue it, or delete it"
@@ -272,7 +273,7 @@ def generate_file(
             start, stop = block * batch_size, min(n, (block + 1) * batch_size)
             seed_b = block_seed(seed, rank, block)
             labels = block_labels(cls, stop - start, seed_b)
-            images = generator.jets(labels, seed_b, times, zero_suppress=zero_suppress, **sampling)
+            images = generator.jets(labels, seed_b, times, decode=decode, **sampling)
             tick = time.perf_counter()
             pt, m0 = jet_pt_mass(images)
             f["X_jets"][start:stop] = images
@@ -321,7 +322,7 @@ def generate(run_dir, n: int, out, **kwargs) -> Path:
     """Generate ``n`` jets into ``out``; under torchrun, shards per rank plus a virtual dataset.
 
     ``kwargs`` are those of :func:`generate_file` (``cls``, ``batch_size``, ``seed``, ``resume``,
-    ``overwrite``, ``zero_suppress``, ``gpt_dir``, ``device``, ``progress``, ``times``) and the
+    ``overwrite``, ``decode``, ``gpt_dir``, ``device``, ``progress``, ``times``) and the
     sampling options of :func:`jetfast.sample` (``temperature``, ``top_k``, ``top_p``).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -61,7 +61,8 @@ class RunEncoder:
 
 
 class ImageChange:
-    """How quantizing changes decoded images: decode(dequantize(codes)) against decode(mu).
+    """How quantizing changes decoded images: decode(dequantize(codes)) against decode(mu),
+    both the expected image of the observation model.
 
     Accumulates, per channel (Tracks, ECAL, HCAL), the mean squared difference over the
     125x125 image in model space and in GeV, and the mean square of decode(mu) in GeV as
@@ -90,12 +91,12 @@ class ImageChange:
             return
         device = next(self.model.parameters()).device
         with torch.inference_mode():
-            x_mu = self.model.decode(mu[:take].to(device)).double().cpu()
-            x_q = self.model.decode(z_hat[:take].to(device)).double().cpu()
-        diff = crop_to_image(x_q - x_mu)  # (B, 125, 125, 3), model space
+            # Expected images: deterministic, so the difference is the quantization's alone.
+            gev_mu = self.model.images(mu[:take].to(device), self.transform, mode="mean").double().cpu()
+            gev_q = self.model.images(z_hat[:take].to(device), self.transform, mode="mean").double().cpu()
+        diff = crop_to_image(self.transform.to_model(gev_q) - self.transform.to_model(gev_mu))  # model space
         pixels = diff.shape[1] * diff.shape[2]
         self.sq_model += diff.pow(2).sum(dim=(0, 1, 2)).numpy() / pixels
-        gev_mu, gev_q = self.transform.to_images(x_mu), self.transform.to_images(x_q)
         self.sq_gev += (gev_q - gev_mu).pow(2).sum(dim=(0, 1, 2)).numpy() / pixels
         self.signal_gev += gev_mu.pow(2).sum(dim=(0, 1, 2)).numpy() / pixels
         self.jets += take

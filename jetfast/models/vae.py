@@ -3,19 +3,22 @@
 Encoder: four stride-2 3x3 convolutions (3 -> 32 -> 64 -> 128 -> 256 channels,
 128 -> 8 pixels per side), each with BatchNorm and LeakyReLU(0.2); the 256x8x8 map is
 flattened and mapped linearly to the posterior mean ``mu`` and log-variance ``logvar``.
-Decoder: the mirror image with transposed convolutions. The output is linear because
-the intensity transform standardises log-energies, which are unbounded (a Tanh would cap
-the bright Tracks pixels).
+Decoder: the mirror image with transposed convolutions and a linear output.
 
-Reconstruction terms, both summed over pixels and averaged over the batch:
+What the decoder's output means is the observation model, ``recon``:
 
-* ``"mse"``: squared error (``F.mse_loss(reduction="sum")`` per image), i.e. a Gaussian
-  likelihood of fixed variance 1/2 in transformed units;
-* ``"gaussian_nll"``: a Gaussian likelihood with a learned per-channel variance, so the
-  balance between reconstruction and KL is fitted rather than fixed by ``beta``.
+* ``"sparse"`` (the default): per pixel and channel the probability that the pixel is hit and
+  a log-normal intensity when it is, HCAL at its 25 x 25 tower resolution
+  (:mod:`jetfast.models.observation`); the reconstruction term is the negative log-likelihood
+  of the image in GeV, and decoded jets are drawn from it (or its mean is taken);
+* ``"mse"``: squared error on the log-standardised image (``F.mse_loss(reduction="sum")`` per
+  image), i.e. a Gaussian of fixed variance 1/2 in transformed units, which makes the decoder
+  predict the conditional mean: a diffuse image, non-zero on every pixel;
+* ``"gaussian_nll"``: the same with a learned per-channel variance.
 
-The KL term is summed over latent dimensions and averaged over the batch; ``beta``
-weights it and :meth:`VAE.beta_at` ramps it in over ``kl_warmup_steps``.
+The last two are kept for comparison; they decode to their mean, with HCAL averaged over
+its towers. Every term is summed over pixels (latents for the KL) and averaged over the
+batch; ``beta`` weights the KL and :meth:`VAE.beta_at` ramps it in over ``kl_warmup_steps``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from torch import nn
 from jetfast.data.format import MODEL_SIZE
 from jetfast.data.transforms import IntensityTransform
 from jetfast.errors import InvalidArgument, RunDirError
+from jetfast.models.observation import SparseObservation, params_per_channel
 from jetfast.run import checkpoint_file, load_checkpoint
+from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
-RECON_KINDS = ("mse", "gaussian_nll")
+RECON_KINDS = ("sparse", "mse", "gaussian_nll")
+DECODE_MODES = ("sample", "mean")
 
 
 @dataclass
@@ -42,12 +48,20 @@ class VAEConfig:
     in_channels: int = 3
     image_size: int = MODEL_SIZE
     beta: float = 1.0
-    recon: str = "mse"
+    recon: str = "sparse"
+    intensity_components: int = 1  # recon="sparse": log-normals in each pixel's intensity mixture
     kl_warmup_steps: int = 0
     negative_slope: float = 0.2
+    # recon="sparse": the training hits' statistics (jetfast.models.observation.hit_statistics),
+    # per channel: fraction of hit pixels (HCAL: towers), mean and std of log(hit value / GeV).
+    hit_occupancy: tuple[float, float, float] = (0.01, 0.01, 0.01)
+    hit_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    hit_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
+        for name in ("hit_occupancy", "hit_log_mean", "hit_log_std"):
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.latent_dim < 1:
             raise InvalidArgument(f"latent_dim must be >= 1; got {self.latent_dim}")
         if not self.widths or min(self.widths) < 1:
@@ -59,6 +73,8 @@ class VAEConfig:
             )
         if self.recon not in RECON_KINDS:
             raise InvalidArgument(f"recon must be one of {RECON_KINDS}; got {self.recon!r}")
+        if self.intensity_components < 1:
+            raise InvalidArgument(f"intensity_components must be >= 1; got {self.intensity_components}")
         if self.beta < 0 or self.kl_warmup_steps < 0:
             raise InvalidArgument(f"beta and kl_warmup_steps must be >= 0; got {self.beta}, {self.kl_warmup_steps}")
 
@@ -67,10 +83,13 @@ class VAEConfig:
         """Pixels per side of the deepest feature map (8 for 128 px and four stages)."""
         return self.image_size // 2 ** len(self.widths)
 
+    @property
+    def output_channels(self) -> int:
+        """Decoder output channels: (hit logit, loc, log scale) per image channel when sparse."""
+        return self.in_channels * (params_per_channel(self.intensity_components) if self.recon == "sparse" else 1)
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
@@ -108,9 +127,12 @@ class VAE(nn.Module):
         rev = widths[::-1]
         self.decoder = nn.Sequential(
             *[_up(a, b, slope) for a, b in zip(rev[:-1], rev[1:])],
-            # Last stage: no BatchNorm/activation, the output is the (unbounded) transformed image.
-            nn.ConvTranspose2d(rev[-1], config.in_channels, 3, stride=2, padding=1, output_padding=1),
+            # Last stage: no BatchNorm/activation; the outputs are unbounded (log-odds, log-intensities).
+            nn.ConvTranspose2d(rev[-1], config.output_channels, 3, stride=2, padding=1, output_padding=1),
         )
+        self.observation = SparseObservation(config.hit_log_mean, config.hit_log_std, config.intensity_components)
+        if config.recon == "sparse":
+            self.observation.init_output_bias(self.decoder[-1].bias, config.hit_occupancy)
         # Learned per-channel log-variance of the pixel likelihood (used by recon="gaussian_nll").
         self.log_sigma2 = nn.Parameter(torch.zeros(config.in_channels), requires_grad=config.recon == "gaussian_nll")
         # Start with a near-deterministic posterior: a large initial logvar would drown the
@@ -133,7 +155,8 @@ class VAE(nn.Module):
         return self.to_mu(h), self.to_logvar(h).clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_dim) -> (B, 3, 128, 128) reconstruction mean in transformed units."""
+        """(B, latent_dim) -> the decoder output (B, C, 128, 128): the parameters of the sparse
+        observation model (C = 9), or the mean image in transformed units (C = 3)."""
         cfg = self.config
         if z.ndim != 2 or z.shape[1] != cfg.latent_dim:
             raise ValueError(f"VAE.decode expects (B, {cfg.latent_dim}); got {tuple(z.shape)}")
@@ -142,7 +165,7 @@ class VAE(nn.Module):
         return self.decoder(h.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (x_hat, mu, logvar); samples z in training mode, uses z = mu in eval mode."""
+        """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode."""
         mu, logvar = self.encode(x)
         if self.training:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -157,23 +180,48 @@ class VAE(nn.Module):
             return self.config.beta
         return self.config.beta * min(1.0, (step + 1) / warmup)
 
-    def loss(self, x, x_hat, mu, logvar, beta: float | None = None) -> dict[str, torch.Tensor]:
-        """``dict(loss, recon, kl)``, each a scalar averaged over the batch (summed over pixels/latents)."""
+    def loss(self, x, out, mu, logvar, beta: float | None = None, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``dict(loss, recon, kl, ...)``, each a scalar averaged over the batch (summed over pixels/latents).
+
+        ``x`` is the transformed batch the encoder saw, ``out`` the decoder output; the sparse
+        model scores ``images``, the same jets in GeV (B, 125, 125, 3), and adds its terms per
+        channel (``tracks_hits``, ``tracks_energy``, ...).
+        """
         beta = self.config.beta if beta is None else beta
-        if self.config.recon == "mse":
-            recon = (x_hat - x).pow(2).flatten(1).sum(1).mean()
+        terms = {}
+        if self.config.recon == "sparse":
+            if images is None:
+                raise InvalidArgument("the sparse observation model scores the images in GeV: pass images=")
+            per_jet = self.observation.nll(out, images)
+            recon = sum(per_jet.values())
+            terms = {name: value.mean() for name, value in per_jet.items()}
+        elif self.config.recon == "mse":
+            recon = (out.float() - x).pow(2).flatten(1).sum(1)
         else:
             log_s2 = self.log_sigma2.view(1, -1, 1, 1)
-            nll = 0.5 * ((x_hat - x).pow(2) * torch.exp(-log_s2) + log_s2 + math.log(2 * math.pi))
-            recon = nll.flatten(1).sum(1).mean()
-        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1).mean()
-        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+            recon = (0.5 * ((out.float() - x).pow(2) * torch.exp(-log_s2) + log_s2 + math.log(2 * math.pi))).flatten(1).sum(1)
+        kl = (-0.5 * (1 + logvar.float() - mu.float().pow(2) - logvar.float().exp())).sum(1).mean()
+        recon = recon.mean()
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl, **terms}
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoder output at the posterior mean (no sampling)."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)
+    def images(self, z: torch.Tensor, transform: IntensityTransform, *, mode: str = "sample", seed: int = 0,
+               start: int = 0) -> torch.Tensor:
+        """Decode latents (B, latent_dim) to jets (B, 125, 125, 3) in GeV, in the file layout.
+
+        ``mode="sample"`` draws each pixel's hit and intensity (jet i from the stream of
+        ``(seed, start + i)``, so a jet does not depend on the batch it is decoded in);
+        ``"mean"`` gives the expected image. The Gaussian likelihoods (``mse``,
+        ``gaussian_nll``) always give their mean, with HCAL averaged over the detector's towers.
+        """
+        if mode not in DECODE_MODES:
+            raise InvalidArgument(f"decoding mode must be one of {DECODE_MODES}; got {mode!r}")
+        out = self.decode(z)
+        if self.config.recon == "sparse":
+            return self.observation.sample(out, seed, start) if mode == "sample" else self.observation.mean(out)
+        images = transform.to_images(out.float())
+        images[..., 2] = towers_to_cells(cells_to_towers(images[..., 2]))
+        return images
 
 
 def load_vae(run_dir_or_checkpoint: str | os.PathLike, which: str = "best", map_location="cpu"):

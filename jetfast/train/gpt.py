@@ -56,6 +56,7 @@ class GPTTraining:
     grad_clip: float = 1.0
     patience: int = 0
     seed: int = 0
+    precision: str = "auto"
     num_threads: int | None = None
     no_progress: bool = False
 
@@ -119,6 +120,7 @@ class GPTStage(Stage):
         self.n_train, self.n_val = len(train_rows), len(val_rows)
         self.train_codes, self.train_labels = codes[train_rows], labels[train_rows]
         self.val_codes, self.val_labels = codes[val_rows], labels[val_rows]
+        self.marginal = marginal_bits(self.train_codes, self.val_codes, self.model_config.vocab_size)
         self.per_rank = self.n_train // world_size
         self.steps_per_epoch = math.ceil(self.per_rank / o.batch_size)
         self.total_steps = o.epochs * self.steps_per_epoch
@@ -155,6 +157,9 @@ class GPTStage(Stage):
             "model": vars(config) | {"parameters": self.model.num_parameters()},
             "world_size": world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "warmup_steps": self.warmup,
+            "marginal_bpd": {**self.marginal, "what": "bits per code of the per-dimension histograms of the training "
+                             "codes: their entropy, and the cross-entropy of the validation codes under them "
+                             "(add-one smoothing); a model that learned only the marginals has val_bpd near the latter"},
             "args": asdict(o),
         })
 
@@ -194,6 +199,7 @@ class GPTStage(Stage):
             "val_loss": val["loss"],
             "val_bpd": val["loss"] / math.log(2),
             "val_bpd_uncond": val["loss_uncond"] / math.log(2),
+            "marginal_val_bpd": self.marginal["val"],
         }
 
     def progress(self, terms: dict) -> dict:
@@ -203,11 +209,27 @@ class GPTStage(Stage):
         config = self.model_config
         return (f"{self.n_train} train / {self.n_val} val sequences of {config.seq_len} codes ({config.vocab_size} bins), "
                 f"{self.model.num_parameters():,} parameters, {self.steps_per_epoch} steps per epoch x {world_size} "
-                f"process(es), run directory {run.path}")
+                f"process(es), run directory {run.path}; per-dimension histograms of the codes: entropy "
+                f"{self.marginal['train']:.3f} bits/dim, {self.marginal['val']:.3f} on the validation codes")
 
     def describe_epoch(self, record: dict) -> str:
         return (f"train {record['train_loss']:.4f}  val {record['val_loss']:.4f} nats/code "
-                f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f})  lr {record['lr']:.2e}")
+                f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f}, marginals "
+                f"{record['marginal_val_bpd']:.3f})  lr {record['lr']:.2e}")
+
+
+def marginal_bits(train_codes: torch.Tensor, val_codes: torch.Tensor, vocab: int) -> dict:
+    """Bits per code of the independent per-dimension histograms of the training codes: their
+    entropy (``train``) and the cross-entropy of the validation codes under them with add-one
+    smoothing (``val``), the baseline a sequence model must beat."""
+    dims = train_codes.shape[1]
+    counts = torch.zeros(dims, vocab, dtype=torch.float64)
+    counts.scatter_add_(1, train_codes.long().T, torch.ones(train_codes.T.shape, dtype=torch.float64))
+    p = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    entropy = -(p * torch.log2(p.clamp_min(1e-300))).sum(1).mean()
+    smoothed = (counts + 1) / (counts.sum(1, keepdim=True) + vocab)
+    val = -torch.log2(smoothed.gather(1, val_codes.long().T)).mean() if len(val_codes) else torch.tensor(float("nan"))
+    return {"train": float(entropy), "val": float(val)}
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:

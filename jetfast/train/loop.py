@@ -9,7 +9,8 @@ are reported. :func:`fit` does the rest the same way for every stage:
   options a run may change (:data:`RUN_OPTIONS`: paths, length, threads, progress bar) come
   from the new call and every other option from the run's config.json;
 * torchrun: DistributedDataParallel, rank 0 writing files, sums over all ranks;
-* each step: a NaN/inf loss on any rank stops every rank at that step (``TrainingDiverged``,
+* each step in the chosen precision (``precision``: bf16 autocast where the hardware has it,
+  :func:`autocast_context`); a NaN/inf loss on any rank stops every rank at that step (``TrainingDiverged``,
   the last good checkpoint kept), then backward, gradient clipping (a non-finite norm
   stops too) and the optimizer step; a per-step schedule steps with it;
 * each epoch: validation, a ``ReduceLROnPlateau`` schedule stepped on the validation loss,
@@ -143,6 +144,7 @@ def fit(stage: Stage) -> RunDir:
         torch.set_num_threads(options.num_threads)
     rank, world_size, _, device = distributed.setup_distributed()
     main = distributed.is_main()
+    autocast = autocast_context(options.precision, device)
 
     stage.open()
     resumed = None
@@ -207,7 +209,8 @@ def fit(stage: Stage) -> RunDir:
                 if capped and step >= total_steps:
                     break
                 try:
-                    terms, weight = stage.step(net, batch, step)
+                    with autocast():
+                        terms, weight = stage.step(net, batch, step)
                     optimize(model, optimizer, terms["loss"], options.grad_clip, step, epoch)
                 except TrainingDiverged:
                     stage.explain_divergence(batch, step)
@@ -226,7 +229,8 @@ def fit(stage: Stage) -> RunDir:
 
             distributed.broadcast_buffers(model)
             net.eval()
-            val_sums, val_items = stage.validate(model)
+            with autocast():
+                val_sums, val_items = stage.validate(model)
             train, train_items = _mean_over_ranks(sums, items, world_size)
             val, _ = _mean_over_ranks(val_sums, val_items, world_size)
             check_finite(val["loss"], step, epoch, what="validation loss")
@@ -259,6 +263,30 @@ def fit(stage: Stage) -> RunDir:
     finally:
         stage.close()
     return run
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware (AVX512-BF16 or AMX on a
+    CPU, Ampere or later on CUDA), where bf16 autocast makes training faster, not slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A factory of the context that training steps run in: bf16 autocast (weights, optimizer
+    state and losses stay fp32) or nothing. ``"auto"`` takes bf16 where it is native."""
+    if precision not in PRECISIONS:
+        raise InvalidArgument(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def optimize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,

@@ -20,8 +20,10 @@ import torch
 import jetfast
 from jetfast.data.format import validate_jet_file
 from jetfast.data.loader import JetLoader
-from jetfast.data.transforms import IntensityTransform, crop_to_image
+from jetfast.data.format import IMAGE_SIZE
+from jetfast.data.transforms import PAD_BEFORE, IntensityTransform, crop_to_image
 from jetfast.errors import InvalidArgument, JetFileError, RunDirError
+from jetfast.models.observation import CHANNEL_NAMES, hit_statistics
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
 from jetfast.train.loop import Stage, fit
@@ -42,8 +44,10 @@ class VAETraining:
     latent_dim: int = 128
     widths: tuple[int, ...] = (32, 64, 128, 256)
     beta: float = 1.0
-    recon: str = "mse"
+    recon: str = "sparse"
+    intensity_components: int = 1
     kl_warmup_epochs: float = 1.0
+    augment: bool = True
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
@@ -52,6 +56,7 @@ class VAETraining:
     lr_patience: int = 2
     patience: int = 6
     seed: int = 0
+    precision: str = "auto"
     num_threads: int | None = None
     no_progress: bool = False
     loader_threads: int | None = None
@@ -67,8 +72,12 @@ def train_vae(data, out, **options) -> RunDir:
 
 
 class VAEStage(Stage):
-    """The VAE as a training stage: jets from the file through the JetLoader, the loss
-    terms of :meth:`VAE.loss` (KL weight ramped in), ReduceLROnPlateau on the validation loss."""
+    """The VAE as a training stage: jets from the file through the JetLoader in GeV (the
+    encoder's input is transformed here, the sparse likelihood scores the GeV pixels, whose
+    zeros stay exact), each training jet mirrored in eta and/or phi at random (``augment``:
+    both are symmetries of jet images centred on the axis, and they map the HCAL tower grid
+    onto itself), the loss terms of :meth:`VAE.loss` (KL weight ramped in),
+    ReduceLROnPlateau on the validation loss."""
 
     name = "train-vae"
     readme = VAE_README
@@ -84,8 +93,12 @@ class VAEStage(Stage):
             _warn_if_unbalanced(o.data, self.n_used)
         fractions = (1 - o.val_fraction - o.test_fraction, o.val_fraction, o.test_fraction)
         self.split = make_split(self.n_used, fractions, seed=o.seed)
-        self.transform = _fit_transform(o.data, self.split["train"], o.transform_jets, o.seed, o.loader_threads)
-        self.vae_config = VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon)
+        images = _sample_images(o.data, self.split["train"], o.transform_jets, o.seed, o.loader_threads)
+        self.transform = IntensityTransform.fit(images.numpy())
+        hits = hit_statistics(images)
+        self.vae_config = VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
+                                    intensity_components=o.intensity_components, hit_occupancy=hits["occupancy"],
+                                    hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"])
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         o = self.options
@@ -103,9 +116,9 @@ class VAEStage(Stage):
         o = self.options
         self.device, self.world_size = device, world_size
         self.train_loader = JetLoader(o.data, o.batch_size, indices=self.split["train"], shuffle=True, seed=o.seed,
-                                      num_threads=o.loader_threads, transform=self.transform)
+                                      num_threads=o.loader_threads, transform=None)
         self.val_loader = JetLoader(o.data, o.batch_size, indices=self.split["val"], shuffle=False,
-                                    num_threads=o.loader_threads, transform=self.transform)
+                                    num_threads=o.loader_threads, transform=None)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise InvalidArgument(f"the training split has {len(self.split['train'])} jets: too few for {world_size} process(es)")
@@ -133,11 +146,19 @@ class VAEStage(Stage):
         self.train_loader.set_epoch(epoch)
         return self.train_loader
 
+    def _inputs(self, batch, mirror_seed: int | None = None):
+        """(encoder input (B, 3, 128, 128) transformed, the jets (B, 125, 125, 3) in GeV), the jets
+        mirrored at random when a seed is given."""
+        physical = batch["X_jets"].to(self.device, non_blocking=True)  # padded, GeV
+        if mirror_seed is not None:
+            physical = _mirror(physical, torch.Generator().manual_seed(mirror_seed))
+        return self.transform.forward(physical), crop_to_image(physical)
+
     def step(self, net, batch, step: int):
-        x = batch["X_jets"].to(self.device, non_blocking=True)
+        # Mirrors drawn from (seed, step): a resumed run draws the same ones.
+        x, images = self._inputs(batch, self.options.seed * 1_000_003 + step if self.options.augment else None)
         self.beta = self.model.beta_at(step)
-        x_hat, mu, logvar = net(x)
-        return self.model.loss(x, x_hat, mu, logvar, self.beta), x.shape[0]
+        return self.model.loss(x, *net(x), self.beta, images=images), x.shape[0]
 
     def explain_divergence(self, batch, step: int) -> None:
         _raise_if_bad_pixels(self.options.data, batch["X_jets"], batch["index"], step)
@@ -149,8 +170,8 @@ class VAEStage(Stage):
         jets = 0
         with torch.no_grad():
             for batch in self.val_loader:
-                x = batch["X_jets"].to(self.device, non_blocking=True)
-                terms = model.loss(x, *model(x), self.vae_config.beta)
+                x, images = self._inputs(batch)
+                terms = model.loss(x, *model(x), self.vae_config.beta, images=images)
                 n = x.shape[0]
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * n
@@ -183,6 +204,10 @@ class VAEStage(Stage):
             if loader is not None:
                 loader.close()
 
+    def _terms(self) -> list[str]:
+        channels = [f"{c}_{part}" for c in CHANNEL_NAMES for part in ("hits", "energy")]
+        return ["loss", "recon", "kl", *(channels if self.vae_config.recon == "sparse" else [])]
+
     def _config(self, run: RunDir, world_size: int) -> dict:
         o = self.options
         return {
@@ -211,6 +236,7 @@ class VAEStage(Stage):
                 "lr_schedule": f"ReduceLROnPlateau(val_loss, factor=0.5, patience={o.lr_patience})",
                 "early_stopping_patience": o.patience,
                 "kl_warmup_epochs": o.kl_warmup_epochs,
+                "augment": "random eta and phi mirroring" if o.augment else None,
                 "seed": o.seed,
                 "num_threads": o.num_threads,
             },
@@ -218,24 +244,38 @@ class VAEStage(Stage):
             "versions": {"jetfast": jetfast.__version__, "torch": torch.__version__},
             "metrics": {
                 "file": run.metrics_path.name,
-                "keys": ["epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
+                "keys": ["epoch", "step", *(f"{part}_{term}" for part in ("train", "val") for term in self._terms()),
                          "beta", "lr", "time_s", "images_per_s"],
-                "note": "per-jet means; train_* average the epoch's steps (KL weight 'beta' ramping during warm-up), "
-                        "val_* use the full beta; images_per_s counts training images of all processes",
+                "note": "per-jet means in nats; recon = the negative log-likelihood of the image (sparse: the sum of "
+                        "<channel>_hits, where the hits are, and <channel>_energy, how much they hold); train_* "
+                        "average the epoch's steps (KL weight 'beta' ramping during warm-up), val_* use the full "
+                        "beta; images_per_s counts training images of all processes",
             },
         }
 
 
-def _fit_transform(path: str, train_indices, max_jets: int, seed: int, loader_threads: int | None):
-    """Fit the intensity transform on a random sample of training jets."""
+def _sample_images(path: str, train_indices, max_jets: int, seed: int, loader_threads: int | None) -> torch.Tensor:
+    """A random sample of training jets (N, 125, 125, 3) in GeV, to fit the intensity transform
+    and the hit statistics on; every rank draws the same sample, so all fit the same."""
     rng = np.random.default_rng(seed)
     take = min(len(train_indices), max(1, max_jets))
     sample = rng.choice(train_indices, size=take, replace=False)
-    # Physical units (transform=None); every rank draws the same sample, so all fit the same transform.
     with JetLoader(path, 256, indices=sample, shuffle=False, transform=None, keys=("X_jets",),
                    num_threads=loader_threads, rank=0, world_size=1) as loader:
-        images = torch.cat([crop_to_image(batch["X_jets"]) for batch in loader])
-    return IntensityTransform.fit(images.numpy())
+        return torch.cat([crop_to_image(batch["X_jets"]) for batch in loader])
+
+
+def _mirror(physical: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each padded jet (B, 3, 128, 128) in eta (rows) and/or phi (columns) with probability
+    1/2 each, about the image centre: the 125 x 125 image is flipped, not the padded frame."""
+    flips = torch.rand(2, physical.shape[0], generator=generator) < 0.5
+    end = PAD_BEFORE + IMAGE_SIZE
+    physical = physical.clone()
+    image = physical[:, :, PAD_BEFORE:end, PAD_BEFORE:end]
+    for axis, chosen in zip((-2, -1), flips):
+        if chosen.any():
+            image[chosen.to(physical.device)] = image[chosen.to(physical.device)].flip(axis)
+    return physical
 
 
 def _raise_if_bad_pixels(path: str, x, index, step: int) -> None:

@@ -1,0 +1,180 @@
+"""The sparse observation model of jet images: which pixels are hit, and how much.
+
+A jet image is a few dozen hits on an empty window, so the decoder does not predict one
+value per pixel (a squared error makes it predict the conditional mean, non-zero on every
+pixel). Per pixel and channel it gives the probability that the pixel is hit,
+``p = sigmoid(logit)``, and the distribution of its intensity when it is: a mixture of
+``components`` log-normals,
+
+    log x | hit  ~  sum_k w_k Normal(log_mean_c + log_std_c * loc_k,  (log_std_c * scale_k)^2),
+
+where the weights ``w = softmax(weight logits)``, ``loc_k`` and ``log scale_k`` are decoder
+outputs in units standardised per channel by the training hits' ``log_mean_c`` and
+``log_std_c`` (fixed, saved with the model). One component is a plain log-normal; more let a
+pixel be, say, either a noise hit or a photon (ECAL), whose log-energies a single Gaussian
+would straddle with a wide, heavy-tailed fit. The log-likelihood of an image is the sum over
+pixels of
+
+    log(1 - p)                                        for an empty pixel,
+    log p + log sum_k w_k Normal(log x; ...)          for a hit,
+
+i.e. of the density of (hit, log x); the Jacobian 1/x does not depend on the model and is
+left out. Pixels are independent given the latent.
+
+HCAL is modelled at its own resolution: 25 x 25 towers of 5 x 5 cells, a tower's value being
+its E_T (the sum of its 25 cells). The decoder's HCAL outputs are averaged over each tower's
+cells, and decoded towers are spread over their cells by the detector model's own
+:func:`~jetfast.sim.detector.towers_to_cells`, so generated HCAL always has the tower
+structure of the files.
+
+Decoding: :meth:`SparseObservation.sample` draws occupancies, components and intensities
+from per-jet random streams (:mod:`jetfast.seeding`); :meth:`SparseObservation.mean` is the
+expected image ``p * E[x | hit]``, smooth and non-zero everywhere (for studies, not for jets).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jetfast.data.format import CHANNELS, IMAGE_SIZE
+from jetfast.data.transforms import PAD_BEFORE
+from jetfast.seeding import jet_generators
+from jetfast.sim.detector import TOWER, cells_to_towers, towers_to_cells
+
+NUM_CHANNELS = len(CHANNELS)
+CHANNEL_NAMES = ("tracks", "ecal", "hcal")
+LOG_SCALE_RANGE = (-7.0, 5.0)  # keeps exp(log scale) finite and the density bounded
+TOWERS = IMAGE_SIZE // TOWER
+DECODE_STREAM = 1  # the seeding stream of pixel draws (the sampler's codes use stream 0)
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def params_per_channel(components: int) -> int:
+    """Decoder outputs per image channel: the hit logit, then per component a weight logit (none
+    for a single component), a loc and a log scale."""
+    return 1 + 3 * components if components > 1 else 3
+
+
+def hit_statistics(images) -> dict:
+    """What fixes the units of the model, from training images (N, 125, 125, 3) in GeV: per
+    channel (HCAL per tower) the fraction of hit pixels and the mean and std of log(hit value)."""
+    images = torch.as_tensor(images, dtype=torch.float64)
+    occupancy, log_mean, log_std = [], [], []
+    for values in SparseObservation.targets(images):
+        hits = values[values > 0]
+        occupancy.append(float(len(hits) / max(values.numel(), 1)))
+        logs = torch.log(hits)
+        log_mean.append(float(logs.mean()) if len(hits) else 0.0)
+        log_std.append(float(logs.std()) if len(hits) > 1 and float(logs.std()) > 0 else 1.0)
+    return {"occupancy": occupancy, "log_mean": log_mean, "log_std": log_std}
+
+
+class SparseObservation(nn.Module):
+    """Bernoulli occupancy x log-normal intensity per pixel (HCAL per tower); see the module docstring."""
+
+    def __init__(self, log_mean=(0.0, 0.0, 0.0), log_std=(1.0, 1.0, 1.0), components: int = 1):
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"components must be >= 1; got {components}")
+        self.components = components
+        self.params = params_per_channel(components)
+        self.register_buffer("log_mean", torch.tensor(log_mean, dtype=torch.float32))
+        self.register_buffer("log_std", torch.tensor(log_std, dtype=torch.float32))
+
+    def init_output_bias(self, bias: torch.Tensor, occupancy) -> None:
+        """Start the decoder at the training data's occupancy, its components spread over the
+        typical intensities."""
+        k = self.components
+        with torch.no_grad():
+            bias = bias.view(NUM_CHANNELS, self.params)
+            bias.zero_()
+            bias[:, 0] = torch.logit(torch.tensor(occupancy, dtype=bias.dtype).clamp(1e-6, 0.5))
+            if k > 1:
+                bias[:, 1 + k : 1 + 2 * k] = torch.linspace(-1.0, 1.0, k)
+
+    def split(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Decoder output (B, 3P, 128, 128) -> parameters [tracks (B, P, 125, 125), ecal (B, P, 125, 125),
+        hcal (B, P, 25, 25)], P = :func:`params_per_channel` along dim 1."""
+        end = PAD_BEFORE + IMAGE_SIZE
+        out = out[:, :, PAD_BEFORE:end, PAD_BEFORE:end].float()  # undo the 125 -> 128 padding
+        out = out.reshape(out.shape[0], NUM_CHANNELS, self.params, IMAGE_SIZE, IMAGE_SIZE)
+        return [out[:, 0], out[:, 1], F.avg_pool2d(out[:, 2], TOWER)]
+
+    @staticmethod
+    def targets(images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 125, 125, 3) GeV -> what is modelled: [tracks (B, 125, 125), ecal (B, 125, 125),
+        hcal towers (B, 25, 25)]."""
+        return [images[..., 0], images[..., 1], cells_to_towers(images[..., 2])]
+
+    def _unpack(self, params: torch.Tensor):
+        """(hit logit (B, H, W), log weights, locs, log scales (B, K, H, W))."""
+        k = self.components
+        if k == 1:
+            loc, log_scale = params[:, 1:2], params[:, 2:3]
+            log_weight = torch.zeros_like(loc)
+        else:
+            log_weight = torch.log_softmax(params[:, 1 : 1 + k], dim=1)
+            loc, log_scale = params[:, 1 + k : 1 + 2 * k], params[:, 1 + 2 * k : 1 + 3 * k]
+        return params[:, 0], log_weight, loc, log_scale.clamp(*LOG_SCALE_RANGE)
+
+    def nll(self, out: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Negative log-likelihood of ``images`` (B, 125, 125, 3) in GeV under the decoder output
+        ``out``: per jet (B,), ``<channel>_hits`` (where the hits are) and ``<channel>_energy``
+        (how much they hold)."""
+        terms = {}
+        for c, (name, params, values) in enumerate(zip(CHANNEL_NAMES, self.split(out), self.targets(images))):
+            logit, log_weight, loc, log_scale = self._unpack(params)
+            hit = values > 0
+            terms[f"{name}_hits"] = F.binary_cross_entropy_with_logits(logit, hit.float(), reduction="none").flatten(1).sum(1)
+            u = ((torch.log(torch.where(hit, values, 1.0)) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
+            log_density = log_weight - log_scale - _HALF_LOG_2PI - 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
+            nll = torch.log(self.log_std[c]) - torch.logsumexp(log_density, dim=1)
+            terms[f"{name}_energy"] = torch.where(hit, nll, 0.0).flatten(1).sum(1)
+        return terms
+
+    def noise(self, seed: int, start: int, count: int) -> list[torch.Tensor]:
+        """Per channel, (count, 3, H, W) draws for jets ``start .. start + count - 1``: a uniform for
+        the hit, a uniform for the component, a standard normal for the intensity. A jet's draws
+        depend only on (seed, its index)."""
+        sizes = (IMAGE_SIZE * IMAGE_SIZE, IMAGE_SIZE * IMAGE_SIZE, TOWERS * TOWERS)
+        pixels = sum(sizes)
+        draws = torch.empty(count, 3, pixels)
+        for row, generator in enumerate(jet_generators(seed, start, count, stream=DECODE_STREAM)):
+            torch.rand(2, pixels, generator=generator, out=draws[row, :2])
+            torch.randn(pixels, generator=generator, out=draws[row, 2])
+        shapes = ((IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE), (TOWERS, TOWERS))
+        return [part.reshape(count, 3, *shape) for part, shape in zip(draws.split(sizes, dim=2), shapes)]
+
+    def sample(self, out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
+        """Draw jets (B, 125, 125, 3) in GeV: jet i of the batch is jet ``start + i`` of ``seed``'s stream."""
+        channels = []
+        for c, (params, draws) in enumerate(zip(self.split(out), self.noise(seed, start, out.shape[0]))):
+            logit, log_weight, loc, log_scale = self._unpack(params)
+            draws = draws.to(out.device)
+            hit = draws[:, 0] < torch.sigmoid(logit)
+            # The component: the first whose cumulative weight exceeds the uniform.
+            below = (torch.cumsum(log_weight.exp(), dim=1) <= draws[:, 1:2]).sum(1, keepdim=True)
+            k = below.clamp_max(self.components - 1)
+            chosen_loc, chosen_scale = loc.gather(1, k)[:, 0], log_scale.gather(1, k)[:, 0].exp()
+            log_value = (chosen_loc + chosen_scale * draws[:, 2]) * self.log_std[c] + self.log_mean[c]
+            channels.append(torch.where(hit, torch.exp(log_value), 0.0))
+        return self._assemble(channels)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """The expected image (B, 125, 125, 3) in GeV: p * sum_k w_k exp(mu_k + sigma_k^2 / 2) per pixel."""
+        channels = []
+        for c, params in enumerate(self.split(out)):
+            logit, log_weight, loc, log_scale = self._unpack(params)
+            sigma = torch.exp(log_scale) * self.log_std[c]
+            log_mean = log_weight + loc * self.log_std[c] + self.log_mean[c] + 0.5 * sigma**2
+            channels.append(torch.sigmoid(logit) * torch.logsumexp(log_mean, dim=1).exp())
+        return self._assemble(channels)
+
+    @staticmethod
+    def _assemble(channels: list[torch.Tensor]) -> torch.Tensor:
+        tracks, ecal, towers = channels
+        return torch.stack([tracks, ecal, towers_to_cells(towers)], dim=-1).contiguous()

@@ -1,0 +1,187 @@
+"""The sparse observation model: its likelihood against a direct NumPy computation, sampled
+jets reproducible per jet, HCAL always in towers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from jetfast.models.observation import SparseObservation, hit_statistics
+from jetfast.models.vae import VAE, VAEConfig
+from jetfast.data.transforms import IntensityTransform
+from jetfast.sim.detector import cells_to_towers, towers_to_cells
+
+
+def _numpy_params(out, k):
+    """(B, 3P, 128, 128) -> per channel (logit, log weights (B, K, ...), locs, log scales), HCAL per tower."""
+    b = out.shape[0]
+    p = 1 + 3 * k if k > 1 else 3
+    out = out[:, :, 1:126, 1:126].astype(np.float64).reshape(b, 3, p, 125, 125)
+    result = []
+    for c in range(3):
+        params = out[:, c]
+        if c == 2:
+            params = params.reshape(b, p, 25, 5, 25, 5).mean(axis=(3, 5))
+        if k == 1:
+            log_w, loc, log_scale = np.zeros_like(params[:, 1:2]), params[:, 1:2], params[:, 2:3]
+        else:
+            w = params[:, 1 : 1 + k]
+            log_w = w - np.log(np.exp(w).sum(axis=1, keepdims=True))
+            loc, log_scale = params[:, 1 + k : 1 + 2 * k], params[:, 1 + 2 * k :]
+        result.append((params[:, 0], log_w, loc, np.clip(log_scale, -7, 5)))
+    return result
+
+
+def _numpy_nll(out, images, log_mean, log_std, k):
+    """Straight from the formulas, per channel and pixel, in float64."""
+    b = out.shape[0]
+    result = {}
+    for c, (name, (logit, log_w, loc, log_scale)) in enumerate(zip(("tracks", "ecal", "hcal"), _numpy_params(out, k))):
+        x = images[..., c].astype(np.float64)
+        if name == "hcal":
+            x = x.reshape(b, 25, 5, 25, 5).sum(axis=(2, 4))
+        p = 1 / (1 + np.exp(-logit))
+        hit = x > 0
+        hits = -np.where(hit, np.log(p), np.log1p(-p))
+        sigma = np.exp(log_scale) * log_std[c]
+        mean = log_mean[c] + loc * log_std[c]
+        logx = np.log(np.where(hit, x, 1.0))[:, None]
+        log_density = logsumexp(log_w + norm.logpdf(logx, mean, sigma), axis=1)
+        result[f"{name}_hits"] = hits.reshape(b, -1).sum(1)
+        result[f"{name}_energy"] = -np.where(hit, log_density, 0.0).reshape(b, -1).sum(1)
+    return result
+
+
+def _sparse_images(rng, b):
+    images = np.zeros((b, 125, 125, 3), np.float32)
+    for c, hits in enumerate((20, 100, 12)):
+        for j in range(b):
+            rows, cols = rng.integers(0, 125, hits), rng.integers(0, 125, hits)
+            images[j, rows, cols, c] = np.exp(rng.normal(0, 1.5, hits))
+    # HCAL as the detector stores it: towers spread over their 25 cells
+    towers = images[..., 2].reshape(b, 25, 5, 25, 5).sum(axis=(2, 4))
+    images[..., 2] = np.repeat(np.repeat(towers / 25, 5, axis=1), 5, axis=2)
+    return images
+
+
+@pytest.mark.parametrize("b, k", [(1, 1), (3, 1), (2, 3)])
+def test_nll_matches_numpy(b, k, rng):
+    model = SparseObservation(tuple(rng.normal(0, 1, 3)), tuple(rng.uniform(0.5, 2, 3)), components=k)
+    out = rng.normal(0, 1, (b, 3 * model.params, 128, 128)).astype(np.float32)
+    images = _sparse_images(rng, b)
+    got = model.nll(torch.from_numpy(out), torch.from_numpy(images))
+    want = _numpy_nll(out, images, model.log_mean.double().numpy(), model.log_std.double().numpy(), k)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k].double().numpy(), want[k], rtol=2e-5, err_msg=k)
+
+
+def test_towers_are_the_detector_layout(rng):
+    towers = rng.exponential(1.0, (2, 25, 25))
+    cells = towers_to_cells(towers)
+    np.testing.assert_array_equal(cells, np.repeat(np.repeat(towers / 25, 5, axis=1), 5, axis=2))
+    np.testing.assert_allclose(cells_to_towers(cells), towers, rtol=1e-12)
+    as_torch = towers_to_cells(torch.from_numpy(towers))
+    np.testing.assert_array_equal(as_torch.numpy(), cells)
+    torch.testing.assert_close(cells_to_towers(as_torch), torch.from_numpy(towers))
+
+
+def _observation_and_output(rng, b, k=1):
+    model = SparseObservation((0.5, -2.0, 1.0), (1.0, 0.8, 1.2), components=k)
+    out = torch.from_numpy(rng.normal(0, 1, (b, 3 * model.params, 128, 128)).astype(np.float32))
+    out[:, 0 :: model.params] -= 4.0  # hit logits: a few percent of the pixels
+    return model, out
+
+
+def _tower_constant(hcal):
+    blocks = hcal.reshape(hcal.shape[0], 25, 5, 25, 5)
+    return torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sampled_jets_depend_on_seed_and_index_only(k, rng, seed):
+    model, out = _observation_and_output(rng, 5, k)
+    batch = model.sample(out, seed=seed, start=10)
+    assert batch.shape == (5, 125, 125, 3) and batch.dtype == torch.float32
+    assert torch.isfinite(batch).all() and (batch >= 0).all()
+    # Jet 12 decoded alone, or in another batch, is the same jet.
+    torch.testing.assert_close(model.sample(out[2:3], seed=seed, start=12), batch[2:3], rtol=0, atol=0)
+    torch.testing.assert_close(model.sample(out[1:4], seed=seed, start=11), batch[1:4], rtol=0, atol=0)
+    assert not torch.equal(model.sample(out, seed=seed + 1, start=10), batch)
+    # Sparse: only hit pixels are non-zero, HCAL constant on every tower.
+    occupancy = (batch > 0).double().mean(dim=(0, 1, 2))
+    assert 0 < occupancy[0] < 0.2 and 0 < occupancy[1] < 0.2
+    assert _tower_constant(batch[..., 2])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sampled_occupancy_and_intensity_follow_the_model(k, rng, seed):
+    """Draws agree with the probabilities and the mixture they come from: the hit rate, and the
+    probability integral transform of every drawn log-intensity is uniform."""
+    from scipy.stats import kstest
+
+    model, out = _observation_and_output(rng, 8, k)
+    logit, log_w, loc, log_scale = _numpy_params(out.numpy(), k)[0]
+    p = 1 / (1 + np.exp(-logit))
+    jets = model.sample(out, seed=seed)[..., 0].double().numpy()
+    hits = jets > 0
+    assert abs(hits.mean() - p.mean()) < 5 * math.sqrt(p.mean() / p.size)
+    u = ((np.log(jets[hits]) - float(model.log_mean[0])) / float(model.log_std[0]))[:, None]
+    w = np.exp(log_w).transpose(0, 2, 3, 1)[hits]  # (hits, K)
+    cdf = (w * norm.cdf((u - loc.transpose(0, 2, 3, 1)[hits]) / np.exp(log_scale.transpose(0, 2, 3, 1)[hits]))).sum(1)
+    assert kstest(cdf, "uniform").pvalue > 1e-4
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mean_image_matches_numpy(k, rng):
+    model, out = _observation_and_output(rng, 2, k)
+    out[:, :] *= 0.3  # moderate widths: exp(sigma^2 / 2) stays within float32
+    mean = model.mean(out).double().numpy()
+    for c, (logit, log_w, loc, log_scale) in enumerate(_numpy_params(out.numpy(), k)):
+        sigma = np.exp(log_scale) * float(model.log_std[c])
+        expected = (np.exp(log_w + loc * float(model.log_std[c]) + float(model.log_mean[c]) + sigma**2 / 2)).sum(1)
+        want = expected / (1 + np.exp(-logit))
+        if c == 2:
+            want = np.repeat(np.repeat(want / 25, 5, axis=1), 5, axis=2)
+        np.testing.assert_allclose(mean[..., c], want, rtol=1e-5)
+
+
+def test_hit_statistics(rng):
+    images = _sparse_images(rng, 4)
+    stats = hit_statistics(images)
+    tracks = images[..., 0][images[..., 0] > 0].astype(np.float64)
+    assert stats["occupancy"][0] == pytest.approx(len(tracks) / (4 * 125 * 125))
+    assert stats["log_mean"][0] == pytest.approx(np.log(tracks).mean())
+    towers = images[..., 2].reshape(4, 25, 5, 25, 5).sum(axis=(2, 4))
+    assert stats["occupancy"][2] == pytest.approx((towers > 0).mean())
+
+
+def test_vae_decodes_sparse_jets_in_towers(rng, seed):
+    images = torch.from_numpy(_sparse_images(rng, 3))
+    transform = IntensityTransform.fit(images.numpy())
+    hits = hit_statistics(images)
+    config = VAEConfig(latent_dim=8, widths=(4, 8, 8, 8), hit_occupancy=hits["occupancy"],
+                       hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"])
+    vae = VAE(config).eval()
+    z = torch.randn(3, 8)
+    jets = vae.images(z, transform, mode="sample", seed=seed)
+    assert jets.shape == (3, 125, 125, 3) and _tower_constant(jets[..., 2])
+    # At initialisation the decoder starts at the data's occupancy.
+    occupancy = (jets > 0).double().mean(dim=(0, 1, 2))
+    assert occupancy[0] == pytest.approx(hits["occupancy"][0], rel=0.5, abs=1e-3)
+    assert torch.equal(vae.images(z, transform, seed=seed), jets)
+    mean = vae.images(z, transform, mode="mean")
+    assert (mean > 0).all() and _tower_constant(mean[..., 2])
+    with pytest.raises(ValueError, match="mode"):
+        vae.images(z, transform, mode="median")
+    x = transform.to_model(images)
+    terms = vae.loss(x, *vae(x), images=images)
+    expected = {"loss", "recon", "kl", *(f"{c}_{t}" for c in ("tracks", "ecal", "hcal") for t in ("hits", "energy"))}
+    assert set(terms) == expected and all(torch.isfinite(v) for v in terms.values())
+    with pytest.raises(ValueError, match="images"):
+        vae.loss(x, *vae(x))
