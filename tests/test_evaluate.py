@@ -206,6 +206,59 @@ def test_quark_gluon_transfer_needs_both_classes(rng):
         metrics.quark_gluon_transfer(x, y, x, np.ones(600), bootstrap=10)
 
 
+# -- Fréchet and kernel physics distances -----------------------------------------------------------
+def _frechet_by_eigenvalues(mean_a, cov_a, mean_b, cov_b):
+    """Tr((A B)^(1/2)) = sum of sqrt(eigenvalues of A^(1/2) B A^(1/2)), a symmetric route."""
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    diff = mean_a - mean_b
+    return diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(middle, 0, None)).sum()
+
+
+def test_frechet_distance_against_eigenvalues(rng):
+    for d in (1, 3, 13):
+        a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+        cov_a, cov_b = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+        mean_a, mean_b = rng.normal(size=d), rng.normal(size=d)
+        got = metrics.frechet_distance(mean_a, cov_a, mean_b, cov_b)
+        assert got == pytest.approx(_frechet_by_eigenvalues(mean_a, cov_a, mean_b, cov_b), rel=1e-6, abs=1e-9)
+    # Diagonal covariances: sum of squared mean and standard-deviation differences.
+    assert metrics.frechet_distance([0, 1], np.diag([1.0, 4.0]), [1, 1], np.diag([4.0, 1.0])) == pytest.approx(3.0)
+
+
+def test_fpd_finds_a_shift_and_not_a_resample(rng):
+    real = rng.normal(size=(3000, 4)) + 10.0  # max |value| ~ 14: JetNet's normalisation divides by it
+    same = rng.normal(size=(3000, 4)) + 10.0
+    shifted = same + np.array([1.0, 0, 0, 0])
+    scale = np.abs(real).max(axis=0)
+    expected = (1.0 / scale[0]) ** 2  # the Fréchet distance of the normalised Gaussians
+    null = metrics.fpd(real, same, seed=1)
+    found = metrics.fpd(real, shifted, seed=1)
+    assert null["value"] < 0.1 * expected
+    assert found["value"] == pytest.approx(expected, rel=0.2)
+    assert found["sizes"] == [1200, 3000]
+    with pytest.raises(metrics.TooFewJets):
+        metrics.fpd(real[:10], same)
+
+
+def test_mmd_polynomial_against_a_double_loop(rng):
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(5, 3)) + 0.5
+    k = lambda a, b: (a @ b / 3 + 1) ** 4  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    xy = sum(k(x[i], y[j]) for i in range(7) for j in range(5)) / 35
+    assert metrics.mmd_polynomial(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+
+
+def test_kpd_separates_distributions(rng):
+    real = rng.normal(size=(2000, 5))
+    null = metrics.kpd(real, rng.normal(size=(2000, 5)), batch_size=1000)
+    found = metrics.kpd(real, rng.normal(size=(2000, 5)) * 1.5)
+    assert abs(null["value"]) < 3 * null["err"] + 1e-4
+    assert found["value"] > 10 * max(null["err"], 1e-5) and found["batch_size"] == 2000
+
+
 # -- the whole report -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory, module_seed):

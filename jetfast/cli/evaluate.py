@@ -30,6 +30,9 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cnn", action="store_true",
                         help="add an image-level two-sample test: a small CNN on 25x25 tower-summed images "
                              "(torch; about a minute on 2 cores)")
+    parser.add_argument("--no-ladder", action="store_true",
+                        help="with --run, skip the fidelity ladder (the run's VAE reconstructions, the same through "
+                             "the bins and its prior samples, each compared with the test jets like --gen)")
     parser.add_argument("--no-plots", action="store_true", help="write numbers only (faster)")
 
 
@@ -59,7 +62,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print("jetfast evaluate: no --run given, so every real jet is used; real jets a model was trained "
               "on flatter it — pass --run RUN_DIR to use its held-out test split", file=sys.stderr)
     metrics = evaluate(real, args.gen, out, real_indices=indices, max_jets=args.max_jets, thresholds=args.threshold,
-                       bootstrap=args.bootstrap, seed=args.seed, plots=not args.no_plots, real_note=note, cnn=args.cnn)
+                       bootstrap=args.bootstrap, seed=args.seed, plots=not args.no_plots, real_note=note, cnn=args.cnn,
+                       run_dir=args.run if args.run and not args.no_ladder else None)
     c2st = metrics["c2st"]
     if "auc" in c2st:
         print(f"classifier two-sample AUC: {plus_minus(c2st['auc'], c2st['auc_err'])} (0.5 = indistinguishable)")
@@ -69,5 +73,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if summary["median_ratio"] is not None:
         print(f"median distance / noise floor: {summary['median_ratio']:.2f} (1 = as close as two real samples); "
               f"farthest: {summary['worst_observable']} at {summary['worst_ratio']:.2f}")
+    for i, row in enumerate(metrics.get("ladder", [])):
+        auc = row["c2st"].get("auc")
+        print(f"  ladder {i}. {row['row']:<15} median W/floor {row['median_ratio']:.2f}  worst {row['worst_ratio']:.2f} "
+              f"({row['worst_observable']})  AUC {'—' if auc is None else f'{auc:.3f}'}")
     print(f"report: {out / 'report.html'}  (also report.md, metrics.json, plots/)")
     return 0

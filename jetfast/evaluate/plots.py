@@ -260,3 +260,32 @@ def plot_pixel_spectrum(real: JetSample, gen: JetSample, path: Path) -> Path:
         fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
         plt.close(fig)
     return path
+
+
+def plot_ladder_jets(rows: list[tuple[str, JetSample]], path: Path, per_row: int = 4) -> Path:
+    """Random jets of every row of the fidelity ladder: Tracks+ECAL+HCAL, one log scale for all."""
+    from matplotlib.colors import LogNorm
+
+    rows = [(label, sample.examples[:per_row, EXAMPLE_CROP, EXAMPLE_CROP].sum(-1)) for label, sample in rows]
+    positive = np.concatenate([jets[jets > 0] for _, jets in rows] or [np.ones(1)])
+    vmax = float(positive.max()) if positive.size else 1.0
+    norm = LogNorm(vmin=max(vmax * 1e-4, 1e-6), vmax=vmax)
+    with _style() as plt:
+        fig, axes = plt.subplots(len(rows), per_row, figsize=(2.6 * per_row, 2.75 * len(rows) + 0.6), squeeze=False)
+        fig.subplots_adjust(hspace=0.25, wspace=0.05)
+        image = None
+        for r, (label, jets) in enumerate(rows):
+            for i in range(per_row):
+                ax = axes[r, i]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_facecolor("#0b0b2a")
+                if i < len(jets):
+                    image = ax.imshow(np.ma.masked_less_equal(jets[i], 0), cmap="viridis", origin="lower", norm=norm)
+            axes[r, 0].set_title(f"{r}. {label}", loc="left", fontsize=11)
+        if image is not None:
+            fig.colorbar(image, ax=axes, orientation="horizontal", fraction=0.02, pad=0.02, label="Tracks+ECAL+HCAL [GeV]")
+        fig.suptitle("The fidelity ladder: random jets of every row (central 63x63 pixels)")
+        fig.savefig(path, dpi=70, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path

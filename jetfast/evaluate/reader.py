@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import h5py
 import numpy as np
@@ -38,6 +39,7 @@ class JetSample:
     jets_per_key: dict  # "all" / class -> number of jets in image_sum
     spectrum: np.ndarray  # (3, len(SPECTRUM_EDGES) - 1) pixel counts per channel
     examples: np.ndarray  # (k, 125, 125, 3) a few random jets
+    ids: np.ndarray | None = None  # (N,) which jets these are: rows of the file, or numbers 0..n-1
     coarse: np.ndarray | None = None  # (m, 25, 25, 3) 5x5-summed images of random jets, for the CNN test
     coarse_labels: np.ndarray | None = None
     n_nonfinite: int = 0
@@ -83,6 +85,99 @@ def _select(n_file: int, indices, max_jets: int | None, rng: np.random.Generator
     return indices
 
 
+class _SampleBuilder:
+    """Accumulates batches of jets (images in GeV, their ids, their labels) into a :class:`JetSample`."""
+
+    def __init__(self, ids, *, labelled: bool, thresholds, rng: np.random.Generator, keep_coarse: int):
+        ids = np.asarray(ids)
+        self.thresholds = thresholds
+        self.examples_wanted = set(rng.choice(ids, size=min(N_EXAMPLES, len(ids)), replace=False).tolist())
+        self.coarse_wanted = np.sort(rng.choice(ids, size=min(keep_coarse, len(ids)), replace=False))
+        self.labelled = labelled
+        self.parts: dict[str, list] = {k: [] for k in OBSERVABLES}
+        self.profiles, self.labels, self.ids, self.examples, self.coarse, self.coarse_labels = [], [], [], [], [], []
+        self.image_sum = {"all": np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))}
+        self.jets_per_key = {"all": 0}
+        if labelled:
+            for cls in CLASS_NAMES:
+                self.image_sum[cls] = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))
+                self.jets_per_key[cls] = 0
+        self.spectrum = np.zeros((3, len(SPECTRUM_EDGES) - 1), np.int64)
+        self.seen = self.n_nonfinite = self.n_negative = 0
+
+    def add(self, images: np.ndarray, ids: np.ndarray, labels: np.ndarray | None) -> None:
+        self.seen += len(images)
+        with np.errstate(invalid="ignore"):  # NaN pixels give NaN observables; those jets are dropped
+            obs = compute_observables(images, self.thresholds, with_profile=True)
+        # A channel sum is finite exactly when all its pixels are: no second pass over the images.
+        finite = np.isfinite(obs["tracks_sum"]) & np.isfinite(obs["ecal_sum"]) & np.isfinite(obs["hcal_sum"])
+        if not finite.all():
+            self.n_nonfinite += int((~finite).sum())
+            images, ids = images[finite], ids[finite]
+            labels = labels[finite] if labels is not None else None
+            obs = {k: v[finite] for k, v in obs.items()}
+            if len(images) == 0:
+                return
+        self.n_negative += int((images < 0).any(axis=(1, 2, 3)).sum())
+        for k in OBSERVABLES:
+            self.parts[k].append(obs[k])
+        self.profiles.append(obs["radial_profile"])
+        self.ids.append(np.asarray(ids, np.int64))
+        # Mean images: one matrix product sums the batch for all jets and for each class,
+        # a single pass over the pixels instead of one masked copy per class.
+        keys = list(self.image_sum)
+        selectors = np.ones((len(keys), len(images)), np.float32)
+        if self.labelled:
+            self.labels.append(labels)
+            for k, key in enumerate(keys[1:], start=1):
+                selectors[k] = labels == key
+        sums = selectors @ images.reshape(len(images), -1)  # (keys, 125*125*3)
+        for k, key in enumerate(keys):
+            self.image_sum[key] += sums[k].reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
+            self.jets_per_key[key] += int(selectors[k].sum())
+        for c in range(3):
+            pixels = images[..., c]
+            pixels = pixels[pixels > 0]  # a few % of the pixels; uniform bins in log10 are fast
+            self.spectrum[c] += np.histogram(np.log10(pixels), bins=len(SPECTRUM_EDGES) - 1,
+                                             range=(np.log10(SPECTRUM_EDGES[0]), np.log10(SPECTRUM_EDGES[-1])))[0]
+        for i, jet in enumerate(ids):
+            if int(jet) in self.examples_wanted:
+                self.examples.append(images[i].copy())
+        if len(self.coarse_wanted):
+            mine = np.isin(ids, self.coarse_wanted)
+            k = int(mine.sum())
+            self.coarse.append(images[mine].reshape(k, 25, 5, 25, 5, 3).sum(axis=(2, 4)))
+            if self.labelled:
+                self.coarse_labels.append(labels[mine])
+
+    def finish(self, path: str, n_file: int, label_note: str = "") -> JetSample:
+        if not self.profiles:
+            raise JetFileError(f"{path}: all {self.seen} selected jets have NaN or inf pixels; nothing to evaluate")
+        notes = [label_note] if label_note else []
+        if self.n_nonfinite:
+            notes.append(f"{path}: dropped {self.n_nonfinite} of {self.seen} jets with NaN or inf pixels")
+        if self.n_negative:
+            notes.append(f"{path}: {self.n_negative} jets have negative pixels (kept; the data contract says pixels >= 0)")
+        return JetSample(
+            path=path,
+            n_file=n_file,
+            observables={k: np.concatenate(v) for k, v in self.parts.items()},
+            profile=np.concatenate(self.profiles),
+            labels=np.concatenate(self.labels) if self.labelled else None,
+            image_sum=self.image_sum,
+            jets_per_key=self.jets_per_key,
+            spectrum=self.spectrum,
+            examples=np.stack(self.examples) if self.examples else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+            ids=np.concatenate(self.ids),
+            coarse=np.concatenate(self.coarse) if self.coarse else None,
+            coarse_labels=np.concatenate(self.coarse_labels) if self.coarse_labels else None,
+            n_nonfinite=self.n_nonfinite,
+            n_negative=self.n_negative,
+            label_note=label_note,
+            notes=notes,
+        )
+
+
 def read_jets(
     path,
     indices=None,
@@ -114,100 +209,38 @@ def read_jets(
         selected = _select(n_file, indices, max_jets, rng, path)
         if len(selected) == 0:
             raise JetFileError(f"{path}: no jets to evaluate (the file or the selection is empty)")
-        examples_wanted = set(rng.choice(selected, size=min(N_EXAMPLES, len(selected)), replace=False).tolist())
-        coarse_wanted = np.sort(rng.choice(selected, size=min(keep_coarse, len(selected)), replace=False))
-        coarse, coarse_labels = [], []
+        builder = _SampleBuilder(selected, labelled=labels_file is not None, thresholds=thresholds, rng=rng,
+                                 keep_coarse=keep_coarse)
         ds = f[IMAGE_KEY]
         rows_per_chunk = ds.chunks[0] if ds.chunks else 1
         block = max(rows_per_chunk, (chunk_jets // rows_per_chunk) * rows_per_chunk)
-
-        parts: dict[str, list] = {k: [] for k in OBSERVABLES}
-        profiles, kept_labels, examples = [], [], []
-        image_sum = {"all": np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))}
-        jets_per_key = {"all": 0}
-        if labels_file is not None:
-            for cls in CLASS_NAMES:
-                image_sum[cls] = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))
-                jets_per_key[cls] = 0
-        spectrum = np.zeros((3, len(SPECTRUM_EDGES) - 1), np.int64)
-        n_nonfinite = n_negative = 0
-
-        bar = tqdm(total=len(selected), desc=desc, unit="jet", disable=not progress, leave=False)
-        for start in range(0, n_file, block):
-            lo_sel, hi_sel = np.searchsorted(selected, [start, start + block])
-            if lo_sel == hi_sel:
-                continue
-            rows = selected[lo_sel:hi_sel]
-            images = ds[rows[0] : rows[-1] + 1]  # (n, 125, 125, 3)
-            if len(images) != len(rows):  # a sparse selection: keep the selected jets only
-                images = images[rows - rows[0]]
-            with np.errstate(invalid="ignore"):  # NaN pixels give NaN observables; those jets are dropped
-                obs = compute_observables(images, thresholds, with_profile=True)
-            # A channel sum is finite exactly when all its pixels are: no second pass over the images.
-            finite = np.isfinite(obs["tracks_sum"]) & np.isfinite(obs["ecal_sum"]) & np.isfinite(obs["hcal_sum"])
-            if not finite.all():
-                n_nonfinite += int((~finite).sum())
-                images, rows = images[finite], rows[finite]
-                obs = {k: v[finite] for k, v in obs.items()}
-                if len(images) == 0:
-                    bar.update(hi_sel - lo_sel)
+        with tqdm(total=len(selected), desc=desc, unit="jet", disable=not progress, leave=False) as bar:
+            for start in range(0, n_file, block):
+                lo_sel, hi_sel = np.searchsorted(selected, [start, start + block])
+                if lo_sel == hi_sel:
                     continue
-            n_negative += int((images < 0).any(axis=(1, 2, 3)).sum())
-            for k in OBSERVABLES:
-                parts[k].append(obs[k])
-            profiles.append(obs["radial_profile"])
-            # Mean images: one matrix product sums the chunk for all jets and for each class,
-            # a single pass over the pixels instead of one masked copy per class.
-            keys = list(image_sum)
-            selectors = np.ones((len(keys), len(images)), np.float32)
-            if labels_file is not None:
-                y = labels_file[rows]
-                kept_labels.append(y)
-                for k, key in enumerate(keys[1:], start=1):
-                    selectors[k] = y == key
-            sums = selectors @ images.reshape(len(images), -1)  # (keys, 125*125*3)
-            for k, key in enumerate(keys):
-                image_sum[key] += sums[k].reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
-                jets_per_key[key] += int(selectors[k].sum())
-            for c in range(3):
-                pixels = images[..., c]
-                pixels = pixels[pixels > 0]  # a few % of the pixels; uniform bins in log10 are fast
-                spectrum[c] += np.histogram(np.log10(pixels), bins=len(SPECTRUM_EDGES) - 1,
-                                            range=(np.log10(SPECTRUM_EDGES[0]), np.log10(SPECTRUM_EDGES[-1])))[0]
-            for i, row in enumerate(rows):
-                if int(row) in examples_wanted:
-                    examples.append(images[i].copy())
-            if len(coarse_wanted):
-                mine = np.isin(rows, coarse_wanted)
-                k = int(mine.sum())
-                coarse.append(images[mine].reshape(k, 25, 5, 25, 5, 3).sum(axis=(2, 4)))
-                if labels_file is not None:
-                    coarse_labels.append(labels_file[rows[mine]])
-            bar.update(hi_sel - lo_sel)
-        bar.close()
+                rows = selected[lo_sel:hi_sel]
+                images = ds[rows[0] : rows[-1] + 1]  # (n, 125, 125, 3)
+                if len(images) != len(rows):  # a sparse selection: keep the selected jets only
+                    images = images[rows - rows[0]]
+                builder.add(images, rows, labels_file[rows] if labels_file is not None else None)
+                bar.update(hi_sel - lo_sel)
+    return builder.finish(path, n_file, label_note)
 
-    n_kept = sum(len(p) for p in profiles)
-    if n_kept == 0:
-        raise JetFileError(f"{path}: all {len(selected)} selected jets have NaN or inf pixels; nothing to evaluate")
-    notes = [label_note] if label_note else []
-    if n_nonfinite:
-        notes.append(f"{path}: dropped {n_nonfinite} of {len(selected)} jets with NaN or inf pixels")
-    if n_negative:
-        notes.append(f"{path}: {n_negative} jets have negative pixels (kept; the data contract says pixels >= 0)")
-    return JetSample(
-        path=path,
-        n_file=n_file,
-        observables={k: np.concatenate(v) for k, v in parts.items()},
-        profile=np.concatenate(profiles),
-        labels=np.concatenate(kept_labels) if labels_file is not None else None,
-        image_sum=image_sum,
-        jets_per_key=jets_per_key,
-        spectrum=spectrum,
-        examples=np.stack(examples) if examples else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
-        coarse=np.concatenate(coarse) if coarse else None,
-        coarse_labels=np.concatenate(coarse_labels) if coarse_labels else None,
-        n_nonfinite=n_nonfinite,
-        n_negative=n_negative,
-        label_note=label_note,
-        notes=notes,
-    )
+
+def collect_jets(batches: Iterable, n: int, *, name: str, labelled: bool, thresholds=DEFAULT_THRESHOLDS,
+                 seed: int = 0, progress: bool = True, desc: str = "jets") -> JetSample:
+    """The :class:`JetSample` of ``n`` jets made on the fly: ``batches`` yields (images (B, 125,
+    125, 3) float32 GeV, labels (B,) or None), ``n`` jets in all; ``name`` stands for the file path."""
+    builder = _SampleBuilder(np.arange(n), labelled=labelled, thresholds=thresholds,
+                             rng=np.random.default_rng(seed), keep_coarse=0)
+    done = 0
+    with tqdm(total=n, desc=desc, unit="jet", disable=not progress, leave=False) as bar:
+        for images, labels in batches:
+            builder.add(np.asarray(images, np.float32), np.arange(done, done + len(images)),
+                        np.asarray(labels, np.int8) if labelled else None)
+            done += len(images)
+            bar.update(len(images))
+    if done != n:
+        raise ValueError(f"{name}: expected {n} jets, got {done}")
+    return builder.finish(name, n)

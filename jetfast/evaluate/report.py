@@ -15,7 +15,8 @@ The output directory explains itself::
 metrics.json keys: ``real``/``gen`` (paths, jets used, dropped), ``options``, ``notes``,
 ``summary`` (median distance/floor ratio, farthest observable), ``distances`` and
 ``distances_by_class`` (see :func:`jetfast.evaluate.metrics.distance_table`), ``c2st``,
-``c2st_cnn`` (with ``--cnn``), ``quark_gluon``, ``radial_profile``, ``plots``, ``timing_s``.
+``c2st_cnn`` (with ``--cnn``), ``fpd``, ``kpd``, ``quark_gluon``, ``ladder`` (with a run: one
+entry per row of :mod:`jetfast.evaluate.ladder`), ``radial_profile``, ``plots``, ``timing_s``.
 A test that could not run holds ``{"skipped": "<why>"}`` instead of numbers.
 
 Real jets are the held-out test split of a training run when ``--run`` is given (its
@@ -42,20 +43,24 @@ from jetfast.evaluate.metrics import (
     cnn_two_sample_test,
     distance_table,
     features_matrix,
+    fpd,
+    kpd,
     quark_gluon_transfer,
 )
 from jetfast.evaluate.observables import DEFAULT_THRESHOLDS, PROFILE_EDGES
 from jetfast.evaluate.plots import (
     plot_classes,
     plot_jets,
+    plot_ladder_jets,
     plot_mean_images,
     plot_observables,
     plot_pixel_spectrum,
     plot_radial_profile,
 )
+from jetfast.evaluate.ladder import ROWS, ladder, model_samples
 from jetfast.evaluate.reader import DEFAULT_CHUNK_JETS, read_jets
 from jetfast.evaluate.render import fmt, json_ready, plus_minus, render
-from jetfast.run import atomic_write
+from jetfast.run import RunDir, atomic_write
 
 
 def _distance_rows(table: dict) -> list[list[str]]:
@@ -64,6 +69,33 @@ def _distance_rows(table: dict) -> list[list[str]]:
          plus_minus(d["floor"], d["floor_err"]), fmt(d["ratio"], 2), fmt(d["real_mean"]), fmt(d["gen_mean"])]
         for name, d in table.items()
     ]
+
+
+LADDER_HEADER = ["row", "jets", "median W/floor", "worst W/floor", "classifier AUC", "FPD", "KPD"]
+LADDER_TEXT = (
+    "Each row is compared with the same held-out test jets by the same observables: the median and the worst "
+    "Wasserstein distance over the noise floor (1 = as close as two real samples), the ROC AUC of a classifier "
+    "telling the row's jets from real ones (0.5 = indistinguishable), and the Fréchet and kernel physics "
+    "distances of JetNet over the observables (0 for identical distributions; the real row shows their noise at "
+    "half the jets). Where a row is worse than the one above, that stage loses fidelity."
+)
+
+
+def _measure(entry: dict) -> str:
+    return "—" if "skipped" in entry else plus_minus(entry["value"], entry["err"])
+
+
+def _ladder_rows(table: list[dict]) -> list[list[str]]:
+    rows = []
+    for i, r in enumerate(table):
+        c2st = r["c2st"]
+        rows.append([
+            f"{i}. {r['what']}", str(r["n"]), fmt(r["median_ratio"], 2),
+            f"{fmt(r['worst_ratio'], 2)} ({r['worst_observable']})" if r["worst_observable"] else "—",
+            "—" if "skipped" in c2st else plus_minus(c2st["auc"], c2st["auc_err"]),
+            _measure(r["fpd"]), _measure(r["kpd"]),
+        ])
+    return rows
 
 
 DISTANCE_HEADER = ["observable", "W(real, gen)", "W / σ_real", "W(half, gen)", "floor W(half, half)",
@@ -96,12 +128,16 @@ def evaluate(
     chunk_jets: int = DEFAULT_CHUNK_JETS,
     real_note: str = "",
     cnn: bool = False,
+    run_dir=None,
 ) -> dict:
     """Compare generated jets with real ones; write report.md/html, metrics.json, plots/; return the metrics.
 
     ``real_indices`` selects real jets (e.g. a test split); ``max_jets`` caps each side with
     a random subset; ``thresholds`` are the pixel thresholds (GeV) of the multiplicities;
-    ``cnn`` adds the image-level two-sample test (a small CNN, torch; slower).
+    ``cnn`` adds the image-level two-sample test (a small CNN, torch; slower). With ``run_dir``,
+    the run the jets were generated from (and whose test jets are the real ones), the report
+    adds its fidelity ladder (:mod:`jetfast.evaluate.ladder`): the same comparison for the VAE's
+    reconstructions, the reconstructions through the bins and its prior samples.
     """
     t0 = time.perf_counter()
     if max_jets is not None and max_jets < 2:
@@ -153,10 +189,18 @@ def evaluate(
                                  "gen_mean": gen.profile.mean(0)}
 
     real_x, gen_x = features_matrix(real.observables), features_matrix(gen.observables)
-    try:
-        metrics["c2st"] = classifier_two_sample_test(real_x, gen_x, bootstrap=bootstrap, seed=seed)
-    except TooFewJets as exc:
-        metrics["c2st"] = {"skipped": str(exc)}
+    for name, test in (("c2st", lambda: classifier_two_sample_test(real_x, gen_x, bootstrap=bootstrap, seed=seed)),
+                       ("fpd", lambda: fpd(real_x, gen_x, seed=seed)), ("kpd", lambda: kpd(real_x, gen_x, seed=seed))):
+        try:
+            metrics[name] = test()
+        except TooFewJets as exc:
+            metrics[name] = {"skipped": str(exc)}
+    rows = {}
+    if run_dir is not None and not RunDir(run_dir).checkpoint("best").is_file():
+        metrics["notes"].append(f"{run_dir} holds no trained VAE (checkpoints/best.pt): the fidelity ladder is skipped")
+    elif run_dir is not None:
+        rows = model_samples(run_dir, real_path, real, thresholds=thresholds, seed=seed, progress=progress)
+        metrics["ladder"] = ladder(real, {**rows, "transformer": gen}, bootstrap=bootstrap, seed=seed)
     if cnn:
         try:
             metrics["c2st_cnn"] = cnn_two_sample_test(real.coarse, gen.coarse, bootstrap=bootstrap, seed=seed)
@@ -184,6 +228,10 @@ def evaluate(
         images["mean_images"] = plot_mean_images(real, gen, plot_dir / "mean_images.png")
         images["jets_real"] = plot_jets(real, plot_dir / "jets_real.png", "real")
         images["jets_generated"] = plot_jets(gen, plot_dir / "jets_generated.png", "generated")
+        if rows:
+            images["ladder_jets"] = plot_ladder_jets(
+                [(ROWS["real"].split(" (")[0], real), *((ROWS[k], rows[k]) for k in rows), (ROWS["transformer"], gen)],
+                plot_dir / "ladder_jets.png")
     metrics["plots"] = {k: v.relative_to(out_dir).as_posix() for k, v in images.items() if v is not None}
     metrics["timing_s"] = {"read": t_read, "plots": time.perf_counter() - t_plots, "total": time.perf_counter() - t0}
 
@@ -204,6 +252,9 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         f"Pixel thresholds for multiplicities (GeV): {thresholds}. Bootstrap replicas: {m['options']['bootstrap']}.",
     ] + [f"Note: {n}" for n in m["notes"]]
     sections = [{"heading": "Samples", "text": summary}]
+    if "ladder" in m:
+        sections.append({"heading": "Fidelity ladder", "text": [LADDER_TEXT], "table": (LADDER_HEADER, _ladder_rows(m["ladder"])),
+                         "images": [images.get("ladder_jets")]})
 
     c2st = m["c2st"]
     if "skipped" in c2st:
