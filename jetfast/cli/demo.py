@@ -1,10 +1,11 @@
 """``jetfast demo``: simulate jets, train both stages, generate, evaluate.
 
 Every stage is the real command a user would run (``jetfast data generate``,
-``train-vae``, ``fit-bins``, ``encode``, ``train-gpt``, ``generate``, ``evaluate``)
-with sizes small enough for a 2-core CPU in about ten minutes; every size is an
-option, so the same command scales to the full dataset on a GPU. A stage that
-finished is skipped when the demo is run again (``--restart`` starts over).
+``train-vae``, ``fit-bins``, ``encode``, ``train-gpt``, ``generate``, ``evaluate``).
+Two presets size it: ``quick`` (the default) fits a 2-core CPU in about ten minutes,
+``hour`` is the longer fidelity run (about an hour on 2 cores); every size is also an
+option of its own, so the same command scales to the full dataset on a GPU. A stage
+that finished is skipped when the demo is run again (``--restart`` starts over).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from pathlib import Path
 
 STAGES = ("data", "train-vae", "fit-bins", "encode", "train-gpt", "generate", "evaluate")
 
+# Sizes of each preset; an option given on the command line wins.
+PRESETS = {
+    "quick": {"jets": 4000, "generate": 2000, "vae_epochs": 16, "gpt_epochs": 8, "gpt_size": (128, 4, 3)},
+    "hour": {"jets": 20000, "generate": 4000, "vae_epochs": 16, "gpt_epochs": 10, "gpt_size": (256, 8, 4)},
+}
+
 
 def _gpt_size(text: str) -> tuple[int, int, int]:
     try:
@@ -28,14 +35,18 @@ def _gpt_size(text: str) -> tuple[int, int, int]:
 
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="demo directory (default ./demo)")
-    parser.add_argument("--jets", type=int, default=4000, help="Pythia jets to simulate (default 4000)")
-    parser.add_argument("--generate", type=int, default=2000, help="jets to generate (default 2000)")
-    parser.add_argument("--vae-epochs", type=int, default=8, help="VAE epochs (default 8)")
-    parser.add_argument("--gpt-epochs", type=int, default=8, help="Transformer epochs (default 8)")
+    parser.add_argument("--preset", choices=("quick", "hour"), default="quick",
+                        help="sizes: quick (default, ~10 min on 2 cores) or hour (the longer fidelity run, ~1 h); "
+                             + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in sizes.items())}"
+                                         for name, sizes in PRESETS.items()))
+    parser.add_argument("--jets", type=int, default=None, help="Pythia jets to simulate (default: the preset's)")
+    parser.add_argument("--generate", type=int, default=None, help="jets to generate (default: the preset's)")
+    parser.add_argument("--vae-epochs", type=int, default=None, help="VAE epochs (default: the preset's)")
+    parser.add_argument("--gpt-epochs", type=int, default=None, help="Transformer epochs (default: the preset's)")
     parser.add_argument("--latent-dim", type=int, default=128, help="latent dimensions = codes per jet (default 128)")
     parser.add_argument("--bins", type=int, default=256, help="bins per latent dimension (default 256)")
-    parser.add_argument("--gpt-size", type=_gpt_size, default=(128, 4, 3), metavar="D_MODEL,HEADS,LAYERS",
-                        help="Transformer d_model,heads,layers (default 128,4,3)")
+    parser.add_argument("--gpt-size", type=_gpt_size, default=None, metavar="D_MODEL,HEADS,LAYERS",
+                        help="Transformer d_model,heads,layers (default: the preset's)")
     parser.add_argument("--workers", type=int, default=None, help="Pythia worker processes (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--restart", action="store_true", help="delete the demo directory and start over")
@@ -65,6 +76,9 @@ def _stage(out: Path, name: str, argv: list[str], log: dict) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from jetfast.errors import InvalidArgument
 
+    for option, value in PRESETS[args.preset].items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
     for option in ("jets", "generate", "vae_epochs", "gpt_epochs", "latent_dim", "bins"):
         if getattr(args, option) < 1:
             raise InvalidArgument(f"--{option.replace('_', '-')} must be at least 1; got {getattr(args, option)}")
