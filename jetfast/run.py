@@ -81,6 +81,21 @@ def atomic_write(path: str | os.PathLike, data) -> Path:
     return path
 
 
+def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work is done, an output file that could not be written at the end:
+    a directory, an existing file (unless ``overwrite``), a missing or unwritable directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name such as {path / 'jets.h5'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"directory {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to directory {path.parent}; choose a writable location")
+    return path
+
+
 def _json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)

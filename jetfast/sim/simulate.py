@@ -25,6 +25,7 @@ import numpy as np
 from jetfast.sim.detector import CMS_LIKE, Detector
 from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, QUARK
 from jetfast.errors import InvalidArgument
+from jetfast.run import check_output_file
 from jetfast.sim.pythia import (
     PARTICLE_ETA_MARGIN,
     JetSelection,
@@ -112,15 +113,7 @@ def _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, 
         raise InvalidArgument(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InvalidArgument(f"chunk must be a positive number of jets per HDF5 chunk; got {chunk!r}")
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a directory; give a file name such as {out / 'jets.h5'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another name or pass overwrite=True (--overwrite)")
-    directory = out.parent if str(out.parent) else pathlib.Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to directory {directory}; choose a writable location")
+    check_output_file(out, overwrite)
 
 
 def _file_attributes(n, seed, quark_fraction, selection: JetSelection, detector: Detector, compression) -> dict:
