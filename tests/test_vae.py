@@ -263,10 +263,11 @@ def test_ddp_ranks_stop_together_on_nan(nan_jet_file, tmp_path):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.cli",
            "train-vae", "--data", str(path), "--out", str(tmp_path / "run"), *TINY, "--transform-jets", "10", "--epochs", "1",
            "--num-threads", "1"]
-    # Without the shared check the clean rank would wait forever in backward: the timeout fails the test.
+    # The rank whose batch holds the jet refuses it; the clean one must not wait forever in backward:
+    # the timeout fails the test.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
     assert proc.returncode != 0
-    assert f"jet(s) {bad} have NaN" in proc.stderr and "training diverged" in proc.stderr, proc.stderr[-3000:]
+    assert f"jet(s) {bad} have NaN" in proc.stderr, proc.stderr[-3000:]
 
 
 def load_split_for(jet_file):

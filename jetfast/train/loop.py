@@ -109,9 +109,6 @@ class Stage:
         minimized) and the number of items they average over."""
         raise NotImplementedError
 
-    def explain_divergence(self, batch, step: int) -> None:
-        """Called when the loss on ``batch`` diverged; may raise a more telling error."""
-
     def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], int]:
         """Sums of the validation terms over this rank's validation items, and their number."""
         raise NotImplementedError
@@ -208,13 +205,9 @@ def fit(stage: Stage) -> RunDir:
             for batch in stage.batches(epoch):
                 if capped and step >= total_steps:
                     break
-                try:
-                    with autocast():
-                        terms, weight = stage.step(net, batch, step)
-                    optimize(model, optimizer, terms["loss"], options.grad_clip, step, epoch)
-                except TrainingDiverged:
-                    stage.explain_divergence(batch, step)
-                    raise
+                with autocast():
+                    terms, weight = stage.step(net, batch, step)
+                optimize(model, optimizer, terms["loss"], options.grad_clip, step, epoch)
                 if not on_plateau:
                     scheduler.step()
                 step += 1

@@ -22,7 +22,7 @@ from jetfast.data.format import validate_jet_file
 from jetfast.data.loader import JetLoader
 from jetfast.data.format import IMAGE_SIZE
 from jetfast.data.transforms import PAD_BEFORE, IntensityTransform, crop_to_image
-from jetfast.errors import InvalidArgument, JetFileError, RunDirError
+from jetfast.errors import InvalidArgument, RunDirError
 from jetfast.models.observation import CHANNEL_NAMES, hit_statistics
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
@@ -160,9 +160,6 @@ class VAEStage(Stage):
         self.beta = self.model.beta_at(step)
         return self.model.loss(x, *net(x), self.beta, images=images), x.shape[0]
 
-    def explain_divergence(self, batch, step: int) -> None:
-        _raise_if_bad_pixels(self.options.data, batch["X_jets"], batch["index"], step)
-
     def validate(self, model: VAE):
         # Validation always weighs the KL with the full beta: the objective being selected on
         # must not change during the warm-up, or the scheduler would read the ramp as a plateau.
@@ -276,16 +273,6 @@ def _mirror(physical: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if chosen.any():
             image[chosen.to(physical.device)] = image[chosen.to(physical.device)].flip(axis)
     return physical
-
-
-def _raise_if_bad_pixels(path: str, x, index, step: int) -> None:
-    """After a non-finite loss: blame the data, naming the jets, when the batch itself holds NaN/inf."""
-    bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
-    if bad.any():
-        jets = index[bad.cpu()].tolist()
-        shown = ", ".join(map(str, jets[:10])) + (" ..." if len(jets) > 10 else "")
-        raise JetFileError(f"{path}: jet(s) {shown} have NaN or infinite pixels (found at step {step}); "
-                           "remove them from the file or leave them out of the run")
 
 
 def _warn_if_unbalanced(path: str, n_used: int) -> None:
