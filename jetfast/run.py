@@ -195,7 +195,9 @@ class RunDir:
         """Create (or reopen, for ``resume``) a training run's directory.
 
         A non-empty directory without ``resume`` or ``overwrite`` is an error rather than
-        silently mixing two runs' metrics; ``overwrite`` deletes only the files a run writes.
+        silently mixing two runs' metrics, unless it holds a run that never checkpointed
+        (:meth:`never_checkpointed`), which is started again; ``overwrite`` deletes only the
+        files a run writes.
         """
         run = cls(path)
         if resume:
@@ -205,7 +207,7 @@ class RunDir:
         if run.path.exists() and not run.path.is_dir():
             raise RunDirExists(f"{run.path} exists and is not a directory")
         if run.path.is_dir() and any(run.path.iterdir()):
-            if not overwrite:
+            if not overwrite and not run.never_checkpointed():
                 raise RunDirExists(
                     f"{run.path} already exists and is not empty; pass --resume to continue that run "
                     "or --overwrite to replace it (or choose another --out)"
@@ -214,6 +216,15 @@ class RunDir:
         run.path.mkdir(parents=True, exist_ok=True)
         run.readme_path.write_text(readme)
         return run
+
+    def never_checkpointed(self) -> bool:
+        """Whether this is a training run (its README.txt says so) that failed or was stopped
+        before its first checkpoint: nothing in it can be resumed or is worth keeping."""
+        try:
+            ours = self.readme_path.read_text().startswith("This directory is a jetfast")
+        except OSError:
+            return False
+        return ours and not self.checkpoint("last").is_file()
 
     def _remove_run_files(self) -> None:
         for path in (self.config_path, self.metrics_path, self.split_path, self.readme_path):

@@ -9,6 +9,7 @@ the run directory is :mod:`jetfast.run`'s.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -84,11 +85,23 @@ class VAEStage(Stage):
     throughput = ("images_per_s", 2)
 
     def open(self) -> None:
-        self.n_file = validate_jet_file(self.options.data)
+        o = self.options
+        if o.max_jets is not None and o.max_jets < 1:
+            raise InvalidArgument(f"--max-jets must be >= 1 (leave it out to use every jet); got {o.max_jets}")
+        if not (0 <= o.val_fraction and 0 <= o.test_fraction and o.val_fraction + o.test_fraction < 1):
+            raise InvalidArgument(f"--val-fraction and --test-fraction must be >= 0 and leave jets to train on "
+                                  f"(sum < 1); got {o.val_fraction} and {o.test_fraction}")
+        if o.transform_jets < 1 or not 0 <= o.kl_warmup_epochs < math.inf:
+            raise InvalidArgument(f"need --transform-jets >= 1 and a finite --kl-warmup-epochs >= 0; "
+                                  f"got {o.transform_jets}, {o.kl_warmup_epochs}")
+        # The model's own checks (latent size, widths, beta, ...), before anything is created.
+        VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
+                  intensity_components=o.intensity_components)
+        self.n_file = validate_jet_file(o.data)
 
     def begin(self, run: RunDir, main: bool) -> None:
         o = self.options
-        self.n_used = min(self.n_file, o.max_jets) if o.max_jets else self.n_file
+        self.n_used = min(self.n_file, o.max_jets) if o.max_jets is not None else self.n_file
         if main:
             _warn_if_unbalanced(o.data, self.n_used)
         fractions = (1 - o.val_fraction - o.test_fraction, o.val_fraction, o.test_fraction)
