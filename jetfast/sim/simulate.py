@@ -197,11 +197,23 @@ def _simulate_units(units, workers):
 
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+
+    def submit(unit):
+        # Workers are started by submit() and inherit this thread's signal mask: with SIGINT
+        # blocked, a Ctrl-C that reaches them before _ignore_sigint runs is dropped instead of
+        # printing a traceback. This process still gets it (another thread takes it, or it waits
+        # until the mask is restored).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return executor.submit(simulate_unit, *unit)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
     pending = collections.deque()
     todo = iter(units)
     try:
         for unit in todo:
-            pending.append(executor.submit(simulate_unit, *unit))
+            pending.append(submit(unit))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -213,24 +225,26 @@ def _simulate_units(units, workers):
                     "Try fewer --workers."
                 ) from exc
             for unit in todo:
-                pending.append(executor.submit(simulate_unit, *unit))
+                pending.append(submit(unit))
                 break
             yield result
     except BaseException:
-        for future in pending:
-            future.cancel()
         # Units already running would otherwise finish first; stopping the workers
-        # makes Ctrl-C and errors take effect at once.
+        # makes Ctrl-C and errors take effect at once. The pool then fails the futures
+        # left; none is cancelled here, as failing a cancelled future raises
+        # InvalidStateError in the pool's own thread (Python 3.11).
         for process in list(getattr(executor, "_processes", {}).values()):
             process.terminate()
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown(wait=False)
         raise
     executor.shutdown(wait=True)
 
 
 def _ignore_sigint():
-    # The parent decides what Ctrl-C means; workers just stop when told.
+    # The parent decides what Ctrl-C means; workers just stop when told. Ignoring SIGINT
+    # drops one still pending from the start, when it was blocked (see submit above).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 _sources: dict = {}
