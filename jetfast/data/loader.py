@@ -22,12 +22,14 @@ are ~10x cheaper per jet than chunks that cut the images (h5py's automatic
 chunking gives ``(4354, 4, 4, 1)``-like tiles): rewrite such a file once with
 whole-image chunks when it is read for many epochs.
 
-Every batch is checked against the data contract (:func:`jetfast.data.format.check_jets`):
-a jet with a NaN, infinite, negative or absurdly large pixel (a damaged chunk that still
-decodes, a file written wrong) is a :class:`~jetfast.errors.JetFileError` naming the file
-and the jets, on both backends. With a ``transform`` the check reads the transformed
-values against the transformed bounds, so a negative pixel too small to move its
-transformed value off that of zero energy (float32 rounding) passes as the zero it becomes.
+Every jet is checked against the data contract (:func:`jetfast.data.format.check_jets`)
+the first time the loader reads it: a jet with a NaN, infinite, negative or absurdly large
+pixel (a damaged chunk that still decodes, a file written wrong) is a
+:class:`~jetfast.errors.JetFileError` naming the file and the jets, on both backends. The
+check reads every pixel, about the CPU time of decoding a sparse jet, so it is done once
+per jet, not every epoch. With a ``transform`` it reads the transformed values against
+the transformed bounds, so a negative pixel too small to move its transformed value off
+that of zero energy (float32 rounding) passes as the zero it becomes.
 
 Shuffling is chunk-aware: the order of the chunks is shuffled, then jets are mixed
 within a window of a few consecutive chunks, so every chunk is decoded once per
@@ -205,6 +207,7 @@ class JetLoader:
         self._closed = False
 
         self.file_jets = validate_jet_file(self.path, self.keys)
+        self._checked = np.zeros(self.file_jets, bool)  # jets that passed the contract check
         self._read_layout_and_scalars()
         self._select(indices)
 
@@ -315,7 +318,9 @@ class JetLoader:
     def _batch_dict(self, images: torch.Tensor | None, index: np.ndarray) -> dict:
         batch = {}
         if images is not None:
-            check_jets(images, index, self.path, *self._pixel_bounds)
+            if not self._checked[index].all():
+                check_jets(images, index, self.path, *self._pixel_bounds)
+                self._checked[index] = True
             batch[IMAGE_KEY] = images
         for key, values in self.scalars.items():
             batch[key] = torch.from_numpy(values[index])
