@@ -1,6 +1,7 @@
 """`jetfast generate`: layout, exact count, resume after a kill, torchrun shards."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,7 +117,7 @@ REFUSED_GENERATE = {
     "top-k 100000": (["--top-k", "100000"], "top_k must be an int in [1, 32]"),
     "n -5": (["--n", "-5"], "n must be a positive number of jets; got -5"),
     "batch-size 0": (["--batch-size", "0"], "batch_size must be positive"),
-    "no gpt": (["--gpt-dir", "{tmp}/nowhere"], "nowhere"),
+    "run without gpt/": ([], "no_gpt/gpt (train one with `jetfast train-gpt`)"),
     "missing directory": (["--out", "{tmp}/missing/gen.h5"], "missing does not exist"),
     "existing output": (["--out", "{tmp}/old.h5"], "old.h5 already exists"),
     "directory --overwrite": (["--out", "{tmp}/old_dir", "--overwrite"], "old_dir is a directory"),
@@ -127,9 +128,11 @@ REFUSED_GENERATE = {
 def test_refused_generate_is_one_line_and_leaves_nothing(run_dir, tmp_path, capsys, case):
     (tmp_path / "old.h5").write_bytes(b"keep me")
     (tmp_path / "old_dir").mkdir()
+    shutil.copytree(run_dir, tmp_path / "no_gpt", ignore=shutil.ignore_patterns("gpt"))
     before = listing(tmp_path)
     extra, message = REFUSED_GENERATE[case]
-    argv = ["generate", run_dir, "--n", "3", "--out", tmp_path / "gen.h5", *(a.format(tmp=tmp_path) for a in extra)]
+    run_to_use = tmp_path / "no_gpt" if case == "run without gpt/" else run_dir
+    argv = ["generate", run_to_use, "--n", "3", "--out", tmp_path / "gen.h5", *(a.format(tmp=tmp_path) for a in extra)]
     assert_refused(*run(argv, capsys), "generate", message)
     assert listing(tmp_path) == before
 
