@@ -181,3 +181,17 @@ def test_the_error_line_never_ends_a_progress_bar(monkeypatch, capsys):
     assert main(["encode", "RUN_DIR"]) == 2
     err = capsys.readouterr().err
     assert "encoding" in err and err.endswith("\njetfast encode: error: a bad value\n"), err
+
+
+@pytest.mark.parametrize("device, message", [("foo", "'foo' is not a torch device"),
+                                             ("cuda:0", "no CUDA device is available here")])
+def test_a_device_this_machine_lacks_is_a_usage_error(device, message, capsys, tmp_path):
+    if device.startswith("cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    for argv in (["generate", "RUN", "--n", "2", "--out", str(tmp_path / "g.h5")], ["encode", "RUN"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--device", device])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"jetfast {argv[0]}: error: argument --device: ") and message in err[-1], err
+    assert list(tmp_path.iterdir()) == []
