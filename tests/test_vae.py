@@ -419,3 +419,10 @@ def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
 def test_evaluate_vae_bad_run_dir(tmp_path, capsys):
     assert main(["evaluate-vae", str(tmp_path)]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--batch-size", "0"], ["--show", "0"]])
+def test_refused_evaluate_vae_creates_nothing(trained_run, tmp_path, capsys, extra):
+    argv = ["evaluate-vae", trained_run, "--out", tmp_path / "eval", "--no-progress", *extra]
+    assert_refused(*run(argv, capsys), "evaluate-vae", "need --batch-size >= 1 and --show >= 1")
+    assert listing(tmp_path) == {}
