@@ -151,6 +151,8 @@ def quantize(z, centers, out_dtype: torch.dtype | None = None, num_threads: int 
 # --------------------------------------------------------------------------------------
 @torch.library.custom_op("jetfast::dequantize", mutates_args=())
 def _dequantize_op(codes: torch.Tensor, centers: torch.Tensor, num_threads: int) -> torch.Tensor:
+    # The same centers quantize accepts, and no others: NaN or unsorted rows are refused here too.
+    _check_centers_values(centers, "dequantize")
     n, d = codes.shape
     z_hat = torch.empty((n, d), dtype=torch.float32, device=codes.device)
     if n == 0:
@@ -189,8 +191,9 @@ def _(codes, centers, num_threads):
 def dequantize(codes, centers, num_threads: int | None = None):
     """The inverse of :func:`quantize`: ``z_hat[n, d] = centers[d, codes[n, d]]``.
 
-    ``codes`` (N, D) uint8/int16/int32 (torch or NumPy), ``centers`` (D, K) float32.
-    A code outside [0, K) raises ``ValueError``.
+    ``codes`` (N, D) uint8/int16/int32 (torch or NumPy), ``centers`` (D, K) float32, checked
+    as :func:`quantize` checks them (finite, every row sorted ascending). A code outside [0, K)
+    raises ``ValueError``.
     """
     as_numpy = isinstance(codes, np.ndarray)
     codes = _as_tensor(codes, "codes")

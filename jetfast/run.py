@@ -81,6 +81,21 @@ def atomic_write(path: str | os.PathLike, data) -> Path:
     return path
 
 
+def check_output_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work is done, an output file that could not be written at the end:
+    a directory, an existing file (unless ``overwrite``), a missing or unwritable directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name such as {path / 'jets.h5'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"directory {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to directory {path.parent}; choose a writable location")
+    return path
+
+
 def _json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)
@@ -180,7 +195,9 @@ class RunDir:
         """Create (or reopen, for ``resume``) a training run's directory.
 
         A non-empty directory without ``resume`` or ``overwrite`` is an error rather than
-        silently mixing two runs' metrics; ``overwrite`` deletes only the files a run writes.
+        silently mixing two runs' metrics, unless it holds a run that never checkpointed
+        (:meth:`never_checkpointed`), which is started again; ``overwrite`` deletes only the
+        files a run writes.
         """
         run = cls(path)
         if resume:
@@ -190,7 +207,7 @@ class RunDir:
         if run.path.exists() and not run.path.is_dir():
             raise RunDirExists(f"{run.path} exists and is not a directory")
         if run.path.is_dir() and any(run.path.iterdir()):
-            if not overwrite:
+            if not overwrite and not run.never_checkpointed():
                 raise RunDirExists(
                     f"{run.path} already exists and is not empty; pass --resume to continue that run "
                     "or --overwrite to replace it (or choose another --out)"
@@ -199,6 +216,15 @@ class RunDir:
         run.path.mkdir(parents=True, exist_ok=True)
         run.readme_path.write_text(readme)
         return run
+
+    def never_checkpointed(self) -> bool:
+        """Whether this is a training run (its README.txt says so) that failed or was stopped
+        before its first checkpoint: nothing in it can be resumed or is worth keeping."""
+        try:
+            ours = self.readme_path.read_text().startswith("This directory is a jetfast")
+        except OSError:
+            return False
+        return ours and not self.checkpoint("last").is_file()
 
     def _remove_run_files(self) -> None:
         for path in (self.config_path, self.metrics_path, self.split_path, self.readme_path):

@@ -59,3 +59,17 @@ def write_jet_file(
         f.create_dataset("pt", data=pt)
         f.create_dataset("m0", data=m0)
     return images, labels
+
+
+def damage_chunk(path, chunk: int, where: str = "middle", nbytes: int = 4096, seed: int = 0) -> tuple[int, int]:
+    """Overwrite ``nbytes`` of the stored ``X_jets`` chunk ``chunk`` with random bytes, at its
+    start (LZF then fails to decode) or in its middle (it may decode, to garbage); return
+    the chunk's (file offset, size)."""
+    with h5py.File(path, "r") as f:
+        info = f["X_jets"].id.get_chunk_info(chunk)
+    nbytes = min(nbytes, info.size // 2)
+    start = info.byte_offset + (0 if where == "start" else (info.size - nbytes) // 2)
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(np.random.default_rng(seed).bytes(nbytes))
+    return info.byte_offset, info.size

@@ -150,3 +150,48 @@ def test_interrupt_is_status_130(monkeypatch, capsys):
     monkeypatch.setattr(jetfast.cli.latent, "run_encode", interrupted)
     assert main(["encode", "RUN_DIR"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_an_error_caused_by_ctrl_c_is_an_interruption(monkeypatch, capsys):
+    import jetfast.cli.latent
+
+    def import_cut_short(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # what an extension module's import turns Ctrl-C into
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(jetfast.cli.latent, "run_encode", import_cut_short)
+    assert main(["encode", "RUN_DIR"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_error_line_never_ends_a_progress_bar(monkeypatch, capsys):
+    import jetfast.cli.latent
+    from jetfast.errors import InvalidArgument
+
+    def fails_half_way(args):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=10, desc="encoding")  # left open: the traceback keeps it alive
+        bar.update(3)
+        raise InvalidArgument("a bad value")
+
+    monkeypatch.setattr(jetfast.cli.latent, "run_encode", fails_half_way)
+    assert main(["encode", "RUN_DIR"]) == 2
+    err = capsys.readouterr().err
+    assert "encoding" in err and err.endswith("\njetfast encode: error: a bad value\n"), err
+
+
+@pytest.mark.parametrize("device, message", [("foo", "'foo' is not a torch device"),
+                                             ("cuda:0", "no CUDA device is available here")])
+def test_a_device_this_machine_lacks_is_a_usage_error(device, message, capsys, tmp_path):
+    if device.startswith("cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    for argv in (["generate", "RUN", "--n", "2", "--out", str(tmp_path / "g.h5")], ["encode", "RUN"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--device", device])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"jetfast {argv[0]}: error: argument --device: ") and message in err[-1], err
+    assert list(tmp_path.iterdir()) == []

@@ -140,6 +140,21 @@ def test_bad_input_is_a_clear_error(change, error, match):
         decode_attention(*change(q, k_cache, v_cache))
 
 
+def test_head_size_zero_is_a_clear_error():
+    with pytest.raises(ValueError, match="head size Dh must be >= 1"):
+        decode_attention(torch.empty(2, 3, 0), torch.empty(2, 3, 8, 0), torch.empty(2, 3, 8, 0), 4)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_inputs_that_require_grad_are_refused_up_front(which):
+    inputs = list(attention_inputs(2, 3, 8, 32, 4, torch.float32, seed=6, poison=False))
+    inputs[which].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        decode_attention(*inputs, 4)
+    with torch.no_grad():
+        assert decode_attention(*inputs, 4).shape == (2, 3, 32)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Triton kernel, in Triton's interpreter (one child process for all cases)
 # ---------------------------------------------------------------------------------------------

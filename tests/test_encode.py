@@ -12,7 +12,8 @@ from jetfast import _ext, bins
 from jetfast.cli import main
 from jetfast.models.vae import load_vae
 from jetfast.run import load_split
-from tests.jetfiles import write_jet_file
+from tests.commands import assert_refused, listing, run
+from tests.jetfiles import damage_chunk, write_jet_file
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_NATIVE, reason="jetfast._C is not built")
 
@@ -186,3 +187,20 @@ def test_clear_errors(fitted_run, tmp_path, capsys):
     assert main(["encode", str(fake), "--no-progress"]) == 2
     assert "refit the bins" in capsys.readouterr().err
     assert not (fake / "codes.h5").exists()
+
+
+@pytest.mark.parametrize("damage", ["corrupt chunk", "NaN pixels"])
+def test_encode_refuses_damaged_jets_in_one_line_and_leaves_nothing(fitted_run, tmp_path, capsys, damage):
+    run_dir, data = fitted_run
+    bad = tmp_path / "bad.h5"
+    with h5py.File(data, "r") as f:
+        images, labels = f["X_jets"][()], f["y"][()]
+    if damage == "NaN pixels":
+        images[20, 60, 60, 2] = np.nan
+    write_jet_file(bad, images=images, labels=labels, chunk=16)
+    if damage == "corrupt chunk":
+        damage_chunk(bad, 1, "start")
+    before = listing(tmp_path)
+    argv = ["encode", run_dir, "--data", bad, "--out", tmp_path / "codes.h5", "--no-progress"]
+    assert_refused(*run(argv, capsys), "encode", "bad.h5", "chunk 1" if damage == "corrupt chunk" else "jet(s) 20 have NaN")
+    assert listing(tmp_path) == before

@@ -4,6 +4,7 @@ naive references, and the whole report on synthetic jet files."""
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -23,7 +24,8 @@ from jetfast.evaluate.observables import (
 )
 from jetfast.evaluate.reader import read_jets
 from jetfast.evaluate.report import evaluate
-from tests.jetfiles import jet_images, write_jet_file
+from tests.commands import assert_refused, listing, run
+from tests.jetfiles import damage_chunk, jet_images, write_jet_file
 
 C = 62  # the central pixel: the jet axis
 COORDS = cell_centers()
@@ -344,24 +346,23 @@ def test_streaming_reader_matches_in_memory(synthetic, tmp_path, layout, rng):
     quarks = picked[labels[picked] == 1]
     np.testing.assert_allclose(sample.mean_image(1), images[quarks].mean(0, dtype=np.float64), rtol=1e-5, atol=1e-9)
     assert sample.jets_per_key == {"all": 23, 1: len(quarks), 0: 23 - len(quarks)}
-    assert len(sample.examples) == 4 and sample.n_nonfinite == 0
+    assert len(sample.examples) == 4
 
 
 # -- bad input ------------------------------------------------------------------------------------
-def test_nonfinite_jets_are_dropped_and_counted(synthetic, tmp_path):
+def test_jets_that_break_the_contract_are_refused_by_index(synthetic, tmp_path):
     _, images, labels = synthetic
     bad = images[:100].copy()
     bad[3, 60, 60, 1] = np.nan
     bad[7, 0, 0, 2] = np.inf
+    bad[40, 5, 5, 0] = -0.5
+    bad[41, 5, 5, 0] = 3.3e38
     write_jet_file(tmp_path / "bad.h5", images=bad, labels=labels[:100])
-    sample = read_jets(tmp_path / "bad.h5", progress=False)
-    assert sample.n == 98 and sample.n_nonfinite == 2
-    assert any("NaN or inf" in note for note in sample.notes)
-    assert np.isfinite(sample.mean_image()).all()
-    bad[:] = np.nan
-    write_jet_file(tmp_path / "nan.h5", images=bad, labels=labels[:100])
-    with pytest.raises(JetFileError, match="all 100 selected jets have NaN"):
-        read_jets(tmp_path / "nan.h5", progress=False)
+    with pytest.raises(JetFileError, match=r"bad.h5: jet\(s\) 3, 7 have NaN or infinite pixels; jet\(s\) 40 have "
+                                           r"negative pixels; jet\(s\) 41 have pixels above 100000 GeV"):
+        read_jets(tmp_path / "bad.h5", progress=False)
+    # A selection without them reads.
+    assert read_jets(tmp_path / "bad.h5", np.arange(8, 40), progress=False).n == 32
 
 
 def test_bad_files(synthetic, tmp_path):
@@ -455,3 +456,38 @@ def test_cli_with_run_split_and_errors(synthetic, tmp_path, capsys):
     assert main(["evaluate", "--real", str(d / "real.h5"), "--gen", str(d / "same.h5")]) == 2
     assert main(["evaluate", "--gen", str(d / "same.h5"), "--out", str(tmp_path / "o3")]) == 2
     assert "give --real" in capsys.readouterr().err
+
+
+DAMAGED_INPUTS = {
+    # (how the generated file is damaged, what the error line names)
+    "chunk that fails to decode": (lambda path: damage_chunk(path, 1, "start"), ["gen.h5", "jets 32..63", "restore it"]),
+    "chunk that decodes to garbage": (lambda path: damage_chunk(path, 1, "middle"), ["gen.h5", "restore it"]),
+    "NaN pixels in a generated file": (None, ["gen.h5: jet(s) 5, 6 have NaN or infinite pixels"]),
+    "unknown filter": ("filter", ["gen.h5:X_jets uses HDF5 filter 307", "plugin"]),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_INPUTS)
+@pytest.mark.parametrize("side", ["--gen", "--real"])
+def test_cli_refuses_damaged_files_in_one_line(synthetic, tmp_path, capsys, case, side):
+    d, images, labels = synthetic
+    damage, fragments = DAMAGED_INPUTS[case]
+    path = tmp_path / "gen.h5"
+    images = images[700:900].copy()
+    if case.startswith("NaN"):
+        images[[5, 6], 60, 60, 0] = np.nan
+    if damage == "filter":
+        with h5py.File(path, "w") as f:
+            f.create_dataset("X_jets", data=images, chunks=(32, 125, 125, 3), compression=307, allow_unknown_filter=True)
+            f["y"] = labels[700:900]
+    else:
+        write_jet_file(path, images=images, labels=labels[700:900], chunk=32)
+    if callable(damage):
+        damage(path)
+    other = "--real" if side == "--gen" else "--gen"
+    argv = ["evaluate", side, path, other, d / "real.h5", "--out", tmp_path / "eval", "--bootstrap", "0", "--no-plots"]
+    before = listing(tmp_path)
+    line = assert_refused(*run(argv, capsys), "evaluate", *fragments)
+    if case == "chunk that decodes to garbage" and "jet(s)" in line:  # the contract check names jets of chunk 1
+        assert re.search(r"jet\(s\) (3[2-9]|[4-5]\d|6[0-3])\b", line), line
+    assert listing(tmp_path) == before

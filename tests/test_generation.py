@@ -1,6 +1,7 @@
 """`jetfast generate`: layout, exact count, resume after a kill, torchrun shards."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from jetfast.generation.writer import JetGenerator, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import save_checkpoint
+from tests.commands import assert_refused, listing, run
 
 LATENT, BINS = 16, 32
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +106,42 @@ def test_refuses_to_clobber_and_checks_arguments(run_dir, tmp_path):
         generate_file(run_dir, 3, tmp_path / "c.h5", resume=True, progress=False)
     with pytest.raises(FileExistsError, match="resume"):
         generate_file(run_dir, 3, tmp_path / "c.h5", progress=False)
+
+
+REFUSED_GENERATE = {
+    "temperature 0": (["--temperature", "0"], "temperature must be > 0"),
+    "temperature nan": (["--temperature", "nan"], "temperature must be > 0"),
+    "top-p 0": (["--top-p", "0"], "top_p must be in (0, 1]"),
+    "top-p 2": (["--top-p", "2"], "top_p must be in (0, 1]"),
+    "top-k 0": (["--top-k", "0"], "top_k must be an int in [1, 32]"),
+    "top-k 100000": (["--top-k", "100000"], "top_k must be an int in [1, 32]"),
+    "n -5": (["--n", "-5"], "n must be a positive number of jets; got -5"),
+    "batch-size 0": (["--batch-size", "0"], "batch_size must be positive"),
+    "run without gpt/": ([], "no_gpt/gpt (train one with `jetfast train-gpt`)"),
+    "missing directory": (["--out", "{tmp}/missing/gen.h5"], "missing does not exist"),
+    "existing output": (["--out", "{tmp}/old.h5"], "old.h5 already exists"),
+    "directory --overwrite": (["--out", "{tmp}/old_dir", "--overwrite"], "old_dir is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_GENERATE)
+def test_refused_generate_is_one_line_and_leaves_nothing(run_dir, tmp_path, capsys, case):
+    (tmp_path / "old.h5").write_bytes(b"keep me")
+    (tmp_path / "old_dir").mkdir()
+    shutil.copytree(run_dir, tmp_path / "no_gpt", ignore=shutil.ignore_patterns("gpt"))
+    before = listing(tmp_path)
+    extra, message = REFUSED_GENERATE[case]
+    run_to_use = tmp_path / "no_gpt" if case == "run without gpt/" else run_dir
+    argv = ["generate", run_to_use, "--n", "3", "--out", tmp_path / "gen.h5", *(a.format(tmp=tmp_path) for a in extra)]
+    assert_refused(*run(argv, capsys), "generate", message)
+    assert listing(tmp_path) == before
+
+
+def test_the_corrected_rerun_of_a_refused_generate_just_works(run_dir, tmp_path, capsys):
+    argv = ["generate", run_dir, "--n", "3", "--out", tmp_path / "gen.h5", "--batch-size", "2"]
+    assert_refused(*run([*argv, "--top-p", "2"], capsys), "generate", "top_p")
+    assert run([*argv, "--top-p", "0.9"], capsys)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["gen.h5"] and read(tmp_path / "gen.h5")["X_jets"].shape[0] == 3
 
 
 def test_killed_run_resumes_to_the_same_file(run_dir, tmp_path):

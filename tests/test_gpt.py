@@ -15,6 +15,7 @@ import torch
 from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
 from jetfast.generation.sampler import sample
 from jetfast.cli import main
+from tests.commands import assert_refused, listing, run
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
@@ -259,6 +260,20 @@ def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):
     a, b = (torch.load(run.checkpoint("last"), weights_only=False)["model"] for run in (straight, resumed))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-heads", "3"], "d_model must divide by n_heads"),
+    (["--dropout", "2"], "invalid dropout"),
+    (["--lr", "nan"], "a finite --lr > 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps >= 0"),
+    (["--min-lr-ratio", "5"], "--min-lr-ratio in [0, 1]"),
+])
+def test_refused_train_gpt_options_create_nothing(tmp_path, capsys, extra, message):
+    write_codes_file(tmp_path / "codes.h5", n=60)
+    before = listing(tmp_path)
+    assert_refused(*run(["train-gpt", tmp_path, "--epochs", "1", *TINY, *extra], capsys), "train-gpt", message)
+    assert listing(tmp_path) == before
 
 
 def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):

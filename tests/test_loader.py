@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import os
+import re
 import shutil
 
 import h5py
@@ -20,7 +21,7 @@ from jetfast._ext import _C
 from jetfast.errors import JetFileError
 from jetfast.data.loader import JetLoader, JetReadError, chunk_aware_order
 from jetfast.data.transforms import IntensityTransform, pad_to_model
-from tests.jetfiles import jet_images, write_jet_file
+from tests.jetfiles import damage_chunk, jet_images, write_jet_file
 
 HAS_PREFETCH = bool(_C is not None and getattr(_C, "built_with_prefetch", False))
 BACKENDS = [
@@ -192,6 +193,53 @@ def test_corrupt_chunk_raises(files, tmp_path, backend, layout):
     with pytest.raises(JetReadError):
         list(loader)
     loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transformed", [False, True], ids=["GeV", "transformed"])
+def test_random_bytes_inside_a_chunk_are_never_read_silently(files, tmp_path, backend, transformed):
+    path = tmp_path / "damaged.h5"
+    shutil.copy(files["lzf"], path)
+    damage_chunk(path, 2, "middle", nbytes=4096)
+    transform = IntensityTransform(scale=(1.0, 0.5, 0.02), mean=(0.4, 0.3, 0.2), std=(0.5, 0.6, 0.7)) if transformed else None
+    with pytest.raises((JetReadError, JetFileError), match="damaged.h5") as caught:
+        list(JetLoader(path, 10, shuffle=False, backend=backend, transform=transform))
+    if caught.type is JetFileError:  # decoded, to garbage: the jets are named, all of them in chunk 2
+        named = {int(j) for j in re.findall(r"\d+", caught.value.args[0].split(" have ")[0].split("jet(s)")[1])}
+        assert named and named <= set(range(14, 21)), caught.value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transformed", [False, True], ids=["GeV", "transformed"])
+def test_jets_that_break_the_contract_are_refused_by_index(jets, tmp_path, backend, transformed):
+    images, labels = jets
+    images = images[:40].copy()
+    images[3, 60, 60, 1] = np.nan
+    images[17, 0, 0, 2] = -np.inf
+    images[18, 1, 2, 0] = -0.25
+    images[30, 124, 124, 1] = 2e5  # (3.3e38 would overflow to inf through the transform)
+    write_jet_file(tmp_path / "bad.h5", images=images, labels=labels[:40], chunk=8)
+    transform = IntensityTransform.fit(np.nan_to_num(images, nan=0, posinf=0, neginf=0).clip(0, 1e3)) if transformed else None
+    expected = {0: "jet(s) 3 have NaN or infinite", 2: "jet(s) 17 have NaN or infinite pixels; jet(s) 18 have negative",
+                3: "jet(s) 30 have pixels above 100000 GeV"}
+    for chunk in range(5):  # chunk by chunk, each bad one refused by itself
+        loader = JetLoader(tmp_path / "bad.h5", 8, indices=np.arange(8 * chunk, 8 * chunk + 8), shuffle=False,
+                           backend=backend, transform=transform)
+        if chunk in expected:
+            for _ in range(2):  # every epoch: a refused jet is never taken for checked
+                with pytest.raises(JetFileError, match=re.escape(f"bad.h5: {expected[chunk]}")):
+                    list(loader)
+        else:
+            assert len(list(loader)) == 1
+        loader.close()
+
+
+def test_a_clean_file_passes_the_contract_check_transformed_or_not(files, jets):
+    images, _ = jets
+    transform = IntensityTransform.fit(images)
+    for backend in ("native", "h5py") if HAS_PREFETCH else ("h5py",):
+        for t in (None, transform):
+            assert sum(len(b["index"]) for b in JetLoader(files["lzf"], 16, backend=backend, transform=t)) == N
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -155,6 +155,21 @@ def test_bad_input_is_a_clear_error(make, error, match):
         jetfast.quantize(z, centers)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda c: c.flip(1), "sorted ascending in every row; row 0"),
+        (lambda c: torch.where(c > 0, float("nan"), c), "NaN"),
+        (lambda c: torch.where(c > 2, float("inf"), c), "finite"),
+    ],
+)
+def test_dequantize_refuses_the_centers_quantize_refuses(make, match):
+    centers = make(torch.sort(torch.randn(6, 300), 1).values)
+    for op, data in (("quantize", torch.randn(10, 6)), ("dequantize", torch.zeros(10, 6, dtype=torch.int16))):
+        with pytest.raises(ValueError, match=f"^{op}: centers .*{match}"):
+            getattr(jetfast, op)(data, centers)
+
+
 def test_out_dtype_too_small():
     centers = torch.sort(torch.randn(3, 300), 1).values
     with pytest.raises(ValueError, match="cannot hold K=300"):

@@ -69,6 +69,27 @@ def test_run_dir_lifecycle(tmp_path):
         RunDir.prepare(tmp_path / "nothing", resume=True)
 
 
+def test_a_run_that_never_checkpointed_is_started_again(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir.prepare(out)
+    run.write_config({"lr": 1e-3})
+    assert run.never_checkpointed()
+    again = RunDir.prepare(out)  # no --overwrite needed: there is nothing to keep
+    assert again.readme_path.is_file() and not again.config_path.exists()
+    again.save_checkpoint({"epoch": 0}, "last")
+    assert not again.never_checkpointed()
+    with pytest.raises(RunDirExists, match="--resume"):
+        RunDir.prepare(out)
+    # A directory that is not a jetfast run is never taken for one.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.txt").write_text("my notes")
+    assert not RunDir(mine).never_checkpointed()
+    with pytest.raises(RunDirExists):
+        RunDir.prepare(mine)
+    assert (mine / "README.txt").read_text() == "my notes"
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_check_finite(bad):
     check_finite(torch.tensor(1.5), step=1)

@@ -318,6 +318,30 @@ def test_worker_failure_stops_the_run_and_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.3, 0.6, 1.0])
+def test_ctrl_c_says_interrupted_and_leaves_no_file(tmp_path, delay):
+    """Ctrl-C reaches the whole process group, workers included, at any moment: while they start
+    (before they ignore SIGINT), while they run, while the pool is being stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "jets.h5"
+    command = [sys.executable, "-m", "jetfast.cli", "data", "generate", "--n", "64", "--workers", "2", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("jets.h5.tmp-*")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # the temporary file exists just before the workers start
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert [line for line in err.splitlines() if line.strip() and "simulating jets" not in line] == ["interrupted"], err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from jetfast.data.transforms import IntensityTransform, crop_to_image
 from jetfast.models.vae import VAE, VAEConfig, load_vae
 from jetfast.cli import main
 from jetfast.run import load_split
-from tests.jetfiles import jet_images, write_jet_file
+from tests.commands import assert_refused, listing, run
+from tests.jetfiles import damage_chunk, jet_images, write_jet_file
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -263,10 +265,50 @@ def test_ddp_ranks_stop_together_on_nan(nan_jet_file, tmp_path):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "jetfast.cli",
            "train-vae", "--data", str(path), "--out", str(tmp_path / "run"), *TINY, "--transform-jets", "10", "--epochs", "1",
            "--num-threads", "1"]
-    # Without the shared check the clean rank would wait forever in backward: the timeout fails the test.
+    # The rank whose batch holds the jet refuses it; the clean one must not wait forever in backward:
+    # the timeout fails the test.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=REPO)
     assert proc.returncode != 0
-    assert f"jet(s) {bad} have NaN" in proc.stderr and "training diverged" in proc.stderr, proc.stderr[-3000:]
+    assert f"jet(s) {bad} have NaN" in proc.stderr, proc.stderr[-3000:]
+
+
+REFUSED_TRAINING = {
+    "latent-dim 0": (["--latent-dim", "0"], "latent_dim must be >= 1"),
+    "val-fraction 1.5": (["--val-fraction", "1.5"], "--val-fraction and --test-fraction must be >= 0"),
+    "lr nan": (["--lr", "nan"], "a finite --lr > 0; got 1, 8, nan"),
+    "max-jets 0": (["--max-jets", "0"], "--max-jets must be >= 1"),
+    "weight-decay -1": (["--weight-decay", "-1"], "--weight-decay >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_TRAINING)
+def test_refused_options_create_nothing(jet_file, tmp_path, capsys, case):
+    extra, message = REFUSED_TRAINING[case]
+    argv = ["train-vae", "--data", jet_file, "--out", tmp_path / "run", *TINY, "--epochs", 1, *extra]
+    assert_refused(*run(argv, capsys), "train-vae", message)
+    assert listing(tmp_path) == {}
+
+
+@pytest.mark.parametrize("damage", ["NaN pixels", "corrupt chunk"])
+def test_a_run_that_failed_before_its_first_checkpoint_is_simply_started_again(jet_file, nan_jet_file, tmp_path,
+                                                                               capsys, damage):
+    if damage == "NaN pixels":
+        bad, message, rerun = nan_jet_file[0], f"jet(s) {nan_jet_file[1]} have NaN", []
+    else:
+        bad, message, rerun = tmp_path / "corrupt.h5", "chunk 1", ["--resume"]
+        shutil.copy(jet_file, bad)
+        damage_chunk(bad, 1, "start")
+    out = tmp_path / "run"
+    argv = ["train-vae", "--out", out, *TINY, "--epochs", 1]
+    assert_refused(*run([*argv, "--data", bad], capsys), "train-vae", message)
+    assert not (out / "checkpoints" / "last.pt").exists()
+    # The corrected rerun needs no --overwrite, and with --resume it starts as well (nothing to resume).
+    status, err = run([*argv, "--data", jet_file, *rerun], capsys)
+    assert status == 0, err
+    assert "stopped before its first checkpoint" in err and ("nothing to resume" in err) == bool(rerun), err
+    assert (out / "checkpoints" / "last.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    # A run with a checkpoint is never replaced without being asked.
+    assert_refused(*run([*argv, "--data", jet_file], capsys), "train-vae", "--resume", "--overwrite")
 
 
 def load_split_for(jet_file):
@@ -377,3 +419,10 @@ def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
 def test_evaluate_vae_bad_run_dir(tmp_path, capsys):
     assert main(["evaluate-vae", str(tmp_path)]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--batch-size", "0"], ["--show", "0"]])
+def test_refused_evaluate_vae_creates_nothing(trained_run, tmp_path, capsys, extra):
+    argv = ["evaluate-vae", trained_run, "--out", tmp_path / "eval", "--no-progress", *extra]
+    assert_refused(*run(argv, capsys), "evaluate-vae", "need --batch-size >= 1 and --show >= 1")
+    assert listing(tmp_path) == {}

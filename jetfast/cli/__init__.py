@@ -9,8 +9,9 @@ heavy imports happen inside the ``run_`` functions.
 
 :func:`main` is the one place that handles errors: a user error (:data:`jetfast.errors.USER_ERRORS`:
 bad values, missing or invalid files, refused settings) prints ``jetfast <command>: error: <message>``
-on one line and exits with status 2, like argparse's own errors; Ctrl-C prints ``interrupted``
-and exits with 130; anything else is a bug and keeps its traceback.
+on one line and exits with status 2, like argparse's own errors; Ctrl-C (or an error it caused)
+prints ``interrupted`` and exits with 130; anything else is a bug and keeps its traceback. Progress
+bars left open are closed first, so the message is a line of its own.
 """
 
 from __future__ import annotations
@@ -72,15 +73,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
+    except BaseException as exc:
+        interrupted = _interrupted(exc)
+        if not interrupted and not isinstance(exc, USER_ERRORS):
+            raise
+        _close_progress_bars()
+        if interrupted:
+            print("interrupted", file=sys.stderr)
+            return 130
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"jetfast {args._name}: error: {message}", file=sys.stderr)
         return 2
     finally:
         _end_process_group()
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is Ctrl-C, or an error it caused (an import cut short raises ImportError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _close_progress_bars() -> None:
+    """Close the bars a failed command left open, so that its message starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def _end_process_group() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jetfast.cli.options import torch_device
+
 GENERATE_EPILOG = (
     "Under torchrun (torchrun --nproc-per-node W -m jetfast.cli generate RUN --num-jets N --out OUT), each rank "
     "writes OUT.rank{r}-of-{W}.h5 and rank 0 writes OUT as a virtual dataset over them."
@@ -30,7 +32,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most probable codes")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    parser.add_argument("--device", type=torch_device, default=None, help="cpu or cuda[:i] (default: cuda when available)")
     parser.epilog = GENERATE_EPILOG
 
 

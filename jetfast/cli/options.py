@@ -5,6 +5,19 @@ from __future__ import annotations
 import argparse
 
 
+def torch_device(text: str) -> str:
+    """``--device``: a torch device this machine has, checked when the options are parsed."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use cpu")
+    return text
+
+
 def execution_arguments(parser: argparse.ArgumentParser, seed_help: str):
     """The options every trainer has: seed, torch threads, progress bar."""
     group = parser.add_argument_group("execution")
@@ -23,6 +36,7 @@ def encoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which VAE checkpoint to use (default: %(default)s)")
     parser.add_argument("--report-jets", type=int, default=512,
                         help="jets decoded twice, from mu and from the codes, to measure the image change (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="torch device for the VAE (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="torch device for the VAE (default: cuda if available, else cpu)")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -22,6 +22,15 @@ are ~10x cheaper per jet than chunks that cut the images (h5py's automatic
 chunking gives ``(4354, 4, 4, 1)``-like tiles): rewrite such a file once with
 whole-image chunks when it is read for many epochs.
 
+Every jet is checked against the data contract (:func:`jetfast.data.format.check_jets`)
+the first time the loader reads it: a jet with a NaN, infinite, negative or absurdly large
+pixel (a damaged chunk that still decodes, a file written wrong) is a
+:class:`~jetfast.errors.JetFileError` naming the file and the jets, on both backends. The
+check reads every pixel, about the CPU time of decoding a sparse jet, so it is done once
+per jet, not every epoch. With a ``transform`` it reads the transformed values against
+the transformed bounds, so a negative pixel too small to move its transformed value off
+that of zero energy (float32 rounding) passes as the zero it becomes.
+
 Shuffling is chunk-aware: the order of the chunks is shuffled, then jets are mixed
 within a window of a few consecutive chunks, so every chunk is decoded once per
 epoch while batches still mix jets from many places in the file.
@@ -48,7 +57,15 @@ import weakref
 import numpy as np
 import torch
 
-from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, validate_jet_file
+from jetfast.data.format import (
+    CHANNELS,
+    IMAGE_KEY,
+    IMAGE_SIZE,
+    MAX_PIXEL_GEV,
+    check_jets,
+    read_images,
+    validate_jet_file,
+)
 from jetfast.data.transforms import IntensityTransform, pad_to_model
 from jetfast.errors import JetFileError, JetReadError
 
@@ -102,6 +119,15 @@ def chunk_aware_order(
     window = chunk_rank[chunk_of_jet] // window_chunks
     # lexsort: last key is primary -> by window, then by a random key within the window.
     return indices[np.lexsort((rng.random(len(indices)), window))]
+
+
+def _transformed_bounds(transform: IntensityTransform) -> tuple[np.ndarray, np.ndarray]:
+    """The contract's pixel bounds, 0 and MAX_PIXEL_GEV, through ``transform``, per channel: the
+    transform is increasing, so transformed batches are checked against these. A zero pixel maps
+    exactly onto the lower bound, as the prefetcher computes it the same way."""
+    bounds = torch.tensor([0.0, MAX_PIXEL_GEV]).repeat(len(CHANNELS), 1).view(1, len(CHANNELS), 2, 1)
+    transformed = transform.forward(bounds)[0, :, :, 0].numpy()  # (3, 2)
+    return transformed[:, 0].copy(), transformed[:, 1].copy()
 
 
 def _native_module():
@@ -172,6 +198,7 @@ class JetLoader:
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1; got {num_threads}")
         self.transform = transform
+        self._pixel_bounds = (0.0, MAX_PIXEL_GEV) if transform is None else _transformed_bounds(transform)
         self.epoch = 0
         self.rank, self.world_size = distributed_shard(rank, world_size)
         self._native = None
@@ -180,6 +207,7 @@ class JetLoader:
         self._closed = False
 
         self.file_jets = validate_jet_file(self.path, self.keys)
+        self._checked = np.zeros(self.file_jets, bool)  # jets that passed the contract check
         self._read_layout_and_scalars()
         self._select(indices)
 
@@ -199,16 +227,6 @@ class JetLoader:
             if ds.dtype.kind not in "fiu":
                 raise JetFileError(f"{self.path}:{IMAGE_KEY} has dtype {ds.dtype}; expected float32 pixels")
             self.chunk_rows = ds.chunks[0] if ds.chunks else CONTIGUOUS_BLOCK_ROWS
-            if IMAGE_KEY in self.keys:
-                plist = ds.id.get_create_plist()
-                for i in range(plist.get_nfilters()):
-                    filter_id, _, _, name = plist.get_filter(i)
-                    if not h5py.h5z.filter_avail(filter_id):
-                        raise JetFileError(
-                            f"{self.path}:{IMAGE_KEY} uses HDF5 filter {filter_id} ({name.decode(errors='replace')}), "
-                            "which neither jetfast's reader nor h5py can decode; install the filter plugin "
-                            "(e.g. `pip install hdf5plugin` and import it) or rewrite the file with lzf/gzip"
-                        )
             for key in self.keys:
                 if key == IMAGE_KEY:
                     continue
@@ -300,6 +318,9 @@ class JetLoader:
     def _batch_dict(self, images: torch.Tensor | None, index: np.ndarray) -> dict:
         batch = {}
         if images is not None:
+            if not self._checked[index].all():
+                check_jets(images, index, self.path, *self._pixel_bounds)
+                self._checked[index] = True
             batch[IMAGE_KEY] = images
         for key, values in self.scalars.items():
             batch[key] = torch.from_numpy(values[index])
@@ -359,10 +380,7 @@ class JetLoader:
                 c = int(c)
                 block = cache.pop(c, None)
                 if block is None:
-                    try:
-                        block = ds[c * rows : min((c + 1) * rows, self.file_jets)]
-                    except OSError as exc:
-                        raise JetReadError(f"{self.path}: cannot read {IMAGE_KEY} rows {c * rows}.. (chunk {c}): {exc}") from exc
+                    block = read_images(ds, c * rows, min((c + 1) * rows, self.file_jets), self.path)
                 users[c] -= 1
                 if users[c] > 0:
                     cache[c] = block

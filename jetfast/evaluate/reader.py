@@ -4,7 +4,9 @@
 once, memory bounded by ``chunk_jets`` images) and gathers a :class:`JetSample`: the
 observables of every selected jet (:func:`jetfast.evaluate.observables.compute_observables`,
 the same for real and generated jets), mean images, the pixel spectrum and a few example
-jets. Jets with NaN or inf pixels are dropped and counted.
+jets. Every jet passes the check of the data contract the loader's batches pass
+(:func:`jetfast.data.format.check_jets`): a file with a NaN, infinite, negative or absurdly
+large pixel is refused, naming the jets, and so is a chunk HDF5 cannot read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from jetfast.data.format import CLASS_NAMES, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, validate_jet_file
+from jetfast.data.format import CLASS_NAMES, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, check_jets, read_images, validate_jet_file
 from jetfast.errors import JetFileError
 from jetfast.evaluate.observables import DEFAULT_THRESHOLDS, OBSERVABLES, compute_observables
 
@@ -42,8 +44,6 @@ class JetSample:
     ids: np.ndarray | None = None  # (N,) which jets these are: rows of the file, or numbers 0..n-1
     coarse: np.ndarray | None = None  # (m, 25, 25, 3) 5x5-summed images of random jets, for the CNN test
     coarse_labels: np.ndarray | None = None
-    n_nonfinite: int = 0
-    n_negative: int = 0
     label_note: str = ""
     notes: list = field(default_factory=list)
 
@@ -88,7 +88,8 @@ def _select(n_file: int, indices, max_jets: int | None, rng: np.random.Generator
 class _SampleBuilder:
     """Accumulates batches of jets (images in GeV, their ids, their labels) into a :class:`JetSample`."""
 
-    def __init__(self, ids, *, labelled: bool, thresholds, rng: np.random.Generator, keep_coarse: int):
+    def __init__(self, path: str, ids, *, labelled: bool, thresholds, rng: np.random.Generator, keep_coarse: int):
+        self.path = path
         ids = np.asarray(ids)
         self.thresholds = thresholds
         self.examples_wanted = set(rng.choice(ids, size=min(N_EXAMPLES, len(ids)), replace=False).tolist())
@@ -103,22 +104,10 @@ class _SampleBuilder:
                 self.image_sum[cls] = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3))
                 self.jets_per_key[cls] = 0
         self.spectrum = np.zeros((3, len(SPECTRUM_EDGES) - 1), np.int64)
-        self.seen = self.n_nonfinite = self.n_negative = 0
 
     def add(self, images: np.ndarray, ids: np.ndarray, labels: np.ndarray | None) -> None:
-        self.seen += len(images)
-        with np.errstate(invalid="ignore"):  # NaN pixels give NaN observables; those jets are dropped
-            obs = compute_observables(images, self.thresholds, with_profile=True)
-        # A channel sum is finite exactly when all its pixels are: no second pass over the images.
-        finite = np.isfinite(obs["tracks_sum"]) & np.isfinite(obs["ecal_sum"]) & np.isfinite(obs["hcal_sum"])
-        if not finite.all():
-            self.n_nonfinite += int((~finite).sum())
-            images, ids = images[finite], ids[finite]
-            labels = labels[finite] if labels is not None else None
-            obs = {k: v[finite] for k, v in obs.items()}
-            if len(images) == 0:
-                return
-        self.n_negative += int((images < 0).any(axis=(1, 2, 3)).sum())
+        check_jets(images, ids, self.path)
+        obs = compute_observables(images, self.thresholds, with_profile=True)
         for k in OBSERVABLES:
             self.parts[k].append(obs[k])
         self.profiles.append(obs["radial_profile"])
@@ -150,16 +139,9 @@ class _SampleBuilder:
             if self.labelled:
                 self.coarse_labels.append(labels[mine])
 
-    def finish(self, path: str, n_file: int, label_note: str = "") -> JetSample:
-        if not self.profiles:
-            raise JetFileError(f"{path}: all {self.seen} selected jets have NaN or inf pixels; nothing to evaluate")
-        notes = [label_note] if label_note else []
-        if self.n_nonfinite:
-            notes.append(f"{path}: dropped {self.n_nonfinite} of {self.seen} jets with NaN or inf pixels")
-        if self.n_negative:
-            notes.append(f"{path}: {self.n_negative} jets have negative pixels (kept; the data contract says pixels >= 0)")
+    def finish(self, n_file: int, label_note: str = "") -> JetSample:
         return JetSample(
-            path=path,
+            path=self.path,
             n_file=n_file,
             observables={k: np.concatenate(v) for k, v in self.parts.items()},
             profile=np.concatenate(self.profiles),
@@ -171,10 +153,8 @@ class _SampleBuilder:
             ids=np.concatenate(self.ids),
             coarse=np.concatenate(self.coarse) if self.coarse else None,
             coarse_labels=np.concatenate(self.coarse_labels) if self.coarse_labels else None,
-            n_nonfinite=self.n_nonfinite,
-            n_negative=self.n_negative,
             label_note=label_note,
-            notes=notes,
+            notes=[label_note] if label_note else [],
         )
 
 
@@ -209,7 +189,7 @@ def read_jets(
         selected = _select(n_file, indices, max_jets, rng, path)
         if len(selected) == 0:
             raise JetFileError(f"{path}: no jets to evaluate (the file or the selection is empty)")
-        builder = _SampleBuilder(selected, labelled=labels_file is not None, thresholds=thresholds, rng=rng,
+        builder = _SampleBuilder(path, selected, labelled=labels_file is not None, thresholds=thresholds, rng=rng,
                                  keep_coarse=keep_coarse)
         ds = f[IMAGE_KEY]
         rows_per_chunk = ds.chunks[0] if ds.chunks else 1
@@ -220,19 +200,19 @@ def read_jets(
                 if lo_sel == hi_sel:
                     continue
                 rows = selected[lo_sel:hi_sel]
-                images = ds[rows[0] : rows[-1] + 1]  # (n, 125, 125, 3)
+                images = read_images(ds, rows[0], rows[-1] + 1, path)  # (n, 125, 125, 3)
                 if len(images) != len(rows):  # a sparse selection: keep the selected jets only
                     images = images[rows - rows[0]]
                 builder.add(images, rows, labels_file[rows] if labels_file is not None else None)
                 bar.update(hi_sel - lo_sel)
-    return builder.finish(path, n_file, label_note)
+    return builder.finish(n_file, label_note)
 
 
 def collect_jets(batches: Iterable, n: int, *, name: str, labelled: bool, thresholds=DEFAULT_THRESHOLDS,
                  seed: int = 0, progress: bool = True, desc: str = "jets") -> JetSample:
     """The :class:`JetSample` of ``n`` jets made on the fly: ``batches`` yields (images (B, 125,
     125, 3) float32 GeV, labels (B,) or None), ``n`` jets in all; ``name`` stands for the file path."""
-    builder = _SampleBuilder(np.arange(n), labelled=labelled, thresholds=thresholds,
+    builder = _SampleBuilder(name, np.arange(n), labelled=labelled, thresholds=thresholds,
                              rng=np.random.default_rng(seed), keep_coarse=0)
     done = 0
     with tqdm(total=n, desc=desc, unit="jet", disable=not progress, leave=False) as bar:
@@ -243,4 +223,4 @@ def collect_jets(batches: Iterable, n: int, *, name: str, labelled: bool, thresh
             bar.update(len(images))
     if done != n:
         raise ValueError(f"{name}: expected {n} jets, got {done}")
-    return builder.finish(name, n)
+    return builder.finish(n)

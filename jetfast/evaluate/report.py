@@ -12,7 +12,7 @@ The output directory explains itself::
       plots/          observables.png, classes.png (quark vs gluon), mean_images.png,
                       jets_real.png, jets_generated.png, radial_profile.png, pixel_spectrum.png
 
-metrics.json keys: ``real``/``gen`` (paths, jets used, dropped), ``options``, ``notes``,
+metrics.json keys: ``real``/``gen`` (paths, jets used), ``options``, ``notes``,
 ``summary`` (median distance/floor ratio, farthest observable), ``distances`` and
 ``distances_by_class`` (see :func:`jetfast.evaluate.metrics.distance_table`), ``c2st``,
 ``c2st_cnn`` (with ``--cnn``), ``fpd``, ``kpd``, ``quark_gluon``, ``ladder`` (with a run: one
@@ -20,8 +20,8 @@ entry per row of :mod:`jetfast.evaluate.ladder`), ``radial_profile``, ``plots``,
 A test that could not run holds ``{"skipped": "<why>"}`` instead of numbers.
 
 Real jets are the held-out test split of a training run when ``--run`` is given (its
-``split.npz``, key ``test``), otherwise all jets of ``--real``. Jets with NaN or inf pixels
-are dropped, counted and reported (``n_nonfinite``); a file with no finite jet is an error.
+``split.npz``, key ``test``), otherwise all jets of ``--real``. A file with jets that break the
+data contract (NaN, infinite, negative or absurdly large pixels) is refused, naming the jets.
 Files are written to ``*.tmp`` first and renamed, so a crash never leaves half a report.
 """
 
@@ -157,9 +157,8 @@ def evaluate(
 
     metrics = {
         "real": {"path": os.path.abspath(real.path), "n_file": real.n_file, "n_used": real.n,
-                 "n_nonfinite": real.n_nonfinite, "n_negative": real.n_negative, "selection": real_note or "all jets"},
-        "gen": {"path": os.path.abspath(gen.path), "n_file": gen.n_file, "n_used": gen.n,
-                "n_nonfinite": gen.n_nonfinite, "n_negative": gen.n_negative},
+                 "selection": real_note or "all jets"},
+        "gen": {"path": os.path.abspath(gen.path), "n_file": gen.n_file, "n_used": gen.n},
         "options": {"max_jets": max_jets, "thresholds_gev": dict(zip(CHANNELS, thresholds)), "bootstrap": bootstrap,
                     "seed": seed, "profile_edges": PROFILE_EDGES},
         "notes": real.notes + gen.notes,

@@ -232,6 +232,8 @@ def evaluate_vae(
     test jets; ``checkpoint`` is "best" or "last"; ``show`` jets are drawn in
     reconstructions.png; ``seed`` draws the halves of the latent classifier.
     """
+    if batch_size < 1 or show < 1:
+        raise InvalidArgument(f"need --batch-size >= 1 and --show >= 1; got {batch_size}, {show}")
     run = RunDir(run_dir)
     data = run.data_file(data)
     n_file = validate_jet_file(data)

@@ -26,7 +26,7 @@ from jetfast.models.gpt import GPT, decode_n_tokens, prefill
 from jetfast.ops import code_dtype_for
 from jetfast.seeding import jet_uniforms
 
-__all__ = ["sample", "class_labels"]
+__all__ = ["sample", "class_labels", "check_sampling"]
 
 _CLASS_IDS = {name: label for label, name in CLASS_NAMES.items()}
 def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
@@ -69,15 +69,22 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
     return labels
 
 
-def _check_arguments(n, temperature, top_k, top_p, batch_size, vocab):
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise InvalidArgument(f"sample: n must be a non-negative int; got {n!r}")
+def check_sampling(vocab_size: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   greedy: bool = False) -> None:
+    """Refuse sampling settings :func:`sample` cannot use with a vocabulary of ``vocab_size`` codes
+    (``greedy`` needs no check), so that a caller can check them before it creates anything."""
     if not temperature > 0 or not np.isfinite(temperature):
-        raise InvalidArgument(f"sample: temperature must be > 0 and finite; got {temperature} (use greedy=True for argmax)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab):
-        raise InvalidArgument(f"sample: top_k must be an int in [1, {vocab}] (the vocabulary); got {top_k!r}")
+        raise InvalidArgument(f"sample: temperature must be > 0 and finite; got {temperature} "
+                              "(for the most probable code at every step use greedy=True or top_k=1)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab_size):
+        raise InvalidArgument(f"sample: top_k must be an int in [1, {vocab_size}] (the vocabulary); got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"sample: top_p must be in (0, 1]; got {top_p}")
+
+
+def _check_arguments(n, batch_size):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise InvalidArgument(f"sample: n must be a non-negative int; got {n!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidArgument(f"sample: batch_size must be a positive int; got {batch_size!r}")
 
@@ -141,7 +148,8 @@ def sample(
         codes (n, seq_len) uint8 (int16/int32 for vocabularies above 256), on the CPU.
     """
     config = model.config
-    _check_arguments(n, temperature, top_k, top_p, batch_size, config.vocab_size)
+    _check_arguments(n, batch_size)
+    check_sampling(config.vocab_size, temperature, top_k, top_p)
     n, batch_size = int(n), int(batch_size)
     labels = class_labels(cls, n, config.num_classes)
     if seed is None:

@@ -40,11 +40,11 @@ from jetfast.bins import load_bins
 from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, IMAGE_SIZE, QUARK
 from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
-from jetfast.generation.sampler import sample
+from jetfast.generation.sampler import check_sampling, sample
 from jetfast.models.gpt import load_gpt
 from jetfast.models.vae import DECODE_MODES, load_vae
 from jetfast.ops import dequantize
-from jetfast.run import RunDir
+from jetfast.run import RunDir, check_output_file
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
 _CLASS_CHOICES = (*CLASS_NAMES.values(), "mix", "unconditional")
@@ -250,11 +250,7 @@ def generate_file(
         raise InvalidArgument(f"batch_size must be positive; got {batch_size}")
     if decode not in DECODE_MODES:
         raise InvalidArgument(f"decode must be one of {DECODE_MODES}; got {decode!r}")
-    n, out = int(n), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist")
+    n, out = int(n), check_output_file(out, overwrite)
     partial = out.with_name(out.name + ".partial")
     settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, decode, sampling)
     if partial.exists() and not resume:
@@ -262,6 +258,7 @@ def generate_file(
             f"{partial} is left from an interrupted run: pass resume=True (--resume) to continue it, or delete it"
         )
     generator = generator or JetGenerator(run_dir, gpt_dir=gpt_dir, device=device)
+    check_sampling(generator.gpt_config.vocab_size, **sampling)  # before the partial file exists
     times = times or StageTimes()
     f = _open_partial(partial, settings) if partial.exists() else _create_partial(partial, n, settings)
     num_blocks = (n + batch_size - 1) // batch_size
@@ -328,7 +325,7 @@ def generate(run_dir, n: int, out, **kwargs) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return generate_file(run_dir, n, out, **kwargs)
     rank, world, _, device = distributed.setup_distributed()
-    out = Path(out)
+    out = check_output_file(out, kwargs.get("overwrite", False))
     share = n // world + (1 if rank < n % world else 0)
     if device.type == "cuda":
         kwargs.setdefault("device", str(device))
@@ -337,8 +334,6 @@ def generate(run_dir, n: int, out, **kwargs) -> Path:
         generate_file(run_dir, share, shards[rank], rank=rank, world_size=world, progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
         distributed.barrier()
         if rank == 0:
-            if out.exists() and not kwargs.get("overwrite", False):
-                raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
             write_virtual_dataset(out, shards)
         distributed.barrier()
     finally:

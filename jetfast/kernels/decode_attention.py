@@ -255,7 +255,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Returns:
         (B, H, Dh) in q's dtype; scores are scaled by ``1/sqrt(Dh)``, the softmax and
         accumulation run in fp32. fp32, fp16 and bf16 inputs; Dh in {16, ..., 256}
-        (powers of two) on CUDA, any on CPU.
+        (powers of two) on CUDA, any Dh >= 1 on CPU. Inference only: inputs that require
+        grad (with grad mode on) are refused, as the op has no backward.
     """
     if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache)):
         raise TypeError("decode_attention: q, k_cache and v_cache must be torch tensors")
@@ -277,6 +278,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(
             f"decode_attention: q {tuple(q.shape)} does not match the cache (B={batch}, H={heads}, Dh={head_dim})"
         )
+    if head_dim < 1:
+        raise ValueError(f"decode_attention: the head size Dh must be >= 1; got q {tuple(q.shape)}, "
+                         f"caches {tuple(k_cache.shape)}")
     if isinstance(length, torch.Tensor) or not isinstance(length, int) or isinstance(length, bool):
         raise TypeError(f"decode_attention: length must be a Python int; got {type(length).__name__}")
     if not 1 <= length <= max_len:
@@ -290,6 +294,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(
             f"decode_attention: tensors on different devices: q {q.device}, k_cache {k_cache.device}, "
             f"v_cache {v_cache.device}"
+        )
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        # Sampling needs no gradient, so the op has no backward: refuse here rather than fail in backward().
+        raise RuntimeError(
+            "decode_attention: inference only, it has no backward; call it under torch.no_grad() or "
+            "torch.inference_mode(), or detach the inputs (train with full attention instead)"
         )
     if q.device.type != "cpu":
         if head_dim not in _HEAD_SIZES:

@@ -25,6 +25,7 @@ import numpy as np
 from jetfast.sim.detector import CMS_LIKE, Detector
 from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE, QUARK
 from jetfast.errors import InvalidArgument
+from jetfast.run import check_output_file
 from jetfast.sim.pythia import (
     PARTICLE_ETA_MARGIN,
     JetSelection,
@@ -112,15 +113,7 @@ def _check_arguments(n, out, quark_fraction, seed, workers, compression, chunk, 
         raise InvalidArgument(f"compression must be one of {COMPRESSIONS}; got {compression!r}")
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InvalidArgument(f"chunk must be a positive number of jets per HDF5 chunk; got {chunk!r}")
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a directory; give a file name such as {out / 'jets.h5'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another name or pass overwrite=True (--overwrite)")
-    directory = out.parent if str(out.parent) else pathlib.Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to directory {directory}; choose a writable location")
+    check_output_file(out, overwrite)
 
 
 def _file_attributes(n, seed, quark_fraction, selection: JetSelection, detector: Detector, compression) -> dict:
@@ -204,11 +197,23 @@ def _simulate_units(units, workers):
 
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+
+    def submit(unit):
+        # Workers are started by submit() and inherit this thread's signal mask: with SIGINT
+        # blocked, a Ctrl-C that reaches them before _ignore_sigint runs is dropped instead of
+        # printing a traceback. This process still gets it (another thread takes it, or it waits
+        # until the mask is restored).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return executor.submit(simulate_unit, *unit)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
     pending = collections.deque()
     todo = iter(units)
     try:
         for unit in todo:
-            pending.append(executor.submit(simulate_unit, *unit))
+            pending.append(submit(unit))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -220,24 +225,26 @@ def _simulate_units(units, workers):
                     "Try fewer --workers."
                 ) from exc
             for unit in todo:
-                pending.append(executor.submit(simulate_unit, *unit))
+                pending.append(submit(unit))
                 break
             yield result
     except BaseException:
-        for future in pending:
-            future.cancel()
         # Units already running would otherwise finish first; stopping the workers
-        # makes Ctrl-C and errors take effect at once.
+        # makes Ctrl-C and errors take effect at once. The pool then fails the futures
+        # left; none is cancelled here, as failing a cancelled future raises
+        # InvalidStateError in the pool's own thread (Python 3.11).
         for process in list(getattr(executor, "_processes", {}).values()):
             process.terminate()
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown(wait=False)
         raise
     executor.shutdown(wait=True)
 
 
 def _ignore_sigint():
-    # The parent decides what Ctrl-C means; workers just stop when told.
+    # The parent decides what Ctrl-C means; workers just stop when told. Ignoring SIGINT
+    # drops one still pending from the start, when it was blocked (see submit above).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 _sources: dict = {}

@@ -91,10 +91,11 @@ class GPTStage(Stage):
             raise InvalidArgument(f"--max-steps must be >= 1; got {o.max_steps}")
         if not 0.0 <= o.p_uncond < 1.0:
             raise InvalidArgument(f"--p-uncond must be in [0, 1); got {o.p_uncond}")
+        if not 0.0 <= o.min_lr_ratio <= 1.0 or (o.warmup_steps is not None and o.warmup_steps < 0):
+            raise InvalidArgument(f"need --min-lr-ratio in [0, 1] and --warmup-steps >= 0; "
+                                  f"got {o.min_lr_ratio}, {o.warmup_steps}")
         self.data = read_codes(self.codes_path)
-
-    def begin(self, run: RunDir, main: bool) -> None:
-        o = self.options
+        # A fresh run's model (a resumed one takes its checkpoint's): its checks run before the run directory exists.
         self.model_config = GPTConfig(
             vocab_size=self.data["num_bins"], seq_len=self.data["latent_dim"], d_model=o.d_model, n_heads=o.n_heads,
             n_layers=o.n_layers, dropout=o.dropout, num_classes=2, tie_weights=o.tie_weights,

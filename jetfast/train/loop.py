@@ -72,7 +72,8 @@ class Stage:
 
     # -- the run ---------------------------------------------------------------------------
     def open(self) -> None:
-        """Read or check the input data, before the run directory is touched."""
+        """Check the stage's options and read or check the input data, before the run directory
+        is touched: a refused option or input leaves nothing behind."""
 
     def begin(self, run: RunDir, main: bool) -> None:
         """A fresh run: decide what is decided once (split, transform, model config)."""
@@ -109,9 +110,6 @@ class Stage:
         minimized) and the number of items they average over."""
         raise NotImplementedError
 
-    def explain_divergence(self, batch, step: int) -> None:
-        """Called when the loss on ``batch`` diverged; may raise a more telling error."""
-
     def validate(self, model: torch.nn.Module) -> tuple[dict[str, float], int]:
         """Sums of the validation terms over this rank's validation items, and their number."""
         raise NotImplementedError
@@ -135,11 +133,17 @@ class Stage:
 
 
 def fit(stage: Stage) -> RunDir:
-    """Train ``stage`` (fresh, or resumed from its last checkpoint); return the run directory."""
+    """Train ``stage`` (fresh, or resumed from its last checkpoint); return the run directory.
+
+    Every option is checked before the run directory is touched. A directory whose run stopped
+    before its first checkpoint is started again, with or without ``resume``."""
     options = stage.options
-    if options.epochs < 1 or options.batch_size < 1 or options.lr <= 0:
-        raise InvalidArgument(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0; "
+    if options.epochs < 1 or options.batch_size < 1 or not 0 < options.lr < math.inf:
+        raise InvalidArgument(f"need --epochs >= 1, --batch-size >= 1 and a finite --lr > 0; "
                               f"got {options.epochs}, {options.batch_size}, {options.lr}")
+    if not (0 <= options.weight_decay < math.inf and 0 <= options.grad_clip < math.inf):
+        raise InvalidArgument(f"need finite --weight-decay >= 0 and --grad-clip >= 0; "
+                              f"got {options.weight_decay}, {options.grad_clip}")
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     rank, world_size, _, device = distributed.setup_distributed()
@@ -147,6 +151,12 @@ def fit(stage: Stage) -> RunDir:
     autocast = autocast_context(options.precision, device)
 
     stage.open()
+    if RunDir(stage.out).never_checkpointed():
+        if main:
+            print(f"jetfast {stage.name}: note: {stage.out} holds a run stopped before its first checkpoint; "
+                  f"{'there is nothing to resume, ' if options.resume else ''}starting it again", file=sys.stderr)
+        options.resume = False
+    distributed.barrier()  # every rank has looked before rank 0 changes the directory
     resumed = None
     if options.resume:
         run = RunDir.prepare(stage.out, resume=True)
@@ -208,13 +218,9 @@ def fit(stage: Stage) -> RunDir:
             for batch in stage.batches(epoch):
                 if capped and step >= total_steps:
                     break
-                try:
-                    with autocast():
-                        terms, weight = stage.step(net, batch, step)
-                    optimize(model, optimizer, terms["loss"], options.grad_clip, step, epoch)
-                except TrainingDiverged:
-                    stage.explain_divergence(batch, step)
-                    raise
+                with autocast():
+                    terms, weight = stage.step(net, batch, step)
+                optimize(model, optimizer, terms["loss"], options.grad_clip, step, epoch)
                 if not on_plateau:
                     scheduler.step()
                 step += 1

@@ -9,6 +9,7 @@ the run directory is :mod:`jetfast.run`'s.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from jetfast.data.format import validate_jet_file
 from jetfast.data.loader import JetLoader
 from jetfast.data.format import IMAGE_SIZE
 from jetfast.data.transforms import PAD_BEFORE, IntensityTransform, crop_to_image
-from jetfast.errors import InvalidArgument, JetFileError, RunDirError
+from jetfast.errors import InvalidArgument, RunDirError
 from jetfast.models.observation import CHANNEL_NAMES, hit_statistics
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
@@ -84,11 +85,23 @@ class VAEStage(Stage):
     throughput = ("images_per_s", 2)
 
     def open(self) -> None:
-        self.n_file = validate_jet_file(self.options.data)
+        o = self.options
+        if o.max_jets is not None and o.max_jets < 1:
+            raise InvalidArgument(f"--max-jets must be >= 1 (leave it out to use every jet); got {o.max_jets}")
+        if not (0 <= o.val_fraction and 0 <= o.test_fraction and o.val_fraction + o.test_fraction < 1):
+            raise InvalidArgument(f"--val-fraction and --test-fraction must be >= 0 and leave jets to train on "
+                                  f"(sum < 1); got {o.val_fraction} and {o.test_fraction}")
+        if o.transform_jets < 1 or not 0 <= o.kl_warmup_epochs < math.inf:
+            raise InvalidArgument(f"need --transform-jets >= 1 and a finite --kl-warmup-epochs >= 0; "
+                                  f"got {o.transform_jets}, {o.kl_warmup_epochs}")
+        # The model's own checks (latent size, widths, beta, ...), before anything is created.
+        VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
+                  intensity_components=o.intensity_components)
+        self.n_file = validate_jet_file(o.data)
 
     def begin(self, run: RunDir, main: bool) -> None:
         o = self.options
-        self.n_used = min(self.n_file, o.max_jets) if o.max_jets else self.n_file
+        self.n_used = min(self.n_file, o.max_jets) if o.max_jets is not None else self.n_file
         if main:
             _warn_if_unbalanced(o.data, self.n_used)
         fractions = (1 - o.val_fraction - o.test_fraction, o.val_fraction, o.test_fraction)
@@ -159,9 +172,6 @@ class VAEStage(Stage):
         x, images = self._inputs(batch, self.options.seed * 1_000_003 + step if self.options.augment else None)
         self.beta = self.model.beta_at(step)
         return self.model.loss(x, *net(x), self.beta, images=images), x.shape[0]
-
-    def explain_divergence(self, batch, step: int) -> None:
-        _raise_if_bad_pixels(self.options.data, batch["X_jets"], batch["index"], step)
 
     def validate(self, model: VAE):
         # Validation always weighs the KL with the full beta: the objective being selected on
@@ -276,16 +286,6 @@ def _mirror(physical: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if chosen.any():
             image[chosen.to(physical.device)] = image[chosen.to(physical.device)].flip(axis)
     return physical
-
-
-def _raise_if_bad_pixels(path: str, x, index, step: int) -> None:
-    """After a non-finite loss: blame the data, naming the jets, when the batch itself holds NaN/inf."""
-    bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
-    if bad.any():
-        jets = index[bad.cpu()].tolist()
-        shown = ", ".join(map(str, jets[:10])) + (" ..." if len(jets) > 10 else "")
-        raise JetFileError(f"{path}: jet(s) {shown} have NaN or infinite pixels (found at step {step}); "
-                           "remove them from the file or leave them out of the run")
 
 
 def _warn_if_unbalanced(path: str, n_used: int) -> None:
