@@ -264,9 +264,13 @@ def test_kpd_separates_distributions(rng):
 # -- the whole report -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory, module_seed):
-    """One file of 1400 synthetic jets; real = its first 700, generated files from the rest."""
+    """One file of 1400 synthetic jets; real = its first 700, generated files from the rest.
+    Each half holds exactly 350 jets of either class: halves with different class fractions
+    differ in every observable at once, which is a real difference, not the floor."""
     d = tmp_path_factory.mktemp("evaluate")
-    images, labels = jet_images(1400, seed=module_seed)
+    halves = [jet_images(700, seed=module_seed + i) for i in (0, 1)]
+    images = np.concatenate([h[0] for h in halves])
+    labels = np.concatenate([h[1] for h in halves])
     write_jet_file(d / "real.h5", images=images, labels=labels)
     write_jet_file(d / "same.h5", images=images[700:], labels=labels[700:], compression="gzip", chunk=50)
     write_jet_file(d / "scaled.h5", images=2 * images[700:], labels=labels[700:])

@@ -70,10 +70,13 @@ def test_tied_weights_share_the_code_embedding():
     assert model.num_parameters() < tiny_model().num_parameters()
 
 
-@pytest.mark.parametrize("tie_weights", [False, True])
-def test_kv_cached_greedy_equals_full_reforward(tie_weights, seed):
+@pytest.mark.parametrize("tie_weights, code_values", [(False, False), (True, False), (False, True)])
+def test_kv_cached_greedy_equals_full_reforward(tie_weights, code_values, seed):
     """Token for token, and each step's logits to fp32 tolerance; the caches hold the full pass's k, v."""
-    model = tiny_model(seed=seed, tie_weights=tie_weights)
+    model = tiny_model(seed=seed, tie_weights=tie_weights, code_values=code_values)
+    if code_values:
+        centers = torch.sort(torch.randn(19, 37, dtype=torch.float64), dim=1).values
+        model.set_code_values(centers, centers.mean(1), centers.std(1))
     batch, length = 5, model.config.seq_len
     labels = torch.tensor([0, 1, -1, 1, 0])
     with torch.inference_mode():
@@ -99,12 +102,34 @@ def test_kv_cached_greedy_equals_full_reforward(tie_weights, seed):
         prefill(model, seq[:, 0])
         for pos in range(1, length):
             decode_one_token(model, seq[:, pos], pos)
-        qkv = model.blocks[0].attn.qkv(model.blocks[0].ln_1(model.tok_emb(seq[:, :length]) + model.pos_emb))
+        stream = {}
+        model.blocks[0].register_forward_pre_hook(lambda module, args: stream.update(x=args[0]))
+        model(seq[:, :length])  # the residual stream entering layer 0 in a full pass
+        qkv = model.blocks[0].attn.qkv(model.blocks[0].ln_1(stream["x"]))
         k = qkv.view(batch, length, 3, 3, 16)[:, :, 1].transpose(1, 2)
         torch.testing.assert_close(model.blocks[0].attn.kv_cache.k_cache, k, rtol=1e-5, atol=1e-5)
     # Greedy through the public sampler gives the same codes.
     codes = sample(model, batch, cls=labels, greedy=True, batch_size=2)
     assert codes.dtype == torch.uint8 and torch.equal(codes.long(), cached_codes)
+
+
+def test_code_values_enter_after_their_dimension():
+    """The value of dimension d's code is read at position d + 1 (position 0 is the start token), and
+    dimension d's bin values shape the logits at position d, which predicts it."""
+    model = tiny_model(code_values=True)
+    centers = torch.sort(torch.randn(19, 37, dtype=torch.float64), dim=1).values
+    model.set_code_values(centers, centers.mean(1), centers.std(1))
+    torch.testing.assert_close(model.values[3], ((centers[3] - centers[3].mean()) / centers[3].std()).float())
+    idx = torch.cat([model.class_tokens(torch.tensor([0, 1]))[:, None], torch.randint(0, 37, (2, 18))], 1)
+    before = model(idx)
+    with torch.no_grad():
+        model.values[5] += 3.0  # dimension 5's code sits at position 6
+    after = model(idx)
+    torch.testing.assert_close(after[:, :5], before[:, :5])
+    assert not torch.allclose(after[:, 5], before[:, 5])
+    assert not torch.allclose(after[:, 6:], before[:, 6:])
+    with pytest.raises(ValueError, match="code_values"):
+        tiny_model().set_code_values(centers, centers.mean(1), centers.std(1))
 
 
 def test_prefill_of_several_tokens_matches_full_forward():

@@ -29,6 +29,8 @@ def train_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--n-layers", type=int, default=4, help="Transformer blocks")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout in attention, MLP and embeddings")
     model.add_argument("--tie-weights", action="store_true", help="share the output head with the code embedding")
+    model.add_argument("--no-code-values", dest="code_values", action="store_false",
+                       help="read the codes as plain tokens, not also the values of their bin centers")
     model.add_argument("--p-uncond", type=float, default=0.1,
                        help="probability of replacing the class token by the unconditional one")
 

@@ -132,6 +132,7 @@ def read_codes(path) -> dict:
         split = handle["split"][...]
         num_bins = int(handle.attrs["num_bins"])
         latent_dim = int(handle.attrs["latent_dim"])
+        centers = handle["centers"][...].astype(np.float32) if "centers" in handle else None
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise CodesFileError(f"{path}: codes must be an (N, D) integer array; got {codes.dtype} {codes.shape}")
     n, dims = codes.shape
@@ -151,5 +152,7 @@ def read_codes(path) -> dict:
         raise CodesFileError(f"{path}: y must be 1 (quark) or 0 (gluon); found {np.unique(labels)[:5]}")
     if not np.all(np.isin(split, (TRAIN, VAL, TEST))):
         raise CodesFileError(f"{path}: split must hold 0 (train), 1 (val) or 2 (test); found {np.unique(split)[:5]}")
+    if centers is not None and centers.shape != (latent_dim, num_bins):
+        raise CodesFileError(f"{path}: centers have shape {centers.shape}; expected ({latent_dim}, {num_bins})")
     return {"codes": codes, "labels": labels.astype(np.int64), "split": split, "num_bins": num_bins,
-            "latent_dim": latent_dim, "path": str(path.resolve())}
+            "latent_dim": latent_dim, "centers": centers, "path": str(path.resolve())}

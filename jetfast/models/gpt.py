@@ -9,7 +9,15 @@ with one start token per class (gluon = vocab+0 for y=0, quark = vocab+1 for y=1
 plus an unconditional one (vocab+num_classes); training swaps the class token for
 the unconditional one with probability ``p_uncond`` so one model does both.
 
-Positions are learned (position d *is* latent dimension d). Blocks are pre-LayerNorm.
+Positions are learned (position d *is* latent dimension d). With ``code_values`` the model
+knows what each code stands for, the value of its bin center (standardised per dimension,
+a table saved with the model): it reads the value of every code beside the code's
+embedding, and its logits for the next dimension get a quadratic in that dimension's bin
+values, ``a v + b v^2`` with ``a, b`` computed from the hidden state, so a Gaussian in the
+latent's value (the shape a VAE latent follows given the others) is two numbers away. Codes
+are ordered values of a continuous latent, which plain embeddings would have to discover
+from data; with the values, a model trained on a few thousand jets learns how one latent
+follows from the others. Blocks are pre-LayerNorm.
 Training and prefill use ``F.scaled_dot_product_attention`` with a causal mask;
 decoding one token reads a static, preallocated KV cache through the op
 ``jetfast.ops.decode_attention`` (Triton on CUDA, a compiled kernel on the CPU).
@@ -50,6 +58,7 @@ class GPTConfig:
     num_classes: int = 2
     tie_weights: bool = False  # output head shares the code rows of the token embedding
     mlp_ratio: int = 4
+    code_values: bool = False  # read each code's bin-center value too (see the module docstring)
 
     def __post_init__(self):
         checks = {
@@ -179,6 +188,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = None if config.tie_weights else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.code_values:
+            # (D, K): the standardised value of bin k of dimension d; set by set_code_values.
+            self.register_buffer("values", torch.zeros(config.seq_len, config.vocab_size))
+            self.value_proj = nn.Linear(1, config.d_model, bias=False)
+            self.value_head = nn.Linear(config.d_model, 2)  # (a, b) of the logits' a v + b v^2
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
         # GPT-2: scale the residual projections by depth so the residual stream keeps its size.
@@ -192,6 +206,16 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def set_code_values(self, centers: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The value table from the bin centers (D, K), standardised by the per-dimension mean and std (D,)
+        of the training latents."""
+        if not self.config.code_values:
+            raise InvalidArgument("this GPT was built without code_values")
+        if centers.shape != self.values.shape:
+            raise InvalidArgument(f"centers {tuple(centers.shape)} do not match (seq_len, vocab) {tuple(self.values.shape)}")
+        with torch.no_grad():
+            self.values.copy_((centers - mean[:, None]) / std.clamp_min(1e-12)[:, None])
 
     def class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         """Start-token ids for class labels (B,); a label of -1 means unconditional."""
@@ -211,12 +235,25 @@ class GPT(nn.Module):
         if pos is not None and self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
         x = self.tok_emb(idx) + self.pos_emb[start : start + length]  # (B, T, C)
+        if self.config.code_values:
+            # The token at position p >= 1 is the code of dimension p - 1; position 0 is the start token.
+            positions = torch.arange(start, start + length, device=idx.device)
+            dims = (positions - 1).clamp_min(0).expand_as(idx)
+            values = self.values[dims, idx.clamp_max(self.config.vocab_size - 1)]  # (B, T)
+            values = torch.where(positions >= 1, values, 0.0)
+            x = x + self.value_proj(values.unsqueeze(-1).to(x.dtype))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, pos)
         x = self.ln_f(x)
         weight = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
-        return linear(x, weight)  # (B, T, vocab)
+        logits = linear(x, weight)  # (B, T, vocab)
+        if self.config.code_values:
+            # Position p predicts the code of dimension p: its bin values (T, vocab).
+            predicted = self.values[start : start + length]
+            a, b = self.value_head(x).unsqueeze(-1).unbind(-2)  # (B, T, 1) each
+            logits = logits + a * predicted + b * predicted.square()
+        return logits
 
     def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache of (batch, heads, max_len, head_dim) in every layer."""

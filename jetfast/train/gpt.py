@@ -45,6 +45,7 @@ class GPTTraining:
     n_layers: int = 4
     dropout: float = 0.1
     tie_weights: bool = False
+    code_values: bool = True
     p_uncond: float = 0.1
     epochs: int = 30
     max_steps: int | None = None
@@ -99,6 +100,7 @@ class GPTStage(Stage):
         self.model_config = GPTConfig(
             vocab_size=self.data["num_bins"], seq_len=self.data["latent_dim"], d_model=o.d_model, n_heads=o.n_heads,
             n_layers=o.n_layers, dropout=o.dropout, num_classes=2, tie_weights=o.tie_weights,
+            code_values=o.code_values and self.data["centers"] is not None,
         )
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
@@ -129,6 +131,10 @@ class GPTStage(Stage):
             self.total_steps = min(self.total_steps, o.max_steps)
         self.warmup = o.warmup_steps if o.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
         self.model = GPT(self.model_config)
+        if self.model_config.code_values:
+            centers = torch.from_numpy(data["centers"]).double()
+            latents = centers.gather(1, self.train_codes.long().T).T  # (N, D): the training codes' values
+            self.model.set_code_values(centers, latents.mean(0), latents.std(0))
         return self.model
 
     def build_optimizer(self, model: GPT) -> torch.optim.Optimizer:

@@ -148,7 +148,8 @@ def fit(stage: Stage) -> RunDir:
         torch.set_num_threads(options.num_threads)
     rank, world_size, _, device = distributed.setup_distributed()
     main = distributed.is_main()
-    autocast = autocast_context(options.precision, device)
+    precision = resolve_precision(options.precision, device)
+    autocast = autocast_context(precision, device)
 
     stage.open()
     if RunDir(stage.out).never_checkpointed():
@@ -249,6 +250,7 @@ def fit(stage: Stage) -> RunDir:
                 "step": step,
                 **stage.record(train, val, step),
                 "lr": optimizer.param_groups[0]["lr"],
+                "precision": precision,
                 "time_s": round(time.perf_counter() - started, 3),
                 throughput: round(train_items / max(train_seconds, 1e-9), digits),
             }
@@ -286,12 +288,18 @@ def bf16_is_native(device: torch.device) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def autocast_context(precision: str, device: torch.device):
-    """A factory of the context that training steps run in: bf16 autocast (weights, optimizer
-    state and losses stay fp32) or nothing. ``"auto"`` takes bf16 where it is native."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``--precision`` means on this device (``"auto"`` takes bf16
+    where it is native)."""
     if precision not in PRECISIONS:
         raise InvalidArgument(f"precision must be one of {PRECISIONS}; got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
+    return "bf16" if precision == "bf16" or (precision == "auto" and bf16_is_native(device)) else "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A factory of the context that training steps run in: bf16 autocast (weights, optimizer
+    state and losses stay fp32) or nothing."""
+    use_bf16 = resolve_precision(precision, device) == "bf16"
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
