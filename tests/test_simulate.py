@@ -329,8 +329,11 @@ def test_ctrl_c_says_interrupted_and_leaves_no_file(tmp_path, delay):
 
     out = tmp_path / "jets.h5"
     command = [sys.executable, "-m", "jetfast.cli", "data", "generate", "--n", "64", "--workers", "2", "--out", str(out)]
+    # The child must see Ctrl-C even when this suite runs in the background, where the shell
+    # starts it (and so its children) with SIGINT ignored.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+                               env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not list(tmp_path.glob("jets.h5.tmp-*")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)  # the temporary file exists just before the workers start
