@@ -108,28 +108,39 @@ def test_kv_cached_greedy_equals_full_reforward(tie_weights, code_values, seed):
         qkv = model.blocks[0].attn.qkv(model.blocks[0].ln_1(stream["x"]))
         k = qkv.view(batch, length, 3, 3, 16)[:, :, 1].transpose(1, 2)
         torch.testing.assert_close(model.blocks[0].attn.kv_cache.k_cache, k, rtol=1e-5, atol=1e-5)
-    # Greedy through the public sampler gives the same codes.
+    # Greedy through the public sampler gives the same codes, in latent order.
     codes = sample(model, batch, cls=labels, greedy=True, batch_size=2)
-    assert codes.dtype == torch.uint8 and torch.equal(codes.long(), cached_codes)
+    assert codes.dtype == torch.uint8 and torch.equal(codes.long(), model.to_latent(cached_codes))
+    assert not code_values or not torch.equal(codes.long(), cached_codes)  # the order is not the identity
 
 
-def test_code_values_enter_after_their_dimension():
-    """The value of dimension d's code is read at position d + 1 (position 0 is the start token), and
-    dimension d's bin values shape the logits at position d, which predicts it."""
+def test_code_values_set_the_reading_order_and_enter_after_their_slot():
+    """Dimensions are read widest first; the value of slot p's code is read at position p + 1
+    (position 0 is the start token), and slot p's bin values shape the logits at position p,
+    which predicts it."""
     model = tiny_model(code_values=True)
     centers = torch.sort(torch.randn(19, 37, dtype=torch.float64), dim=1).values
-    model.set_code_values(centers, centers.mean(1), centers.std(1))
-    torch.testing.assert_close(model.values[3], ((centers[3] - centers[3].mean()) / centers[3].std()).float())
+    std = torch.rand(19, dtype=torch.float64) + 0.1
+    model.set_code_values(centers, centers.mean(1), std)
+    assert torch.equal(model.order, torch.argsort(-std))
+    widest = int(std.argmax())
+    torch.testing.assert_close(model.values[0], ((centers[widest] - centers[widest].mean()) / std[widest]).float())
+    codes = torch.randint(0, 37, (4, 19))
+    assert torch.equal(model.to_sequence(codes)[:, 0], codes[:, widest])
+    assert torch.equal(model.to_latent(model.to_sequence(codes)), codes)
+
     idx = torch.cat([model.class_tokens(torch.tensor([0, 1]))[:, None], torch.randint(0, 37, (2, 18))], 1)
     before = model(idx)
     with torch.no_grad():
-        model.values[5] += 3.0  # dimension 5's code sits at position 6
+        model.values[5] += 3.0  # slot 5's code sits at position 6
     after = model(idx)
     torch.testing.assert_close(after[:, :5], before[:, :5])
     assert not torch.allclose(after[:, 5], before[:, 5])
     assert not torch.allclose(after[:, 6:], before[:, 6:])
     with pytest.raises(ValueError, match="code_values"):
-        tiny_model().set_code_values(centers, centers.mean(1), centers.std(1))
+        tiny_model().set_code_values(centers, centers.mean(1), std)
+    with pytest.raises(ValueError, match="do not match"):
+        model.set_code_values(centers[:, :-1], centers.mean(1), std)
 
 
 def test_prefill_of_several_tokens_matches_full_forward():
@@ -250,6 +261,26 @@ def test_train_gpt_learns_the_classes_and_resumes(tmp_path, seed):
     resumed = [json.loads(line) for line in (gpt_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in resumed] == list(range(len(resumed))) and resumed[-1]["step"] == 96
     assert resumed[-1]["val_loss"] < metrics[0]["val_loss"]
+
+
+def test_train_gpt_with_code_values_reads_the_widest_dimension_first(tmp_path, seed):
+    """The last latent dimension is the widest and the others follow it: read first, it makes
+    the rest easy; the sampler hands the codes back in latent order."""
+    rng = np.random.default_rng(seed)
+    n, dims = 600, 8
+    leader = rng.integers(0, 256, n)
+    codes = np.clip(255 - leader[:, None] + rng.integers(-8, 9, (n, dims)), 0, 255)
+    codes[:, -1] = leader
+    scale = np.array([1.0] * (dims - 1) + [5.0])
+    centers = (np.linspace(-1, 1, 256)[None] * scale[:, None]).astype(np.float32)
+    write_codes_file(tmp_path / "codes.h5", n=n, dims=dims, seed=seed, codes=codes.astype(np.uint8), centers=centers)
+    assert run_train(tmp_path, "--epochs", "30", "--max-steps", "240", *TINY) == 0
+    model, config = load_gpt(tmp_path / "gpt")
+    assert config.code_values and int(model.order[0]) == dims - 1
+    generated = sample(model, 300, cls=None, seed=0).long()
+    assert generated[:, -1].float().std() > 50  # the leader spreads over the bins, as in the data
+    follow = (generated[:, :-1] + generated[:, -1:] - 255).abs().float()
+    assert follow.median() < 20, follow.median()  # 75 if they did not follow
 
 
 def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):

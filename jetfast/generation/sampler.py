@@ -174,7 +174,7 @@ def sample(
                 class_tokens = model.class_tokens(labels[start : start + count].to(device))
                 logits = prefill(model, class_tokens)
                 decode_n_tokens(model, logits, batch_codes, pick)
-                codes[start : start + count] = batch_codes.to("cpu", codes.dtype)
+                codes[start : start + count] = model.to_latent(batch_codes).to("cpu", codes.dtype)
                 bar.update(count)
     finally:
         bar.close()

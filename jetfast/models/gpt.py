@@ -9,15 +9,22 @@ with one start token per class (gluon = vocab+0 for y=0, quark = vocab+1 for y=1
 plus an unconditional one (vocab+num_classes); training swaps the class token for
 the unconditional one with probability ``p_uncond`` so one model does both.
 
-Positions are learned (position d *is* latent dimension d). With ``code_values`` the model
-knows what each code stands for, the value of its bin center (standardised per dimension,
-a table saved with the model): it reads the value of every code beside the code's
-embedding, and its logits for the next dimension get a quadratic in that dimension's bin
-values, ``a v + b v^2`` with ``a, b`` computed from the hidden state, so a Gaussian in the
-latent's value (the shape a VAE latent follows given the others) is two numbers away. Codes
-are ordered values of a continuous latent, which plain embeddings would have to discover
-from data; with the values, a model trained on a few thousand jets learns how one latent
-follows from the others. Blocks are pre-LayerNorm.
+Positions are learned. Without ``code_values`` position d+1 holds latent dimension d.
+With ``code_values`` the model knows what each code stands for, the value of its bin center
+(standardised per dimension, a table saved with the model), in three ways:
+
+* it reads the dimensions widest first (by the spread of the training latents): a VAE uses
+  a few of its latents and leaves the rest near constant, and with the used ones first, how
+  they depend on each other is learned from short, nearby context rather than found among
+  a hundred positions of noise (:meth:`GPT.to_sequence`, :meth:`GPT.to_latent`);
+* it reads the value of every code beside the code's embedding;
+* its logits for the next dimension get a quadratic in that dimension's bin values,
+  ``a v + b v^2`` with ``a, b`` computed from the hidden state, so a Gaussian in the
+  latent's value (the shape a VAE latent follows given the others) is two numbers away.
+
+Codes are ordered values of a continuous latent, which plain embeddings would have to
+discover from data; with the values, a model trained on a few thousand jets learns how one
+latent follows from the others. Blocks are pre-LayerNorm.
 Training and prefill use ``F.scaled_dot_product_attention`` with a causal mask;
 decoding one token reads a static, preallocated KV cache through the op
 ``jetfast.ops.decode_attention`` (Triton on CUDA, a compiled kernel on the CPU).
@@ -189,7 +196,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = None if config.tie_weights else nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.code_values:
-            # (D, K): the standardised value of bin k of dimension d; set by set_code_values.
+            # order[p]: the latent dimension at sequence slot p (position p + 1); set by set_code_values.
+            self.register_buffer("order", torch.arange(config.seq_len))
+            # (D, K), in sequence order: the standardised value of each bin of the dimension at that slot.
             self.register_buffer("values", torch.zeros(config.seq_len, config.vocab_size))
             self.value_proj = nn.Linear(1, config.d_model, bias=False)
             self.value_head = nn.Linear(config.d_model, 2)  # (a, b) of the logits' a v + b v^2
@@ -208,14 +217,29 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def set_code_values(self, centers: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """The value table from the bin centers (D, K), standardised by the per-dimension mean and std (D,)
-        of the training latents."""
+        """The reading order and value table from the bin centers (D, K) and the per-dimension mean
+        and std (D,) of the training latents: widest dimension first, values standardised."""
         if not self.config.code_values:
             raise InvalidArgument("this GPT was built without code_values")
-        if centers.shape != self.values.shape:
-            raise InvalidArgument(f"centers {tuple(centers.shape)} do not match (seq_len, vocab) {tuple(self.values.shape)}")
+        if centers.shape != self.values.shape or mean.shape != std.shape != (centers.shape[0],):
+            raise InvalidArgument(f"centers {tuple(centers.shape)}, mean {tuple(mean.shape)} and std "
+                                  f"{tuple(std.shape)} do not match (seq_len, vocab) {tuple(self.values.shape)}")
+        order = torch.sort(std, descending=True, stable=True).indices
         with torch.no_grad():
-            self.values.copy_((centers - mean[:, None]) / std.clamp_min(1e-12)[:, None])
+            self.order.copy_(order)
+            self.values.copy_(((centers - mean[:, None]) / std.clamp_min(1e-12)[:, None])[order])
+
+    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, D) in latent order -> the order the model reads them in."""
+        return codes[:, self.order] if self.config.code_values else codes
+
+    def to_latent(self, sequence: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_sequence`."""
+        if not self.config.code_values:
+            return sequence
+        codes = torch.empty_like(sequence)
+        codes[:, self.order] = sequence
+        return codes
 
     def class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         """Start-token ids for class labels (B,); a label of -1 means unconditional."""
@@ -236,7 +260,7 @@ class GPT(nn.Module):
             raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
         x = self.tok_emb(idx) + self.pos_emb[start : start + length]  # (B, T, C)
         if self.config.code_values:
-            # The token at position p >= 1 is the code of dimension p - 1; position 0 is the start token.
+            # The token at position p >= 1 is the code of sequence slot p - 1; position 0 is the start token.
             positions = torch.arange(start, start + length, device=idx.device)
             dims = (positions - 1).clamp_min(0).expand_as(idx)
             values = self.values[dims, idx.clamp_max(self.config.vocab_size - 1)]  # (B, T)
@@ -249,7 +273,7 @@ class GPT(nn.Module):
         weight = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
         logits = linear(x, weight)  # (B, T, vocab)
         if self.config.code_values:
-            # Position p predicts the code of dimension p: its bin values (T, vocab).
+            # Position p predicts the code of slot p: its bin values (T, vocab).
             predicted = self.values[start : start + length]
             a, b = self.value_head(x).unsqueeze(-1).unbind(-2)  # (B, T, 1) each
             logits = logits + a * predicted + b * predicted.square()

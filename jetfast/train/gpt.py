@@ -179,7 +179,7 @@ class GPTStage(Stage):
             yield order[start : start + self.options.batch_size]
 
     def step(self, net, rows, step: int):
-        inputs, targets = sequences(self.model_config, self.train_codes[rows].to(self.device),
+        inputs, targets = sequences(self.model_config, self.model.to_sequence(self.train_codes[rows].to(self.device)),
                                     self.train_labels[rows].to(self.device), self.options.p_uncond)
         logits = net(inputs)  # (B, D, vocab)
         return {"loss": F.cross_entropy(logits.flatten(0, 1), targets.flatten())}, targets.numel()
@@ -193,7 +193,8 @@ class GPTStage(Stage):
         with torch.no_grad():
             for start in range(0, len(shard), batch_size):
                 rows = shard[start : start + batch_size]
-                inputs, targets = sequences(config, self.val_codes[rows].to(self.device), self.val_labels[rows].to(self.device))
+                inputs, targets = sequences(config, model.to_sequence(self.val_codes[rows].to(self.device)),
+                                            self.val_labels[rows].to(self.device))
                 conditional += float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
                 inputs[:, 0] = config.unconditional_token
                 unconditional += float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
@@ -264,7 +265,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def sequences(model_config, codes, labels, p_uncond: float = 0.0):
-    """Model input [class_token, c_0..c_{D-2}] and targets [c_0..c_{D-1}], both (B, D) int64."""
+    """Model input [class_token, c_0..c_{D-2}] and targets [c_0..c_{D-1}], both (B, D) int64, from
+    codes in the model's reading order (:meth:`GPT.to_sequence`)."""
     targets = codes.long()
     class_tokens = model_config.vocab_size + labels
     if p_uncond > 0:
