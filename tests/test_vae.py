@@ -64,17 +64,17 @@ def test_default_shapes():
     x = torch.randn(2, 3, 128, 128)
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, 128)
-    # The sparse observation model: (hit logit, loc, log scale) per channel.
-    assert model.decode(mu).shape == (2, 9, 128, 128)
+    # The sparse observation model: per channel a hit logit and 3 x (weight logit, loc, log scale).
+    assert model.decode(mu).shape == (2, 30, 128, 128)
     x_hat, mu2, _ = model(x)
-    assert x_hat.shape == (2, 9, 128, 128) and torch.equal(mu, mu2)
+    assert x_hat.shape == (2, 30, 128, 128) and torch.equal(mu, mu2)
     assert VAE(VAEConfig(recon="mse")).decode(mu).shape == (2, 3, 128, 128)
     # eval mode decodes the posterior mean
     assert torch.equal(x_hat, model.decode(mu))
 
 
 def test_odd_configs_and_bad_shapes():
-    model = VAE(VAEConfig(latent_dim=1, widths=(3, 5), image_size=128))
+    model = VAE(VAEConfig(latent_dim=1, widths=(3, 5), image_size=128, intensity_components=1))
     assert model(torch.randn(3, 3, 128, 128))[0].shape == (3, 9, 128, 128)
     with pytest.raises(ValueError, match=r"\(B, 3, 128, 128\)"):
         model.encode(torch.randn(2, 3, 125, 125))

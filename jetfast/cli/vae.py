@@ -44,10 +44,11 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
                        help="encoder channels per stride-2 stage (decoder mirrors them)")
     model.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
     model.add_argument("--recon", choices=("sparse", "mse", "gaussian_nll"), default="sparse",
-                       help="observation model: sparse (per pixel a hit probability and a log-normal intensity, HCAL in "
+                       help="observation model: sparse (per pixel a hit probability and a log-normal mixture intensity, HCAL in "
                             "towers), or the mean-image baselines: squared error, Gaussian NLL with learned variance")
-    model.add_argument("--intensity-components", type=int, default=1,
-                       help="sparse: log-normal components of each pixel's intensity distribution")
+    model.add_argument("--intensity-components", type=int, default=3,
+                       help="sparse: log-normal components of each pixel's intensity distribution (with one, ECAL "
+                            "energies and the leading-cell fraction come out biased high)")
     model.add_argument("--kl-warmup-epochs", type=float, default=1.0,
                        help="epochs over which the KL weight ramps linearly from 0 to --beta")
 

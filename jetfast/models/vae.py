@@ -49,7 +49,7 @@ class VAEConfig:
     image_size: int = MODEL_SIZE
     beta: float = 1.0
     recon: str = "sparse"
-    intensity_components: int = 1  # recon="sparse": log-normals in each pixel's intensity mixture
+    intensity_components: int = 3  # recon="sparse": log-normals in each pixel's intensity mixture
     kl_warmup_steps: int = 0
     negative_slope: float = 0.2
     # recon="sparse": the training hits' statistics (jetfast.models.observation.hit_statistics),

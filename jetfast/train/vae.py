@@ -46,7 +46,7 @@ class VAETraining:
     widths: tuple[int, ...] = (32, 64, 128, 256)
     beta: float = 1.0
     recon: str = "sparse"
-    intensity_components: int = 1
+    intensity_components: int = 3
     kl_warmup_epochs: float = 1.0
     augment: bool = True
     epochs: int = 20
