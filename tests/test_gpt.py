@@ -155,6 +155,26 @@ def test_prefill_of_several_tokens_matches_full_forward():
         torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_class_reaches_every_position_and_a_decode_needs_its_prefill():
+    model = tiny_model()
+    codes = torch.randint(0, 37, (2, 18))
+    quark = torch.cat([model.class_tokens(torch.tensor([1, 1]))[:, None], codes], 1)
+    gluon = quark.clone()
+    gluon[:, 0] = model.class_tokens(torch.tensor([0]))
+    with torch.no_grad():
+        # Start tokens with one embedding: only the class vectors tell quark from gluon here.
+        model.tok_emb.weight[37:39] = 0.0
+        model.class_emb.weight[0] = 0.0
+        model.class_emb.weight[1] = 1.0
+        assert not torch.allclose(model(quark)[:, -1], model(gluon)[:, -1])
+        model.setup_caches(2)
+        with pytest.raises(RuntimeError, match="prefill"):
+            decode_one_token(model, codes[:, 0], 1)
+        prefill(model, quark[:, 0])
+        with pytest.raises(RuntimeError, match="prefill"):
+            decode_one_token(model, codes[:1, 0], 1)  # another batch than the prefill's
+
+
 # ---------------------------------------------------------------------------------------------
 # the sampler
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,11 @@ that dimension's bins). The sequence the model reads is
 
 with one start token per class (gluon = vocab+0 for y=0, quark = vocab+1 for y=1)
 plus an unconditional one (vocab+num_classes); training swaps the class token for
-the unconditional one with probability ``p_uncond`` so one model does both.
+the unconditional one with probability ``p_uncond`` so one model does both. The class
+is also added to every position (a learned vector per start token): every code sees it
+directly, not only through attention back to position 0, which a small model trained
+briefly learns for the first few codes only. A cached decode keeps the vectors of the
+start tokens it was prefilled with.
 
 Positions are learned. Without ``code_values`` position d+1 holds latent dimension d.
 With ``code_values`` the model knows what each code stands for, the value of its bin center
@@ -191,6 +195,8 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.num_tokens, config.d_model)
         self.pos_emb = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
+        self.class_emb = nn.Embedding(config.num_classes + 1, config.d_model)  # per start token, at every position
+        self.class_cache = None  # (B, 1, C): the class vectors of a cached decode, set by its prefill
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -259,6 +265,17 @@ class GPT(nn.Module):
         if pos is not None and self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
         x = self.tok_emb(idx) + self.pos_emb[start : start + length]  # (B, T, C)
+        if start == 0:
+            # A sequence that does not open with a start token is read as unconditional.
+            first = idx[:, :1] - self.config.vocab_size
+            classes = self.class_emb(torch.where(first >= 0, first, self.config.num_classes))
+            if pos is not None:
+                self.class_cache = classes
+        elif self.class_cache is None or self.class_cache.shape[0] != idx.shape[0]:
+            raise RuntimeError("GPT: a cached decode starts with prefill(), which sets the class of every row")
+        else:
+            classes = self.class_cache
+        x = x + classes
         if self.config.code_values:
             # The token at position p >= 1 is the code of sequence slot p - 1; position 0 is the start token.
             positions = torch.arange(start, start + length, device=idx.device)
@@ -298,6 +315,7 @@ class GPT(nn.Module):
     def clear_caches(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
+        self.class_cache = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
