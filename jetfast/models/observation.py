@@ -100,9 +100,14 @@ class SparseObservation(nn.Module):
         """Decoder output (B, 3P, 128, 128) -> parameters [tracks (B, P, 125, 125), ecal (B, P, 125, 125),
         hcal (B, P, 25, 25)], P = :func:`params_per_channel` along dim 1."""
         end = PAD_BEFORE + IMAGE_SIZE
-        out = out[:, :, PAD_BEFORE:end, PAD_BEFORE:end].float()  # undo the 125 -> 128 padding
-        out = out.reshape(out.shape[0], NUM_CHANNELS, self.params, IMAGE_SIZE, IMAGE_SIZE)
-        return [out[:, 0], out[:, 1], F.avg_pool2d(out[:, 2], TOWER)]
+        # Views only, pixel-major as the channels-last decoder writes them (a channel-major
+        # copy of the whole output would cost as much as a convolution), and unbind rather than
+        # indexing: its gradient is one concatenation, where each index would fill a zero
+        # tensor the size of the output.
+        out = out.permute(0, 2, 3, 1)[:, PAD_BEFORE:end, PAD_BEFORE:end]  # undo the 125 -> 128 padding
+        channels = out.reshape(out.shape[0], IMAGE_SIZE, IMAGE_SIZE, NUM_CHANNELS, self.params).unbind(3)
+        tracks, ecal, hcal = (c.permute(0, 3, 1, 2) for c in channels)
+        return [tracks, ecal, F.avg_pool2d(hcal, TOWER)]
 
     @staticmethod
     def targets(images: torch.Tensor) -> list[torch.Tensor]:
@@ -111,8 +116,10 @@ class SparseObservation(nn.Module):
         return [images[..., 0], images[..., 1], cells_to_towers(images[..., 2])]
 
     def _unpack(self, params: torch.Tensor):
-        """(hit logit (B, H, W), log weights, locs, log scales (B, K, H, W))."""
+        """(hit logit (B, H, W), log weights, locs, log scales (B, K, H, W)) in fp32; also for the
+        parameters of single pixels, (N, P) -> (N,), (N, K) x 3."""
         k = self.components
+        params = params.float()
         if k == 1:
             loc, log_scale = params[:, 1:2], params[:, 2:3]
             log_weight = torch.zeros_like(loc)
@@ -127,13 +134,17 @@ class SparseObservation(nn.Module):
         (how much they hold)."""
         terms = {}
         for c, (name, params, values) in enumerate(zip(CHANNEL_NAMES, self.split(out), self.targets(images))):
-            logit, log_weight, loc, log_scale = self._unpack(params)
             hit = values > 0
-            terms[f"{name}_hits"] = F.binary_cross_entropy_with_logits(logit, hit.float(), reduction="none").flatten(1).sum(1)
-            u = ((torch.log(torch.where(hit, values, 1.0)) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
+            logit, intensity = params.split([1, self.params - 1], dim=1)
+            terms[f"{name}_hits"] = F.binary_cross_entropy_with_logits(
+                logit[:, 0].float(), hit.float(), reduction="none").flatten(1).sum(1)
+            # The intensity only where there is a hit: ~1% of the pixels.
+            jet, row, col = hit.nonzero(as_tuple=True)
+            _, log_weight, loc, log_scale = self._unpack(F.pad(intensity[jet, :, row, col], (1, 0)))  # (N_hits, K) each
+            u = ((torch.log(values[jet, row, col].float()) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
             log_density = log_weight - log_scale - _HALF_LOG_2PI - 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
             nll = torch.log(self.log_std[c]) - torch.logsumexp(log_density, dim=1)
-            terms[f"{name}_energy"] = torch.where(hit, nll, 0.0).flatten(1).sum(1)
+            terms[f"{name}_energy"] = torch.zeros(len(values), device=nll.device).index_add_(0, jet, nll)
         return terms
 
     def noise(self, seed: int, start: int, count: int) -> list[torch.Tensor]:
