@@ -3,11 +3,13 @@
 Two data paths feed the same model and the same optimiser step in the same run:
 
 - jetfast: ``JetLoader`` (C++ prefetcher when built with HDF5, h5py chunk reader otherwise)
-  delivering transformed (B, 3, 128, 128) batches, then the VAE's loss and the training
-  loop's optimizer step (``jetfast.train.loop.optimize``);
+  delivering padded (B, 3, 128, 128) batches in GeV, as ``train-vae`` reads them, then the
+  trainer's step: the transform for the encoder, the sparse observation model's loss on the
+  jets in GeV, the training loop's optimizer step (``jetfast.train.loop.optimize``), in the
+  precision ``train-vae`` picks (bf16 autocast where the CPU has it);
 - baseline: the plain PyTorch recipe, a per-index ``h5py`` ``Dataset`` (one file handle per
-  worker, opened lazily after the fork) + ``DataLoader`` with one worker, pad and transform
-  per jet, default collate. With 32-jet LZF chunks (6 MB) and h5py's default 1 MiB chunk
+  worker, opened lazily after the fork) + ``DataLoader`` with one worker, default collate,
+  then the same step. With 32-jet LZF chunks (6 MB) and h5py's default 1 MiB chunk
   cache, every per-index read decodes a whole chunk: that is what the plain recipe costs on
   files chunked like this one.
 
@@ -25,9 +27,9 @@ import pytest
 import torch
 
 from jetfast.data.loader import JetLoader
-from jetfast.data.transforms import IntensityTransform
+from jetfast.data.transforms import IntensityTransform, crop_to_image, pad_to_model
 from jetfast.models.vae import VAE, VAEConfig
-from jetfast.train.loop import optimize
+from jetfast.train.loop import autocast_context, optimize, resolve_precision
 from tests.jetfiles import write_jet_file
 
 BATCH = 64
@@ -56,8 +58,7 @@ class H5PerIndex(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self.file is None:  # after the fork: never share an h5py handle across processes
             self.file = h5py.File(self.path, "r")
-        image = torch.from_numpy(self.file["X_jets"][i])
-        return self.transform.to_model(image[None])[0], float(self.file["y"][i])
+        return torch.from_numpy(self.file["X_jets"][i]), float(self.file["y"][i])
 
 
 def _baseline_loader(path, transform):
@@ -66,28 +67,36 @@ def _baseline_loader(path, transform):
 
 
 def _jetfast_loader(path, transform):
-    return JetLoader(path, BATCH, shuffle=True, seed=0, drop_last=True, transform=transform, rank=0, world_size=1)
+    return JetLoader(path, BATCH, shuffle=True, seed=0, drop_last=True, transform=None, rank=0, world_size=1)
 
 
-def _images(batch):
-    return batch["X_jets"] if isinstance(batch, dict) else batch[0]
+def _physical(batch):
+    """The batch as train-vae's step takes it: padded (B, 3, 128, 128) in GeV."""
+    return batch["X_jets"] if isinstance(batch, dict) else pad_to_model(batch[0])
 
 
-def _train_step(model, optimizer, x, step: int) -> None:
-    """One step of the trainer: the VAE's loss terms, then the training loop's optimizer step."""
-    optimize(model, optimizer, model.loss(x, *model(x), 1.0)["loss"], grad_clip=5.0, step=step)
+PRECISION = resolve_precision("auto", torch.device("cpu"))
+AUTOCAST = autocast_context(PRECISION, torch.device("cpu"))
 
 
-def _train(loader, steps: int) -> float:
+def _train_step(model, optimizer, transform, physical, step: int) -> None:
+    """One step of the trainer: transform, the VAE's loss terms, the training loop's optimizer step."""
+    x, images = transform.forward(physical), crop_to_image(physical)
+    with AUTOCAST():
+        loss = model.loss(x, *model(x), 1.0, images=images)["loss"]
+    optimize(model, optimizer, loss, grad_clip=5.0, step=step)
+
+
+def _train(loader, transform, steps: int) -> float:
     """Seconds for ``steps`` training steps after one warm-up step (loader time included)."""
     torch.manual_seed(0)
     model = VAE(VAEConfig()).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batches = iter(loader)
-    _train_step(model, optimizer, _images(next(batches)), 0)
+    _train_step(model, optimizer, transform, _physical(next(batches)), 0)
     start = time.perf_counter()
     for step in range(steps):
-        _train_step(model, optimizer, _images(next(batches)), step + 1)
+        _train_step(model, optimizer, transform, _physical(next(batches)), step + 1)
     return time.perf_counter() - start
 
 
@@ -96,7 +105,7 @@ def _read(loader) -> tuple[float, int]:
     next(batches)  # warm-up: worker start-up, first chunk decode
     start, jets = time.perf_counter(), 0
     for batch in batches:
-        jets += _images(batch).shape[0]
+        jets += _physical(batch).shape[0]
     return time.perf_counter() - start, jets
 
 
@@ -104,9 +113,10 @@ def _read(loader) -> tuple[float, int]:
 def test_vae_training_images_per_s(benchmark, record, jet_file, side):
     path, transform = jet_file
     make = _jetfast_loader if side == "jetfast" else _baseline_loader
-    seconds = benchmark.pedantic(lambda: _train(make(path, transform), STEPS), rounds=1, iterations=1)
+    seconds = benchmark.pedantic(lambda: _train(make(path, transform), transform, STEPS), rounds=1, iterations=1)
     backend = make(path, transform).backend if side == "jetfast" else "h5py per-index DataLoader(num_workers=1)"
-    record(train_images_per_s=BATCH * STEPS / seconds, batch=BATCH, threads=torch.get_num_threads(), data=backend)
+    record(train_images_per_s=BATCH * STEPS / seconds, batch=BATCH, threads=torch.get_num_threads(), data=backend,
+           precision=PRECISION)
 
 
 @pytest.mark.parametrize("side", ["jetfast", "baseline"])

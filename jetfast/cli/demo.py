@@ -21,7 +21,7 @@ STAGES = ("data", "train-vae", "fit-bins", "encode", "train-gpt", "generate", "e
 # Sizes of each preset; an option given on the command line wins.
 PRESETS = {
     "quick": {"jets": 4000, "generate": 2000, "vae_epochs": 8, "gpt_epochs": 8, "gpt_size": (128, 4, 3)},
-    "hour": {"jets": 12000, "generate": 4000, "vae_epochs": 16, "gpt_epochs": 16, "gpt_size": (128, 4, 3)},
+    "hour": {"jets": 12000, "generate": 4000, "vae_epochs": 16, "gpt_epochs": 12, "gpt_size": (128, 4, 3)},
 }
 
 

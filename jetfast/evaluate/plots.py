@@ -271,8 +271,9 @@ def plot_ladder_jets(rows: list[tuple[str, JetSample]], path: Path, per_row: int
     vmax = float(positive.max()) if positive.size else 1.0
     norm = LogNorm(vmin=max(vmax * 1e-4, 1e-6), vmax=vmax)
     with _style() as plt:
-        fig, axes = plt.subplots(len(rows), per_row, figsize=(2.6 * per_row, 2.75 * len(rows) + 0.6), squeeze=False)
-        fig.subplots_adjust(hspace=0.25, wspace=0.05)
+        height = 2.75 * len(rows) + 0.6
+        fig, axes = plt.subplots(len(rows), per_row, figsize=(2.6 * per_row, height), squeeze=False)
+        fig.subplots_adjust(hspace=0.25, wspace=0.05, top=1 - 0.75 / height)  # the title just above the first row
         image = None
         for r, (label, jets) in enumerate(rows):
             for i in range(per_row):
@@ -285,7 +286,7 @@ def plot_ladder_jets(rows: list[tuple[str, JetSample]], path: Path, per_row: int
             axes[r, 0].set_title(f"{r}. {label}", loc="left", fontsize=11)
         if image is not None:
             fig.colorbar(image, ax=axes, orientation="horizontal", fraction=0.02, pad=0.02, label="Tracks+ECAL+HCAL [GeV]")
-        fig.suptitle("The fidelity ladder: random jets of every row (central 63x63 pixels)")
+        fig.suptitle("The fidelity ladder: random jets of every row (central 63x63 pixels)", y=1 - 0.15 / height)
         fig.savefig(path, dpi=70, bbox_inches="tight", pad_inches=0.1)
         plt.close(fig)
     return path
