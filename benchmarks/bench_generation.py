@@ -1,7 +1,8 @@
 """End-to-end generation on the CPU: 10,000 jets, sampling + decoding + writing.
 
 The pipeline at the default sizes (Transformer d_model 256, 4 layers, 8 heads over
-128 codes of 256 bins; the default VAE decoder), with untrained weights: the cost
+128 codes of 256 bins, reading the codes' values; the default VAE decoder and its sampled
+decode of the sparse observation model), with untrained weights: the cost
 of every stage is the same as for a trained run, only the pictures differ.
 
 Floor, per jet: sampling ~0.86 GFLOP (see bench_sample.py), decoding ~0.5 GFLOP
@@ -38,8 +39,12 @@ def run_dir(tmp_path_factory):
     )
     centers = np.sort(np.random.default_rng(0).normal(size=(vae_config.latent_dim, 256)).astype(np.float32), axis=1)
     np.savez(run / "bins.npz", centers=centers)
-    gpt_config = GPTConfig(vocab_size=256, seq_len=vae_config.latent_dim, d_model=256, n_heads=8, n_layers=4)
-    save_checkpoint({"model": GPT(gpt_config).state_dict(), "config": asdict(gpt_config)}, run / "gpt" / "checkpoints" / "best.pt")
+    gpt_config = GPTConfig(vocab_size=256, seq_len=vae_config.latent_dim, d_model=256, n_heads=8, n_layers=4,
+                           code_values=True)  # as train-gpt builds it
+    gpt = GPT(gpt_config)
+    table = torch.from_numpy(centers).double()
+    gpt.set_code_values(table, table.mean(1), table.std(1))
+    save_checkpoint({"model": gpt.state_dict(), "config": asdict(gpt_config)}, run / "gpt" / "checkpoints" / "best.pt")
     return run
 
 

@@ -39,6 +39,38 @@ def test_tiny_end_to_end_demo(tmp_path):
             assert isinstance(entry[key], float) and math.isfinite(entry[key]), (name, key, entry[key])
         assert entry["w"] >= 0 and entry["n_gen"] == 40, name
     assert (out / "report" / "report.md").exists()
+    check_ladder(out, metrics)
     # A second run finds every stage done and redoes nothing.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 7
+
+
+def check_ladder(out, metrics):
+    """Every row of the fidelity ladder is measured on the run's test jets, and only on them."""
+    import torch
+
+    from jetfast.data.transforms import pad_to_model
+    from jetfast.evaluate.observables import compute_observables
+    from jetfast.models.vae import load_vae
+    from jetfast.run import load_split
+
+    test = np.sort(load_split(out / "run")["test"])
+    rows = {row["row"]: row for row in metrics["ladder"]}
+    assert list(rows) == ["real", "reconstruction", "bins", "prior", "transformer"]
+    assert rows["real"]["n"] == len(test) - len(test) // 2  # the second half of the test jets
+    assert rows["reconstruction"]["n"] == rows["bins"]["n"] == rows["prior"]["n"] == len(test)
+    assert rows["transformer"]["n"] == 40 and metrics["real"]["n_used"] == len(test)
+    for row in rows.values():
+        assert "auc" in row["c2st"] or "skipped" in row["c2st"], row["row"]
+
+    # Row 1 recomputed from the test jets' file rows alone: the same mean of every observable.
+    model, transform, _ = load_vae(out / "run")
+    with h5py.File(out / "jets.h5", "r") as f:
+        real = f["X_jets"][test]
+    with torch.inference_mode():
+        mu, _ = model.encode(transform.forward(pad_to_model(torch.from_numpy(real))))
+        # The ladder decodes test jets in file order, 256 at a time, from stream seed + 1.
+        images = torch.cat([model.images(mu[i : i + 256], transform, seed=1, start=i) for i in range(0, len(mu), 256)])
+    expected, truth = compute_observables(images.numpy()), compute_observables(real)
+    for name, ratio in rows["reconstruction"]["mean_ratio"].items():
+        assert math.isclose(ratio, expected[name].mean() / truth[name].mean(), rel_tol=1e-4), name

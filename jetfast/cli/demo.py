@@ -2,7 +2,7 @@
 
 Every stage is the real command a user would run (``jetfast data generate``,
 ``train-vae``, ``fit-bins``, ``encode``, ``train-gpt``, ``generate``, ``evaluate``).
-Two presets size it: ``quick`` (the default) fits a 2-core CPU in about ten minutes,
+Two presets size it: ``quick`` (the default) fits a 2-core CPU in about twelve minutes,
 ``hour`` is the longer fidelity run (about an hour on 2 cores); every size is also an
 option of its own, so the same command scales to the full dataset on a GPU. A stage
 that finished is skipped when the demo is run again (``--restart`` starts over).
@@ -36,7 +36,7 @@ def _gpt_size(text: str) -> tuple[int, int, int]:
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="demo directory (default ./demo)")
     parser.add_argument("--preset", choices=("quick", "hour"), default="quick",
-                        help="sizes: quick (default, ~10 min on 2 cores) or hour (the longer fidelity run, ~1 h); "
+                        help="sizes: quick (default, ~12 min on 2 cores) or hour (the longer fidelity run, ~1 h); "
                              + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in sizes.items())}"
                                          for name, sizes in PRESETS.items()))
     parser.add_argument("--jets", type=int, default=None, help="Pythia jets to simulate (default: the preset's)")
