@@ -136,14 +136,14 @@ def test_loss_falls_on_tiny_dataset(recon, seed):
     model = VAE(VAEConfig(latent_dim=8, widths=(8, 8, 16, 16), beta=0.1, recon=recon))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(20):
         terms = model.loss(x, *model(x), images=torch.from_numpy(images))
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
         losses.append(float(terms["loss"].detach()))
-    assert losses[-1] < 0.92 * losses[0], losses
-    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 16, losses
 
 
 # -- training ----------------------------------------------------------------------------------
