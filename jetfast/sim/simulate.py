@@ -19,6 +19,7 @@ import math
 import os
 import pathlib
 import signal
+import threading
 
 import numpy as np
 
@@ -201,13 +202,21 @@ def _simulate_units(units, workers):
     def submit(unit):
         # Workers are started by submit() and inherit this thread's signal mask: with SIGINT
         # blocked, a Ctrl-C that reaches them before _ignore_sigint runs is dropped instead of
-        # printing a traceback. This process still gets it (another thread takes it, or it waits
-        # until the mask is restored).
+        # printing a traceback. This process still gets it (another thread may take it), but
+        # only once the worker is started: interrupted while it writes a new worker's start-up
+        # data, it would leave that worker to fail with a traceback of its own.
+        interrupted = []
+        main_thread = threading.current_thread() is threading.main_thread()  # where Python handles signals
+        handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if main_thread else None
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             return executor.submit(simulate_unit, *unit)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if main_thread:
+                signal.signal(signal.SIGINT, handler)
+            if interrupted:
+                raise KeyboardInterrupt
 
     pending = collections.deque()
     todo = iter(units)
