@@ -141,6 +141,8 @@ def test_code_values_set_the_reading_order_and_enter_after_their_slot():
         tiny_model().set_code_values(centers, centers.mean(1), std)
     with pytest.raises(ValueError, match="do not match"):
         model.set_code_values(centers[:, :-1], centers.mean(1), std)
+    with pytest.raises(ValueError, match="do not match"):
+        model.set_code_values(centers, centers.mean(1), std[:-1])
 
 
 def test_prefill_of_several_tokens_matches_full_forward():

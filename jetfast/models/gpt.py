@@ -227,7 +227,7 @@ class GPT(nn.Module):
         and std (D,) of the training latents: widest dimension first, values standardised."""
         if not self.config.code_values:
             raise InvalidArgument("this GPT was built without code_values")
-        if centers.shape != self.values.shape or mean.shape != std.shape != (centers.shape[0],):
+        if centers.shape != self.values.shape or mean.shape != (len(centers),) or std.shape != (len(centers),):
             raise InvalidArgument(f"centers {tuple(centers.shape)}, mean {tuple(mean.shape)} and std "
                                   f"{tuple(std.shape)} do not match (seq_len, vocab) {tuple(self.values.shape)}")
         order = torch.sort(std, descending=True, stable=True).indices

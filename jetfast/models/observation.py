@@ -116,17 +116,21 @@ class SparseObservation(nn.Module):
         return [images[..., 0], images[..., 1], cells_to_towers(images[..., 2])]
 
     def _unpack(self, params: torch.Tensor):
-        """(hit logit (B, H, W), log weights, locs, log scales (B, K, H, W)) in fp32; also for the
-        parameters of single pixels, (N, P) -> (N,), (N, K) x 3."""
+        """(hit logit (B, H, W), log weights, locs, log scales (B, K, H, W)) in fp32."""
+        return (params[:, 0].float(), *self._mixture(params[:, 1:]))
+
+    def _mixture(self, intensity: torch.Tensor):
+        """The intensity parameters (everything after the hit logit, along dim 1) -> log weights,
+        locs and log scales, (B, K, H, W) or, for single pixels, (N, K) each, in fp32."""
         k = self.components
-        params = params.float()
+        intensity = intensity.float()
         if k == 1:
-            loc, log_scale = params[:, 1:2], params[:, 2:3]
+            loc, log_scale = intensity[:, 0:1], intensity[:, 1:2]
             log_weight = torch.zeros_like(loc)
         else:
-            log_weight = torch.log_softmax(params[:, 1 : 1 + k], dim=1)
-            loc, log_scale = params[:, 1 + k : 1 + 2 * k], params[:, 1 + 2 * k : 1 + 3 * k]
-        return params[:, 0], log_weight, loc, log_scale.clamp(*LOG_SCALE_RANGE)
+            log_weight = torch.log_softmax(intensity[:, :k], dim=1)
+            loc, log_scale = intensity[:, k : 2 * k], intensity[:, 2 * k : 3 * k]
+        return log_weight, loc, log_scale.clamp(*LOG_SCALE_RANGE)
 
     def nll(self, out: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Negative log-likelihood of ``images`` (B, 125, 125, 3) in GeV under the decoder output
@@ -140,7 +144,7 @@ class SparseObservation(nn.Module):
                 logit[:, 0].float(), hit.float(), reduction="none").flatten(1).sum(1)
             # The intensity only where there is a hit: ~1% of the pixels.
             jet, row, col = hit.nonzero(as_tuple=True)
-            _, log_weight, loc, log_scale = self._unpack(F.pad(intensity[jet, :, row, col], (1, 0)))  # (N_hits, K) each
+            log_weight, loc, log_scale = self._mixture(intensity[jet, :, row, col])  # (N_hits, K) each
             u = ((torch.log(values[jet, row, col].float()) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
             log_density = log_weight - log_scale - _HALF_LOG_2PI - 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
             nll = torch.log(self.log_std[c]) - torch.logsumexp(log_density, dim=1)
