@@ -11,7 +11,7 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from jetfast.models.observation import SparseObservation, hit_statistics
+from jetfast.models.observation import SparseObservation, SparseOutput, hit_statistics
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.data.transforms import IntensityTransform
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
@@ -37,7 +37,7 @@ def _numpy_params(out, k):
     return result
 
 
-def _numpy_nll(out, images, log_mean, log_std, k):
+def _numpy_nll(out, images, log_mean, log_std, k, totals=None, total_log_mean=None, total_log_std=None):
     """Straight from the formulas, per channel and pixel, in float64."""
     b = out.shape[0]
     result = {}
@@ -54,6 +54,12 @@ def _numpy_nll(out, images, log_mean, log_std, k):
         log_density = logsumexp(log_w + norm.logpdf(logx, mean, sigma), axis=1)
         result[f"{name}_hits"] = hits.reshape(b, -1).sum(1)
         result[f"{name}_energy"] = -np.where(hit, log_density, 0.0).reshape(b, -1).sum(1)
+        if totals is not None:
+            # log T ~ Normal(mean + loc * std, (exp(log scale) * std)^2); the density of log T
+            total = x.reshape(b, -1).sum(1)
+            loc, scale = totals[:, c, 0], np.exp(np.clip(totals[:, c, 1], -7, 5)) * total_log_std[c]
+            density = norm.logpdf(np.log(np.where(total > 0, total, 1.0)), total_log_mean[c] + loc * total_log_std[c], scale)
+            result[f"{name}_total"] = -np.where(total > 0, density, 0.0)
     return result
 
 
@@ -69,13 +75,19 @@ def _sparse_images(rng, b):
     return images
 
 
-@pytest.mark.parametrize("b, k", [(1, 1), (3, 1), (2, 3)])
-def test_nll_matches_numpy(b, k, rng):
-    model = SparseObservation(tuple(rng.normal(0, 1, 3)), tuple(rng.uniform(0.5, 2, 3)), components=k)
+@pytest.mark.parametrize("b, k, with_totals", [(1, 1, False), (3, 1, True), (2, 3, False), (4, 3, True)])
+def test_nll_matches_numpy(b, k, with_totals, rng):
+    model = SparseObservation(tuple(rng.normal(0, 1, 3)), tuple(rng.uniform(0.5, 2, 3)), components=k,
+                              total_log_mean=tuple(rng.normal(3, 1, 3)), total_log_std=tuple(rng.uniform(0.3, 1, 3)))
     out = rng.normal(0, 1, (b, 3 * model.params, 128, 128)).astype(np.float32)
+    totals = rng.normal(0, 1, (b, 3, 2)).astype(np.float32) if with_totals else None
     images = _sparse_images(rng, b)
-    got = model.nll(torch.from_numpy(out), torch.from_numpy(images))
-    want = _numpy_nll(out, images, model.log_mean.double().numpy(), model.log_std.double().numpy(), k)
+    if with_totals:
+        images[0, ..., 1] = 0  # an empty channel has no total term
+    got = model.nll(SparseOutput(torch.from_numpy(out), None if totals is None else torch.from_numpy(totals)),
+                    torch.from_numpy(images))
+    want = _numpy_nll(out, images, model.log_mean.double().numpy(), model.log_std.double().numpy(), k, totals,
+                      model.total_log_mean.double().numpy(), model.total_log_std.double().numpy())
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_allclose(got[k].double().numpy(), want[k], rtol=2e-5, err_msg=k)
@@ -91,11 +103,16 @@ def test_towers_are_the_detector_layout(rng):
     torch.testing.assert_close(cells_to_towers(as_torch), torch.from_numpy(towers))
 
 
-def _observation_and_output(rng, b, k=1):
-    model = SparseObservation((0.5, -2.0, 1.0), (1.0, 0.8, 1.2), components=k)
+def _observation_and_output(rng, b, k=1, totals=False):
+    model = SparseObservation((0.5, -2.0, 1.0), (1.0, 0.8, 1.2), components=k, total_log_mean=(4.0, 3.5, 4.2),
+                              total_log_std=(0.5, 0.7, 0.4))
     out = torch.from_numpy(rng.normal(0, 1, (b, 3 * model.params, 128, 128)).astype(np.float32))
     out[:, 0 :: model.params] -= 4.0  # hit logits: a few percent of the pixels
-    return model, out
+    return model, SparseOutput(out, torch.from_numpy(rng.normal(0, 0.5, (b, 3, 2)).astype(np.float32)) if totals else None)
+
+
+def _rows(out: SparseOutput, rows: slice) -> SparseOutput:
+    return SparseOutput(out.pixels[rows], None if out.totals is None else out.totals[rows])
 
 
 def _tower_constant(hcal):
@@ -103,15 +120,15 @@ def _tower_constant(hcal):
     return torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_sampled_jets_depend_on_seed_and_index_only(k, rng, seed):
-    model, out = _observation_and_output(rng, 5, k)
+@pytest.mark.parametrize("k, totals", [(1, False), (3, False), (3, True)])
+def test_sampled_jets_depend_on_seed_and_index_only(k, totals, rng, seed):
+    model, out = _observation_and_output(rng, 5, k, totals)
     batch = model.sample(out, seed=seed, start=10)
     assert batch.shape == (5, 125, 125, 3) and batch.dtype == torch.float32
     assert torch.isfinite(batch).all() and (batch >= 0).all()
     # Jet 12 decoded alone, or in another batch, is the same jet.
-    torch.testing.assert_close(model.sample(out[2:3], seed=seed, start=12), batch[2:3], rtol=0, atol=0)
-    torch.testing.assert_close(model.sample(out[1:4], seed=seed, start=11), batch[1:4], rtol=0, atol=0)
+    torch.testing.assert_close(model.sample(_rows(out, slice(2, 3)), seed=seed, start=12), batch[2:3], rtol=0, atol=0)
+    torch.testing.assert_close(model.sample(_rows(out, slice(1, 4)), seed=seed, start=11), batch[1:4], rtol=0, atol=0)
     assert not torch.equal(model.sample(out, seed=seed + 1, start=10), batch)
     # Sparse: only hit pixels are non-zero, HCAL constant on every tower.
     occupancy = (batch > 0).double().mean(dim=(0, 1, 2))
@@ -126,7 +143,7 @@ def test_sampled_occupancy_and_intensity_follow_the_model(k, rng, seed):
     from scipy.stats import kstest
 
     model, out = _observation_and_output(rng, 8, k)
-    logit, log_w, loc, log_scale = _numpy_params(out.numpy(), k)[0]
+    logit, log_w, loc, log_scale = _numpy_params(out.pixels.numpy(), k)[0]
     p = 1 / (1 + np.exp(-logit))
     jets = model.sample(out, seed=seed)[..., 0].double().numpy()
     hits = jets > 0
@@ -137,18 +154,44 @@ def test_sampled_occupancy_and_intensity_follow_the_model(k, rng, seed):
     assert kstest(cdf, "uniform").pvalue > 1e-4
 
 
+def test_sampled_channels_hold_the_drawn_totals(rng, seed):
+    """With totals, a sampled jet's channel sums are its drawn totals, exp((loc + scale * eps) * std +
+    mean) with the jet's own normals; where the energy sits is the pixels' (the same hits as
+    without totals), and HCAL keeps its towers."""
+    model, out = _observation_and_output(rng, 6, 3, totals=True)
+    jets = model.sample(out, seed=seed).double()
+    _, eps = model.noise(seed, 0, 6)
+    loc, scale = out.totals[..., 0].double(), out.totals[..., 1].double().exp()
+    want = torch.exp((loc + scale * eps.double()) * model.total_log_std.double() + model.total_log_mean.double())
+    torch.testing.assert_close(jets.sum(dim=(1, 2)), want, rtol=1e-5, atol=0)
+    plain = model.sample(SparseOutput(out.pixels, None), seed=seed).double()
+    assert torch.equal(jets > 0, plain > 0) and _tower_constant(jets[..., 2].float())
+    # Within a channel the shares are the pixels': one factor per jet and channel.
+    ratio = torch.where(plain > 0, jets / plain.clamp_min(1e-30), float("nan"))
+    for j in range(6):
+        for c in range(3):
+            values = ratio[j, ..., c][~torch.isnan(ratio[j, ..., c])]
+            torch.testing.assert_close(values, values[:1].expand_as(values), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_mean_image_matches_numpy(k, rng):
     model, out = _observation_and_output(rng, 2, k)
-    out[:, :] *= 0.3  # moderate widths: exp(sigma^2 / 2) stays within float32
+    out.pixels[:, :] *= 0.3  # moderate widths: exp(sigma^2 / 2) stays within float32
     mean = model.mean(out).double().numpy()
-    for c, (logit, log_w, loc, log_scale) in enumerate(_numpy_params(out.numpy(), k)):
+    for c, (logit, log_w, loc, log_scale) in enumerate(_numpy_params(out.pixels.numpy(), k)):
         sigma = np.exp(log_scale) * float(model.log_std[c])
         expected = (np.exp(log_w + loc * float(model.log_std[c]) + float(model.log_mean[c]) + sigma**2 / 2)).sum(1)
         want = expected / (1 + np.exp(-logit))
         if c == 2:
             want = np.repeat(np.repeat(want / 25, 5, axis=1), 5, axis=2)
         np.testing.assert_allclose(mean[..., c], want, rtol=1e-5)
+    # With totals the expected image is scaled to each channel's expected total, E[T] = exp(m + s^2 / 2).
+    _, with_totals = _observation_and_output(rng, 2, k, totals=True)
+    sums = model.mean(SparseOutput(out.pixels, with_totals.totals)).double().sum(dim=(1, 2))
+    std, scale = model.total_log_std.double(), with_totals.totals[..., 1].double().exp()
+    want = torch.exp(model.total_log_mean.double() + with_totals.totals[..., 0].double() * std + (scale * std) ** 2 / 2)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=0)
 
 
 def test_hit_statistics(rng):
@@ -159,6 +202,9 @@ def test_hit_statistics(rng):
     assert stats["log_mean"][0] == pytest.approx(np.log(tracks).mean())
     towers = images[..., 2].reshape(4, 25, 5, 25, 5).sum(axis=(2, 4))
     assert stats["occupancy"][2] == pytest.approx((towers > 0).mean())
+    totals = np.log(images.astype(np.float64).sum(axis=(1, 2)))  # (4, 3)
+    assert stats["total_log_mean"] == pytest.approx(totals.mean(0).tolist())
+    assert stats["total_log_std"] == pytest.approx(totals.std(0, ddof=1).tolist())
 
 
 def test_vae_decodes_sparse_jets_in_towers(rng, seed):
@@ -166,7 +212,8 @@ def test_vae_decodes_sparse_jets_in_towers(rng, seed):
     transform = IntensityTransform.fit(images.numpy())
     hits = hit_statistics(images)
     config = VAEConfig(latent_dim=8, widths=(4, 8, 8, 8), hit_occupancy=hits["occupancy"],
-                       hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"])
+                       hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"], channel_totals=True,
+                       total_log_mean=hits["total_log_mean"], total_log_std=hits["total_log_std"])
     vae = VAE(config).eval()
     z = torch.randn(3, 8)
     jets = vae.images(z, transform, mode="sample", seed=seed)
@@ -181,7 +228,8 @@ def test_vae_decodes_sparse_jets_in_towers(rng, seed):
         vae.images(z, transform, mode="median")
     x = transform.to_model(images)
     terms = vae.loss(x, *vae(x), images=images)
-    expected = {"loss", "recon", "kl", *(f"{c}_{t}" for c in ("tracks", "ecal", "hcal") for t in ("hits", "energy"))}
+    expected = {"loss", "recon", "kl",
+                *(f"{c}_{t}" for c in ("tracks", "ecal", "hcal") for t in ("hits", "energy", "total"))}
     assert set(terms) == expected and all(torch.isfinite(v) for v in terms.values())
     with pytest.raises(ValueError, match="images"):
         vae.loss(x, *vae(x))

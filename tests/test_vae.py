@@ -65,17 +65,19 @@ def test_default_shapes():
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, 128)
     # The sparse observation model: per channel a hit logit and 3 x (weight logit, loc, log scale).
-    assert model.decode(mu).shape == (2, 30, 128, 128)
+    assert model.decode(mu).pixels.shape == (2, 30, 128, 128) and model.decode(mu).totals is None
     x_hat, mu2, _ = model(x)
-    assert x_hat.shape == (2, 30, 128, 128) and torch.equal(mu, mu2)
+    assert x_hat.pixels.shape == (2, 30, 128, 128) and torch.equal(mu, mu2)
     assert VAE(VAEConfig(recon="mse")).decode(mu).shape == (2, 3, 128, 128)
     # eval mode decodes the posterior mean
-    assert torch.equal(x_hat, model.decode(mu))
+    assert torch.equal(x_hat.pixels, model.decode(mu).pixels)
+    # With channel totals: (loc, log scale) of each channel's log total.
+    assert VAE(VAEConfig(channel_totals=True)).eval().decode(mu).totals.shape == (2, 3, 2)
 
 
 def test_odd_configs_and_bad_shapes():
     model = VAE(VAEConfig(latent_dim=1, widths=(3, 5), image_size=128, intensity_components=1))
-    assert model(torch.randn(3, 3, 128, 128))[0].shape == (3, 9, 128, 128)
+    assert model(torch.randn(3, 3, 128, 128))[0].pixels.shape == (3, 9, 128, 128)
     with pytest.raises(ValueError, match=r"\(B, 3, 128, 128\)"):
         model.encode(torch.randn(2, 3, 125, 125))
     with pytest.raises(ValueError, match=r"\(B, 1\)"):

@@ -49,6 +49,9 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--intensity-components", type=int, default=3,
                        help="sparse: log-normal components of each pixel's intensity distribution (with one, ECAL "
                             "energies and the leading-cell fraction come out biased high)")
+    model.add_argument("--no-channel-totals", dest="channel_totals", action="store_false",
+                       help="sparse: no head for each channel's total (pixels alone then set a jet's energy, and "
+                            "their independent noise adds up: pT comes out too broad)")
     model.add_argument("--kl-warmup-epochs", type=float, default=1.0,
                        help="epochs over which the KL weight ramps linearly from 0 to --beta")
 

@@ -27,14 +27,27 @@ cells, and decoded towers are spread over their cells by the detector model's ow
 :func:`~jetfast.sim.detector.towers_to_cells`, so generated HCAL always has the tower
 structure of the files.
 
+Channel totals (``totals``). Pixels drawn independently given the latent add their
+intensity noise up in a jet's sums: the channel totals, and with them the jet pT, come out
+far broader than the data's (the pT's spread 1.6 times the real one in a VAE with 128 used
+latents). So the decoder also gives, from the latent, the distribution of each channel's
+total (HCAL: of its towers), ``log T_c ~ Normal(loc_c, scale_c^2)`` in units standardised
+by the training jets' ``total_log_mean``/``total_log_std``, whose negative log-likelihood
+is one more term per channel (``<channel>_total``). A sampled jet draws its pixels, then its
+totals, and scales each channel's pixels to its total: the pixels say where the energy goes
+and how it is shared, the totals how much there is. The pixel terms alone are the density
+of the pixels; the total term trains the head that draws the totals.
+
 Decoding: :meth:`SparseObservation.sample` draws occupancies, components and intensities
-from per-jet random streams (:mod:`jetfast.seeding`); :meth:`SparseObservation.mean` is the
-expected image ``p * E[x | hit]``, smooth and non-zero everywhere (for studies, not for jets).
+(and totals) from per-jet random streams (:mod:`jetfast.seeding`); :meth:`SparseObservation.mean`
+is the expected image ``p * E[x | hit]`` (scaled to the expected totals), smooth and non-zero
+everywhere (for studies, not for jets).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +66,13 @@ DECODE_STREAM = 1  # the seeding stream of pixel draws (the sampler's codes use 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+class SparseOutput(NamedTuple):
+    """The decoder's output for the sparse observation model."""
+
+    pixels: torch.Tensor  # (B, 3P, 128, 128): per channel the P parameters of params_per_channel
+    totals: torch.Tensor | None  # (B, 3, 2): per channel (loc, log scale) of the standardised log total; None: no totals
+
+
 def params_per_channel(components: int) -> int:
     """Decoder outputs per image channel: the hit logit, then per component a weight logit (none
     for a single component), a loc and a log scale."""
@@ -63,20 +83,26 @@ def hit_statistics(images) -> dict:
     """What fixes the units of the model, from training images (N, 125, 125, 3) in GeV: per
     channel (HCAL per tower) the fraction of hit pixels and the mean and std of log(hit value)."""
     images = torch.as_tensor(images, dtype=torch.float64)
-    occupancy, log_mean, log_std = [], [], []
+    stats = {key: [] for key in ("occupancy", "log_mean", "log_std", "total_log_mean", "total_log_std")}
+
+    def log_moments(values: torch.Tensor, prefix: str) -> None:
+        logs = torch.log(values[values > 0])
+        spread = float(logs.std()) if len(logs) > 1 else 0.0
+        stats[f"{prefix}log_mean"].append(float(logs.mean()) if len(logs) else 0.0)
+        stats[f"{prefix}log_std"].append(spread if spread > 0 else 1.0)
+
     for values in SparseObservation.targets(images):
-        hits = values[values > 0]
-        occupancy.append(float(len(hits) / max(values.numel(), 1)))
-        logs = torch.log(hits)
-        log_mean.append(float(logs.mean()) if len(hits) else 0.0)
-        log_std.append(float(logs.std()) if len(hits) > 1 and float(logs.std()) > 0 else 1.0)
-    return {"occupancy": occupancy, "log_mean": log_mean, "log_std": log_std}
+        stats["occupancy"].append(float((values > 0).sum() / max(values.numel(), 1)))
+        log_moments(values, "")
+        log_moments(values.flatten(1).sum(1), "total_")
+    return stats
 
 
 class SparseObservation(nn.Module):
     """Bernoulli occupancy x log-normal intensity per pixel (HCAL per tower); see the module docstring."""
 
-    def __init__(self, log_mean=(0.0, 0.0, 0.0), log_std=(1.0, 1.0, 1.0), components: int = 1):
+    def __init__(self, log_mean=(0.0, 0.0, 0.0), log_std=(1.0, 1.0, 1.0), components: int = 1,
+                 total_log_mean=(0.0, 0.0, 0.0), total_log_std=(1.0, 1.0, 1.0)):
         super().__init__()
         if components < 1:
             raise ValueError(f"components must be >= 1; got {components}")
@@ -84,6 +110,8 @@ class SparseObservation(nn.Module):
         self.params = params_per_channel(components)
         self.register_buffer("log_mean", torch.tensor(log_mean, dtype=torch.float32))
         self.register_buffer("log_std", torch.tensor(log_std, dtype=torch.float32))
+        self.register_buffer("total_log_mean", torch.tensor(total_log_mean, dtype=torch.float32))
+        self.register_buffer("total_log_std", torch.tensor(total_log_std, dtype=torch.float32))
 
     def init_output_bias(self, bias: torch.Tensor, occupancy) -> None:
         """Start the decoder at the training data's occupancy, its components spread over the
@@ -97,7 +125,7 @@ class SparseObservation(nn.Module):
                 bias[:, 1 + k : 1 + 2 * k] = torch.linspace(-1.0, 1.0, k)
 
     def split(self, out: torch.Tensor) -> list[torch.Tensor]:
-        """Decoder output (B, 3P, 128, 128) -> parameters [tracks (B, P, 125, 125), ecal (B, P, 125, 125),
+        """Decoder pixel output (B, 3P, 128, 128) -> parameters [tracks (B, P, 125, 125), ecal (B, P, 125, 125),
         hcal (B, P, 25, 25)], P = :func:`params_per_channel` along dim 1."""
         end = PAD_BEFORE + IMAGE_SIZE
         # Views only, pixel-major as the channels-last decoder writes them (a channel-major
@@ -132,12 +160,12 @@ class SparseObservation(nn.Module):
             loc, log_scale = intensity[:, k : 2 * k], intensity[:, 2 * k : 3 * k]
         return log_weight, loc, log_scale.clamp(*LOG_SCALE_RANGE)
 
-    def nll(self, out: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def nll(self, out: SparseOutput, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Negative log-likelihood of ``images`` (B, 125, 125, 3) in GeV under the decoder output
-        ``out``: per jet (B,), ``<channel>_hits`` (where the hits are) and ``<channel>_energy``
-        (how much they hold)."""
+        ``out``: per jet (B,), ``<channel>_hits`` (where the hits are), ``<channel>_energy`` (how
+        much they hold) and, with totals, ``<channel>_total`` (the channel's sum)."""
         terms = {}
-        for c, (name, params, values) in enumerate(zip(CHANNEL_NAMES, self.split(out), self.targets(images))):
+        for c, (name, params, values) in enumerate(zip(CHANNEL_NAMES, self.split(out.pixels), self.targets(images))):
             hit = values > 0
             logit, intensity = params.split([1, self.params - 1], dim=1)
             terms[f"{name}_hits"] = F.binary_cross_entropy_with_logits(
@@ -149,44 +177,82 @@ class SparseObservation(nn.Module):
             log_density = log_weight - log_scale - _HALF_LOG_2PI - 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
             nll = torch.log(self.log_std[c]) - torch.logsumexp(log_density, dim=1)
             terms[f"{name}_energy"] = torch.zeros(len(values), device=nll.device).index_add_(0, jet, nll)
+            if out.totals is not None:
+                terms[f"{name}_total"] = self._total_nll(out.totals[:, c].float(), values.flatten(1).sum(1).float(), c)
         return terms
 
-    def noise(self, seed: int, start: int, count: int) -> list[torch.Tensor]:
+    def _total_nll(self, params: torch.Tensor, total: torch.Tensor, c: int) -> torch.Tensor:
+        """-log density of log(total) under Normal(loc, scale) in standardised units, per jet; 0 for
+        an empty channel (its pixel terms already say it is empty)."""
+        loc, log_scale = params[:, 0], params[:, 1].clamp(*LOG_SCALE_RANGE)
+        lit = total > 0
+        u = (torch.log(torch.where(lit, total, 1.0)) - self.total_log_mean[c]) / self.total_log_std[c]
+        nll = torch.log(self.total_log_std[c]) + log_scale + _HALF_LOG_2PI + 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
+        return torch.where(lit, nll, 0.0)
+
+    def noise(self, seed: int, start: int, count: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per channel, (count, 3, H, W) draws for jets ``start .. start + count - 1``: a uniform for
-        the hit, a uniform for the component, a standard normal for the intensity. A jet's draws
-        depend only on (seed, its index)."""
+        the hit, a uniform for the component, a standard normal for the intensity; and (count, 3)
+        standard normals for the channel totals. A jet's draws depend only on (seed, its index)."""
         sizes = (IMAGE_SIZE * IMAGE_SIZE, IMAGE_SIZE * IMAGE_SIZE, TOWERS * TOWERS)
         pixels = sum(sizes)
         draws = torch.empty(count, 3, pixels)
+        totals = torch.empty(count, NUM_CHANNELS)
         for row, generator in enumerate(jet_generators(seed, start, count, stream=DECODE_STREAM)):
             torch.rand(2, pixels, generator=generator, out=draws[row, :2])
             torch.randn(pixels, generator=generator, out=draws[row, 2])
+            torch.randn(NUM_CHANNELS, generator=generator, out=totals[row])  # after the pixels': those stay as they were
         shapes = ((IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE), (TOWERS, TOWERS))
-        return [part.reshape(count, 3, *shape) for part, shape in zip(draws.split(sizes, dim=2), shapes)]
+        return [part.reshape(count, 3, *shape) for part, shape in zip(draws.split(sizes, dim=2), shapes)], totals
 
-    def sample(self, out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
+    def sample(self, out: SparseOutput, seed: int, start: int = 0) -> torch.Tensor:
         """Draw jets (B, 125, 125, 3) in GeV: jet i of the batch is jet ``start + i`` of ``seed``'s stream."""
         channels = []
-        for c, (params, draws) in enumerate(zip(self.split(out), self.noise(seed, start, out.shape[0]))):
+        pixel_draws, total_draws = self.noise(seed, start, out.pixels.shape[0])
+        for c, (params, draws) in enumerate(zip(self.split(out.pixels), pixel_draws)):
             logit, log_weight, loc, log_scale = self._unpack(params)
-            draws = draws.to(out.device)
+            draws = draws.to(out.pixels.device)
             hit = draws[:, 0] < torch.sigmoid(logit)
             # The component: the first whose cumulative weight exceeds the uniform.
             below = (torch.cumsum(log_weight.exp(), dim=1) <= draws[:, 1:2]).sum(1, keepdim=True)
             k = below.clamp_max(self.components - 1)
             chosen_loc, chosen_scale = loc.gather(1, k)[:, 0], log_scale.gather(1, k)[:, 0].exp()
             log_value = (chosen_loc + chosen_scale * draws[:, 2]) * self.log_std[c] + self.log_mean[c]
-            channels.append(torch.where(hit, torch.exp(log_value), 0.0))
+            values = torch.where(hit, torch.exp(log_value), 0.0)
+            if out.totals is not None:
+                log_total = self._log_total(out.totals[:, c].float(), c, total_draws[:, c].to(values.device))
+                values = self._scale_to(values, log_total.exp())
+            channels.append(values)
         return self._assemble(channels)
 
-    def mean(self, out: torch.Tensor) -> torch.Tensor:
-        """The expected image (B, 125, 125, 3) in GeV: p * sum_k w_k exp(mu_k + sigma_k^2 / 2) per pixel."""
+    def _log_total(self, params: torch.Tensor, c: int, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """log of a channel's total in GeV (B,): drawn with standard normals ``draws``, or, without,
+        the log of its expectation."""
+        loc, scale = params[:, 0], params[:, 1].clamp(*LOG_SCALE_RANGE).exp()
+        mean, std = self.total_log_mean[c], self.total_log_std[c]
+        if draws is None:
+            return loc * std + mean + 0.5 * (scale * std) ** 2  # E[T] of a log-normal
+        return (loc + scale * draws) * std + mean
+
+    @staticmethod
+    def _scale_to(values: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """``values`` (B, H, W) scaled so that each jet's sum is ``total`` (B,); empty jets stay empty."""
+        current = values.flatten(1).sum(1)
+        factor = torch.where(current > 0, total / current.clamp_min(1e-30), 1.0)
+        return values * factor[:, None, None]
+
+    def mean(self, out: SparseOutput) -> torch.Tensor:
+        """The expected image (B, 125, 125, 3) in GeV: p * sum_k w_k exp(mu_k + sigma_k^2 / 2) per pixel
+        (with totals, scaled to the expected total of each channel)."""
         channels = []
-        for c, params in enumerate(self.split(out)):
+        for c, params in enumerate(self.split(out.pixels)):
             logit, log_weight, loc, log_scale = self._unpack(params)
             sigma = torch.exp(log_scale) * self.log_std[c]
             log_mean = log_weight + loc * self.log_std[c] + self.log_mean[c] + 0.5 * sigma**2
-            channels.append(torch.sigmoid(logit) * torch.logsumexp(log_mean, dim=1).exp())
+            values = torch.sigmoid(logit) * torch.logsumexp(log_mean, dim=1).exp()
+            if out.totals is not None:
+                values = self._scale_to(values, self._log_total(out.totals[:, c].float(), c).exp())
+            channels.append(values)
         return self._assemble(channels)
 
     @staticmethod

@@ -33,7 +33,7 @@ from torch import nn
 from jetfast.data.format import MODEL_SIZE
 from jetfast.data.transforms import IntensityTransform
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.models.observation import SparseObservation, params_per_channel
+from jetfast.models.observation import SparseObservation, SparseOutput, params_per_channel
 from jetfast.run import checkpoint_file, load_checkpoint
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
@@ -57,10 +57,15 @@ class VAEConfig:
     hit_occupancy: tuple[float, float, float] = (0.01, 0.01, 0.01)
     hit_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     hit_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # recon="sparse": a head for each channel's total (see jetfast.models.observation), in units of
+    # the training jets' mean and std of log(channel total / GeV).
+    channel_totals: bool = False
+    total_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    total_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
-        for name in ("hit_occupancy", "hit_log_mean", "hit_log_std"):
+        for name in ("hit_occupancy", "hit_log_mean", "hit_log_std", "total_log_mean", "total_log_std"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.latent_dim < 1:
             raise InvalidArgument(f"latent_dim must be >= 1; got {self.latent_dim}")
@@ -130,9 +135,16 @@ class VAE(nn.Module):
             # Last stage: no BatchNorm/activation; the outputs are unbounded (log-odds, log-intensities).
             nn.ConvTranspose2d(rev[-1], config.output_channels, 3, stride=2, padding=1, output_padding=1),
         )
-        self.observation = SparseObservation(config.hit_log_mean, config.hit_log_std, config.intensity_components)
+        self.observation = SparseObservation(config.hit_log_mean, config.hit_log_std, config.intensity_components,
+                                             config.total_log_mean, config.total_log_std)
         if config.recon == "sparse":
             self.observation.init_output_bias(self.decoder[-1].bias, config.hit_occupancy)
+        self.totals = None
+        if config.recon == "sparse" and config.channel_totals:
+            # (loc, log scale) of each channel's standardised log total, from the latent directly:
+            # a jet's energy is a global property, not a pixel's.
+            self.totals = nn.Sequential(nn.Linear(config.latent_dim, 256), nn.LeakyReLU(slope),
+                                        nn.Linear(256, 2 * config.in_channels))
         # Learned per-channel log-variance of the pixel likelihood (used by recon="gaussian_nll").
         self.log_sigma2 = nn.Parameter(torch.zeros(config.in_channels), requires_grad=config.recon == "gaussian_nll")
         # Start with a near-deterministic posterior: a large initial logvar would drown the
@@ -154,15 +166,20 @@ class VAE(nn.Module):
         h = h.flatten(1)  # (B, 256*8*8), in NCHW order whatever the memory format
         return self.to_mu(h), self.to_logvar(h).clamp(-30.0, 20.0)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_dim) -> the decoder output (B, C, 128, 128): the parameters of the sparse
-        observation model (C = 9), or the mean image in transformed units (C = 3)."""
+    def decode(self, z: torch.Tensor) -> SparseOutput | torch.Tensor:
+        """(B, latent_dim) -> the decoder output: for the sparse observation model a
+        :class:`~jetfast.models.observation.SparseOutput` (pixel parameters (B, C, 128, 128) and
+        channel totals (B, 3, 2) or None), else the mean image in transformed units (B, 3, 128, 128)."""
         cfg = self.config
         if z.ndim != 2 or z.shape[1] != cfg.latent_dim:
             raise ValueError(f"VAE.decode expects (B, {cfg.latent_dim}); got {tuple(z.shape)}")
         side = cfg.bottleneck_size
         h = self.from_latent(z).view(-1, cfg.widths[-1], side, side)  # (B, 256, 8, 8)
-        return self.decoder(h.contiguous(memory_format=torch.channels_last))
+        pixels = self.decoder(h.contiguous(memory_format=torch.channels_last))
+        if cfg.recon != "sparse":
+            return pixels
+        totals = None if self.totals is None else self.totals(z).view(-1, cfg.in_channels, 2)
+        return SparseOutput(pixels, totals)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode."""
@@ -197,7 +214,7 @@ class VAE(nn.Module):
             terms = {name: value.mean() for name, value in per_jet.items()}
         elif self.config.recon == "mse":
             recon = (out.float() - x).pow(2).flatten(1).sum(1)
-        else:
+        else:  # gaussian_nll
             log_s2 = self.log_sigma2.view(1, -1, 1, 1)
             recon = (0.5 * ((out.float() - x).pow(2) * torch.exp(-log_s2) + log_s2 + math.log(2 * math.pi))).flatten(1).sum(1)
         kl = (-0.5 * (1 + logvar.float() - mu.float().pow(2) - logvar.float().exp())).sum(1).mean()

@@ -47,6 +47,7 @@ class VAETraining:
     beta: float = 1.0
     recon: str = "sparse"
     intensity_components: int = 3
+    channel_totals: bool = True
     kl_warmup_epochs: float = 1.0
     augment: bool = True
     epochs: int = 20
@@ -111,7 +112,9 @@ class VAEStage(Stage):
         hits = hit_statistics(images)
         self.vae_config = VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
                                     intensity_components=o.intensity_components, hit_occupancy=hits["occupancy"],
-                                    hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"])
+                                    hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"],
+                                    channel_totals=o.channel_totals, total_log_mean=hits["total_log_mean"],
+                                    total_log_std=hits["total_log_std"])
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         o = self.options
@@ -215,7 +218,8 @@ class VAEStage(Stage):
                 loader.close()
 
     def _terms(self) -> list[str]:
-        channels = [f"{c}_{part}" for c in CHANNEL_NAMES for part in ("hits", "energy")]
+        parts = ("hits", "energy", "total") if self.vae_config.channel_totals else ("hits", "energy")
+        channels = [f"{c}_{part}" for c in CHANNEL_NAMES for part in parts]
         return ["loss", "recon", "kl", *(channels if self.vae_config.recon == "sparse" else [])]
 
     def _config(self, run: RunDir, world_size: int) -> dict:
@@ -257,7 +261,8 @@ class VAEStage(Stage):
                 "keys": ["epoch", "step", *(f"{part}_{term}" for part in ("train", "val") for term in self._terms()),
                          "beta", "lr", "time_s", "images_per_s"],
                 "note": "per-jet means in nats; recon = the negative log-likelihood of the image (sparse: the sum of "
-                        "<channel>_hits, where the hits are, and <channel>_energy, how much they hold); train_* "
+                        "<channel>_hits, where the hits are, <channel>_energy, how much they hold, and with channel "
+                        "totals <channel>_total, the channel's sum); train_* "
                         "average the epoch's steps (KL weight 'beta' ramping during warm-up), val_* use the full "
                         "beta; images_per_s counts training images of all processes",
             },
