@@ -105,16 +105,17 @@ def test_command_defaults_are_the_library_defaults(name, function, renamed):
 
 def test_choices_spelled_in_the_command_line_are_the_library_ones():
     from jetfast import bins
-    from jetfast.cli.evaluate import DEFAULT_THRESHOLDS
+    from jetfast.cli.evaluate import DEFAULT_PT_EDGES, DEFAULT_THRESHOLDS
     from jetfast.cli.latent import BIN_METHODS
-    from jetfast.evaluate import observables
-    from jetfast.generation.writer import _CLASS_CHOICES
+    from jetfast.evaluate import observables, response
+    from jetfast.generation.conditions import CLASS_CHOICES
     from jetfast.models.vae import RECON_KINDS
 
     assert BIN_METHODS == bins.METHODS
     assert DEFAULT_THRESHOLDS == tuple(observables.DEFAULT_THRESHOLDS)
+    assert DEFAULT_PT_EDGES == response.DEFAULT_PT_EDGES
     choices = {a.dest: a.choices for a in subparser("generate")._actions}
-    assert tuple(choices["cls"]) == _CLASS_CHOICES
+    assert tuple(choices["cls"]) == CLASS_CHOICES
     choices = {a.dest: a.choices for a in subparser("train-vae")._actions}
     assert tuple(choices["recon"]) == RECON_KINDS
 

@@ -95,9 +95,12 @@ def test_encode_writes_the_codes_of_every_jet(fitted_run, tmp_path):
     centers, _ = bins.load_bins(run_dir)
     split = load_split(run_dir)
     with h5py.File(data, "r") as handle:
-        n, labels = len(handle["y"]), handle["y"][...]
+        n, labels, pt, m0 = len(handle["y"]), handle["y"][...], handle["pt"][...], handle["m0"][...]
     with h5py.File(out, "r") as handle:
-        assert set(handle) == {"codes", "y", "split", "index", "centers"}
+        assert set(handle) == {"codes", "y", "split", "index", "centers", "pt", "m0"}
+        # The generator-level kinematics travel with the codes, for the Transformer's conditioning.
+        np.testing.assert_array_equal(handle["pt"][...], pt)
+        np.testing.assert_array_equal(handle["m0"][...], m0)
         codes, y, split_of_row, index = (handle[k][...] for k in ("codes", "y", "split", "index"))
         assert handle.attrs["num_bins"] == NUM_BINS and handle.attrs["latent_dim"] == LATENT_DIM
         assert handle.attrs["data"] == os.path.abspath(data)

@@ -101,7 +101,7 @@ def test_refuses_to_clobber_and_checks_arguments(run_dir, tmp_path):
     partial = tmp_path / "c.h5.partial"
     from jetfast.generation.writer import _create_partial
 
-    _create_partial(partial, 3, {"seed": 99}).close()
+    _create_partial(partial, 3, {"seed": 99}, ()).close()
     with pytest.raises(ValueError, match="other settings"):
         generate_file(run_dir, 3, tmp_path / "c.h5", resume=True, progress=False)
     with pytest.raises(FileExistsError, match="resume"):

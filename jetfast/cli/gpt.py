@@ -31,8 +31,11 @@ def train_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--tie-weights", action="store_true", help="share the output head with the code embedding")
     model.add_argument("--no-code-values", dest="code_values", action="store_false",
                        help="read the codes as plain tokens, not also the values of their bin centers")
+    model.add_argument("--no-kinematics", dest="kinematic", action="store_false",
+                       help="condition on the class only, even when the codes carry the jets' pt and m0")
     model.add_argument("--p-uncond", type=float, default=0.1,
-                       help="probability of replacing the class token by the unconditional one")
+                       help="probability of hiding the class (the unconditional token), and, independently, "
+                            "the pT and the mass, from a training sequence")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")

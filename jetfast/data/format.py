@@ -8,7 +8,18 @@
 | m0       | (N,)           | float32 | jet mass, GeV                             |
 
 Files jetfast generates use exactly this layout, so anything that reads the real
-file reads ours.
+file reads ours. What ``pt`` and ``m0`` mean differs in one respect: in a simulated (or
+real) file they are the generator-level jet, the FastJet jet before the detector; in a
+generated file, the pT and mass computed from the generated image. A generated file
+asked for given jets (``jetfast generate --like/--pt/--mass``) carries what was asked
+beside them:
+
+| key      | shape | dtype   | meaning                                                  |
+| -------- | ----- | ------- | -------------------------------------------------------- |
+| pt_gen   | (N,)  | float32 | generator-level jet pT the jet was asked for, GeV        |
+| m0_gen   | (N,)  | float32 | generator-level jet mass the jet was asked for, GeV      |
+
+each present only when that value was asked for.
 
 Every pixel is finite, >= 0 and at most :data:`MAX_PIXEL_GEV`. Whatever reads jets
 from a file (the loader, on both backends, and the evaluation's reader) passes them
@@ -28,6 +39,7 @@ MODEL_SIZE = 128  # pixels per side in model tensors (padded, lossless)
 IMAGE_KEY = "X_jets"
 LABEL_KEY = "y"
 SCALAR_KEYS = ("y", "pt", "m0")
+REQUESTED_KEYS = ("pt_gen", "m0_gen")  # in generated files: the generator-level pT and mass asked for
 QUARK, GLUON = 1, 0
 CLASS_NAMES = {QUARK: "quark", GLUON: "gluon"}  # label y -> name, in files jetfast writes
 # The largest pixel value a jet can hold, in GeV: 100 TeV is more than the whole 13 TeV

@@ -26,7 +26,7 @@ from jetfast.models.gpt import GPT, decode_n_tokens, prefill
 from jetfast.ops import code_dtype_for
 from jetfast.seeding import jet_uniforms
 
-__all__ = ["sample", "class_labels", "check_sampling"]
+__all__ = ["sample", "class_labels", "kinematic_requests", "check_sampling"]
 
 _CLASS_IDS = {name: label for label, name in CLASS_NAMES.items()}
 def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
@@ -67,6 +67,44 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
         check(int(labels.min()))
         check(int(labels.max()))
     return labels
+
+
+def kinematic_requests(model: GPT, n: int, pt=None, mass=None, allow_extrapolation: bool = False):
+    """The requested (pT, mass) (n, 2) float32 in GeV (NaN where not given) from scalars or per-jet
+    arrays, or None when neither is given; refused outside the training jets' range unless
+    ``allow_extrapolation``."""
+    if pt is None and mass is None:
+        return None
+    if not model.config.kinematic:
+        raise InvalidArgument("sample: this Transformer was trained without pT/mass conditioning (its codes carried "
+                              "no pt and m0); sample without pt= and mass=, or retrain it on codes that carry them")
+    columns = []
+    ranges = model.kinematic_range.detach().cpu().double().numpy()
+    for name, value, (low, high), smallest in (("pt", pt, ranges[0], "> 0"), ("mass", mass, ranges[1], ">= 0")):
+        if value is None:
+            columns.append(np.full(n, np.nan))
+            continue
+        if isinstance(value, bool):
+            raise TypeError(f"sample: {name} must be a number or per-jet numbers in GeV, not a bool")
+        values = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64).reshape(-1)
+        if values.size == 1:
+            values = np.full(n, values[0])
+        if values.size != n:
+            raise InvalidArgument(f"sample: got {values.size} per-jet values of {name} for n={n} jets")
+        with np.errstate(invalid="ignore"):  # NaN: not given for that jet
+            bad = np.isinf(values) | ((values <= 0) if name == "pt" else (values < 0))
+        if bad.any():
+            raise InvalidArgument(f"sample: {name} must be finite and {smallest} GeV; got {values[bad][0]} (jet {int(np.argmax(bad))})")
+        with np.errstate(invalid="ignore"):
+            outside = (values < low) | (values > high)
+        if outside.any() and not allow_extrapolation:
+            raise InvalidArgument(
+                f"sample: {name} = {values[outside][0]:.4g} GeV (jet {int(np.argmax(outside))}) is outside the range the "
+                f"Transformer was trained on, {low:.4g} to {high:.4g} GeV; pass allow_extrapolation=True "
+                "(--allow-extrapolation) to generate there anyway"
+            )
+        columns.append(values)
+    return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
 
 
 def check_sampling(vocab_size: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -119,6 +157,9 @@ def sample(
     model: GPT,
     n: int,
     cls=None,
+    pt=None,
+    mass=None,
+    allow_extrapolation: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -135,6 +176,10 @@ def sample(
         n: number of jets.
         cls: "quark", "gluon", None / "unconditional", an int label (1 quark, 0 gluon),
             or per-jet labels of length n (-1 = unconditional).
+        pt, mass: the jets' generator-level pT and mass in GeV (a model trained on codes that
+            carry them): a number, or per-jet numbers of length n (NaN = not given); None
+            leaves it free. Values outside the training jets' range are refused unless
+            ``allow_extrapolation``.
         temperature: divides the logits (> 0).
         top_k: keep the k most probable codes at each step (1 = greedy).
         top_p: nucleus sampling, keep the most probable codes up to this mass, in (0, 1].
@@ -152,6 +197,7 @@ def sample(
     check_sampling(config.vocab_size, temperature, top_k, top_p)
     n, batch_size = int(n), int(batch_size)
     labels = class_labels(cls, n, config.num_classes)
+    kinematics = kinematic_requests(model, n, pt, mass, allow_extrapolation)
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little")
     device = next(model.parameters()).device if device is None else torch.device(device)
@@ -172,7 +218,8 @@ def sample(
                 uniforms = None if greedy else jet_uniforms(seed, start, count, config.seq_len).to(device)
                 pick = _make_picker(temperature, top_k, top_p, greedy, uniforms)
                 class_tokens = model.class_tokens(labels[start : start + count].to(device))
-                logits = prefill(model, class_tokens)
+                requested = None if kinematics is None else kinematics[start : start + count].to(device)
+                logits = prefill(model, class_tokens, requested)
                 decode_n_tokens(model, logits, batch_codes, pick)
                 codes[start : start + count] = model.to_latent(batch_codes).to("cpu", codes.dtype)
                 bar.update(count)

@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 import jetfast
 from jetfast import distributed
 from jetfast.bins import load_bins
-from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, IMAGE_SIZE, QUARK
+from jetfast.data.format import CHANNELS, IMAGE_SIZE, REQUESTED_KEYS
 from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
+from jetfast.generation.conditions import CLASS_CHOICES, Conditions, LikeJets
 from jetfast.generation.sampler import check_sampling, sample
 from jetfast.models.gpt import load_gpt
 from jetfast.models.vae import DECODE_MODES, load_vae
@@ -47,7 +48,9 @@ from jetfast.ops import dequantize
 from jetfast.run import RunDir, check_output_file
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
-_CLASS_CHOICES = (*CLASS_NAMES.values(), "mix", "unconditional")
+KEYS = ("X_jets", "y", "pt", "m0")  # every output; pt_gen and m0_gen when they were requested
+KINEMATICS_MEANING = ("pt, m0: the jet pT and mass computed from the generated image (GeV); pt_gen, m0_gen "
+                      "(when present): the generator-level pT and mass the jet was asked for (GeV)")
 
 
 @dataclass
@@ -95,12 +98,14 @@ class JetGenerator:
 
     @torch.inference_mode()
     def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, decode: str = "sample",
-             **sampling) -> np.ndarray:
-        """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional);
-        jet i depends on (seed, i) only, its codes and its pixels alike."""
+             pt=None, mass=None, **sampling) -> np.ndarray:
+        """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional) and,
+        optionally, requested pT and mass (GeV, per jet); jet i depends on (seed, i) only, its codes
+        and its pixels alike."""
         times = times or StageTimes()
         start = time.perf_counter()
-        codes = sample(self.gpt, len(labels), cls=labels, seed=seed, batch_size=max(1, len(labels)), device=self.device, **sampling)
+        codes = sample(self.gpt, len(labels), cls=labels, pt=pt, mass=mass, seed=seed, batch_size=max(1, len(labels)),
+                       device=self.device, **sampling)
         times.add("sample", time.perf_counter() - start)
         start = time.perf_counter()
         latents = dequantize(codes.to(self.device), self.centers)
@@ -115,28 +120,23 @@ def block_seed(seed: int, rank: int, block: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def block_labels(cls: str, count: int, seed: int) -> torch.Tensor:
-    """Per-jet labels of one block: all quark, all gluon, a balanced random mix, or -1."""
-    if cls == "quark":
-        return torch.full((count,), QUARK, dtype=torch.int64)
-    if cls == "gluon":
-        return torch.full((count,), GLUON, dtype=torch.int64)
-    if cls == "unconditional":
-        return torch.full((count,), -1, dtype=torch.int64)
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.integers(0, 2, size=count)).to(torch.int64)
-
-
 def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}-of-{world}{out.suffix}")
 
 
-def _settings(run_dir, n, cls, batch_size, seed, rank, world, decode, sampling) -> dict:
+def _settings(run_dir, n, conditions: Conditions, batch_size, seed, rank, world, decode, sampling) -> dict:
+    like = conditions.like
     return {
         "decode": decode,
         "run_dir": str(Path(run_dir).resolve()),
         "n": int(n),
-        "cls": cls,
+        "cls": conditions.cls,
+        "pt": conditions.pt,
+        "mass": conditions.mass,
+        "like": None if like is None else {"path": os.path.abspath(like.path), "jets": len(like.rows),
+                                           "rows_hash": hashlib.blake2b(like.rows.tobytes(), digest_size=8).hexdigest(),
+                                           "offset": conditions.like_offset},
+        "allow_extrapolation": conditions.allow_extrapolation,
         "batch_size": int(batch_size),
         "seed": int(seed),
         "rank": int(rank),
@@ -145,13 +145,13 @@ def _settings(run_dir, n, cls, batch_size, seed, rank, world, decode, sampling) 
     }
 
 
-def _create_partial(path: Path, n: int, settings: dict):
+def _create_partial(path: Path, n: int, settings: dict, requested: tuple[str, ...]):
     f = h5py.File(path, "w", libver="latest")
     f.create_dataset(
         "X_jets", shape=(n, IMAGE_SIZE, IMAGE_SIZE, len(CHANNELS)), dtype=np.float32,
         chunks=(min(CHUNK_JETS, max(n, 1)), IMAGE_SIZE, IMAGE_SIZE, len(CHANNELS)), compression="lzf",
     )
-    for key in ("y", "pt", "m0"):
+    for key in (*KEYS[1:], *requested):
         f.create_dataset(key, shape=(n,), dtype=np.float32)
     f.create_dataset("blocks_done", data=np.zeros(1, np.int64))
     f.attrs["jetfast_generate"] = json.dumps(settings, sort_keys=True)
@@ -159,7 +159,7 @@ def _create_partial(path: Path, n: int, settings: dict):
     return f
 
 
-def _open_partial(path: Path, settings: dict):
+def _open_partial(path: Path, settings: dict, requested: tuple[str, ...]):
     """Reopen a partial output to continue it.
 
     A writer that was killed leaves the SWMR "open for writing" mark in the file, so
@@ -183,11 +183,11 @@ def _open_partial(path: Path, settings: dict):
         _check_settings(old, path, settings)
         done = int(old["blocks_done"][0])
         jets = min(done * settings["batch_size"], settings["n"])
-        new = _create_partial(recovered, settings["n"], settings)
+        new = _create_partial(recovered, settings["n"], settings, requested)
         with new:
             for start in range(0, jets, 1024):
                 stop = min(jets, start + 1024)
-                for key in ("X_jets", "y", "pt", "m0"):
+                for key in (*KEYS, *requested):
                     new[key][start:stop] = old[key][start:stop]
             new.flush()
             new["blocks_done"][0] = done
@@ -213,6 +213,7 @@ def _finish(partial: Path, final: Path) -> None:
         del f["blocks_done"]
         f.attrs["generator"] = "jetfast generate"
         f.attrs["label_meaning"] = "y = 1 quark, 0 gluon, -1 unconditional"
+        f.attrs["kinematics_meaning"] = KINEMATICS_MEANING
         f.attrs["settings"] = json.dumps(settings, sort_keys=True)
         f.attrs["jetfast_version"] = jetfast.__version__
     os.replace(partial, final)
@@ -223,7 +224,13 @@ def generate_file(
     n: int,
     out,
     *,
-    cls: str = "mix",
+    cls: str | None = None,
+    pt=None,
+    mass=None,
+    like=None,
+    like_rows=None,
+    like_offset: int = 0,
+    allow_extrapolation: bool = False,
     batch_size: int = 256,
     seed: int = 0,
     resume: bool = False,
@@ -240,27 +247,37 @@ def generate_file(
 ) -> Path:
     """Generate ``n`` jets into ``out`` (this rank's share when ``world_size`` > 1).
 
-    Returns the path written. See the module docstring for resuming and sharding.
+    What the jets are asked to be (:mod:`jetfast.generation.conditions`): ``cls`` (quark, gluon,
+    mix, unconditional; default: the --like jets' class, else mix), ``pt`` and ``mass`` (GeV, a
+    value or a ``(lo, hi)`` range), or ``like``, a jet file whose jets (``like_rows`` of it, from
+    ``like_offset`` on) are mirrored one to one. Returns the path written. See the module
+    docstring for resuming and sharding.
     """
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise InvalidArgument(f"n must be a positive number of jets; got {n!r}")
-    if cls not in _CLASS_CHOICES:
-        raise InvalidArgument(f"cls must be one of {_CLASS_CHOICES}; got {cls!r}")
+    if cls is not None and cls not in CLASS_CHOICES:
+        raise InvalidArgument(f"cls must be one of {CLASS_CHOICES}; got {cls!r}")
     if batch_size < 1:
         raise InvalidArgument(f"batch_size must be positive; got {batch_size}")
     if decode not in DECODE_MODES:
         raise InvalidArgument(f"decode must be one of {DECODE_MODES}; got {decode!r}")
     n, out = int(n), check_output_file(out, overwrite)
+    conditions = Conditions(cls=cls, pt=pt, mass=mass, like=None if like is None else LikeJets.read(like, like_rows),
+                            like_offset=like_offset, allow_extrapolation=allow_extrapolation)
     partial = out.with_name(out.name + ".partial")
-    settings = _settings(run_dir, n, cls, batch_size, seed, rank, world_size, decode, sampling)
+    settings = _settings(run_dir, n, conditions, batch_size, seed, rank, world_size, decode, sampling)
     if partial.exists() and not resume:
         raise FileExistsError(
             f"{partial} is left from an interrupted run: pass resume=True (--resume) to continue it, or delete it"
         )
     generator = generator or JetGenerator(run_dir, gpt_dir=gpt_dir, device=device)
-    check_sampling(generator.gpt_config.vocab_size, **sampling)  # before the partial file exists
+    # Everything is checked before the partial file exists.
+    check_sampling(generator.gpt_config.vocab_size, **sampling)
+    conditions.check(n, generator.gpt)
     times = times or StageTimes()
-    f = _open_partial(partial, settings) if partial.exists() else _create_partial(partial, n, settings)
+    requested = conditions.written
+    f = (_open_partial(partial, settings, requested) if partial.exists()
+         else _create_partial(partial, n, settings, requested))
     num_blocks = (n + batch_size - 1) // batch_size
     try:
         done = int(f["blocks_done"][0])
@@ -269,14 +286,18 @@ def generate_file(
         for block in range(done, num_blocks):
             start, stop = block * batch_size, min(n, (block + 1) * batch_size)
             seed_b = block_seed(seed, rank, block)
-            labels = block_labels(cls, stop - start, seed_b)
-            images = generator.jets(labels, seed_b, times, decode=decode, **sampling)
+            labels, pt_gen, m0_gen = conditions.block(start, stop, seed_b)
+            images = generator.jets(labels, seed_b, times, decode=decode, pt=pt_gen, mass=m0_gen,
+                                    allow_extrapolation=True, **sampling)  # checked above
             tick = time.perf_counter()
-            pt, m0 = jet_pt_mass(images)
+            image_pt, image_mass = jet_pt_mass(images)
             f["X_jets"][start:stop] = images
             f["y"][start:stop] = labels.numpy().astype(np.float32)
-            f["pt"][start:stop] = pt
-            f["m0"][start:stop] = m0
+            f["pt"][start:stop] = image_pt
+            f["m0"][start:stop] = image_mass
+            for key, values in zip(REQUESTED_KEYS, (pt_gen, m0_gen)):
+                if values is not None:
+                    f[key][start:stop] = values
             f.flush()
             f["blocks_done"][0] = block + 1  # only after the block is on disk
             f.flush()
@@ -296,8 +317,9 @@ def write_virtual_dataset(out: Path, shards: list[Path]) -> Path:
     for shard in shards:
         with h5py.File(shard, "r") as f:
             sizes.append(f["X_jets"].shape[0])
-            for key in ("X_jets", "y", "pt", "m0"):
-                shapes[key] = (f[key].shape[1:], f[key].dtype)
+            for key in (*KEYS, *REQUESTED_KEYS):
+                if key in f:
+                    shapes[key] = (f[key].shape[1:], f[key].dtype)
     total = sum(sizes)
     tmp = out.with_name(out.name + ".tmp")
     with h5py.File(tmp, "w", libver="latest") as f:
@@ -318,15 +340,18 @@ def write_virtual_dataset(out: Path, shards: list[Path]) -> Path:
 def generate(run_dir, n: int, out, **kwargs) -> Path:
     """Generate ``n`` jets into ``out``; under torchrun, shards per rank plus a virtual dataset.
 
-    ``kwargs`` are those of :func:`generate_file` (``cls``, ``batch_size``, ``seed``, ``resume``,
-    ``overwrite``, ``decode``, ``gpt_dir``, ``device``, ``progress``, ``times``) and the
-    sampling options of :func:`jetfast.sample` (``temperature``, ``top_k``, ``top_p``).
+    ``kwargs`` are those of :func:`generate_file` (``cls``, ``pt``, ``mass``, ``like``, ``like_rows``,
+    ``allow_extrapolation``, ``batch_size``, ``seed``, ``resume``, ``overwrite``, ``decode``,
+    ``gpt_dir``, ``device``, ``progress``, ``times``) and the sampling options of
+    :func:`jetfast.sample` (``temperature``, ``top_k``, ``top_p``).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return generate_file(run_dir, n, out, **kwargs)
     rank, world, _, device = distributed.setup_distributed()
     out = check_output_file(out, kwargs.get("overwrite", False))
-    share = n // world + (1 if rank < n % world else 0)
+    shares = [n // world + (1 if r < n % world else 0) for r in range(world)]
+    share = shares[rank]
+    kwargs["like_offset"] = sum(shares[:rank])  # each rank mirrors its own run of the --like jets
     if device.type == "cuda":
         kwargs.setdefault("device", str(device))
     shards = [shard_path(out, r, world) for r in range(world)]

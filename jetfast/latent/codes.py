@@ -6,6 +6,8 @@ read by ``jetfast train-gpt``. HDF5 (default ``RUN_DIR/codes.h5``)::
     split    (N,)   uint8    0 train, 1 val, 2 test (the VAE run's split.npz)
     index    (N,)   int64    row of the jet in the jet file
     centers  (D, K) float32  the bin centers the codes index
+    pt, m0   (N,)   float32  the jet file's generator-level jet pT and mass (GeV), when it has them:
+                             what the Transformer is conditioned on besides the class
     attrs    num_bins, latent_dim, run_dir, data, checkpoint, bins_method, split_values,
              jetfast_version
 
@@ -23,6 +25,8 @@ import numpy as np
 
 from jetfast.errors import CodesFileError
 from jetfast.run import SPLITS
+
+KINEMATICS = ("pt", "m0")  # per-jet values carried from the jet file, when it has them
 
 # Split codes: the position in SPLITS ("train", "val", "test").
 TRAIN, VAL, TEST = (SPLITS.index(name) for name in ("train", "val", "test"))
@@ -46,20 +50,21 @@ class CodesWriter:
         with CodesWriter(out, rows, split_of_row, centers, code_dtype, run_dir=..., data=...,
                          checkpoint=..., bins_method=...) as writer:
             for ...:
-                writer.write(index, codes, y)
+                writer.write(index, codes, y, pt=..., m0=...)
 
     The file appears at ``path`` when the block ends without an error and every row was
     written; otherwise nothing is left behind.
     """
 
     def __init__(self, path, rows: np.ndarray, split_of_row: np.ndarray, centers: np.ndarray, code_dtype,
-                 **attrs):
+                 kinematics: tuple[str, ...] = (), **attrs):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.rows = np.asarray(rows, np.int64)
         self.split_of_row = split_of_row
         self.centers = centers
         self.code_dtype = np.dtype(code_dtype)
+        self.kinematics = tuple(kinematics)
         self.attrs = attrs
         self.written = 0
         self.handle = None
@@ -73,6 +78,7 @@ class CodesWriter:
         self.codes = self.handle.create_dataset("codes", (n, latent_dim), dtype=self.code_dtype,
                                                 chunks=(min(n, 4096), latent_dim))
         self.labels = self.handle.create_dataset("y", (n,), dtype=np.float32)
+        self.scalars = {key: self.handle.create_dataset(key, (n,), dtype=np.float32) for key in self.kinematics}
         self.handle.create_dataset("split", data=self.split_of_row)
         self.handle.create_dataset("index", data=self.rows)
         self.handle.create_dataset("centers", data=self.centers)
@@ -85,18 +91,22 @@ class CodesWriter:
         })
         return self
 
-    def write(self, index: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> None:
-        """Place the codes and labels of the jets at file rows ``index`` (any order)."""
+    def write(self, index: np.ndarray, codes: np.ndarray, labels: np.ndarray, **scalars: np.ndarray) -> None:
+        """Place the codes, labels and ``kinematics`` (keyword arrays) of the jets at file rows
+        ``index`` (any order)."""
+        if set(scalars) != set(self.kinematics):
+            raise ValueError(f"CodesWriter.write: got {sorted(scalars)}; this file holds {list(self.kinematics)}")
         where = np.searchsorted(self.rows, index)
         order = np.argsort(where, kind="stable")
         where = where[order]
-        codes, labels = codes[order], labels[order].astype(np.float32)
-        if len(where) and where[-1] - where[0] == len(where) - 1:
-            self.codes[where[0] : where[-1] + 1] = codes
-            self.labels[where[0] : where[-1] + 1] = labels
-        else:
-            self.codes[where] = codes
-            self.labels[where] = labels
+        columns = [(self.codes, codes[order]), (self.labels, labels[order].astype(np.float32))]
+        columns += [(self.scalars[key], np.asarray(values)[order].astype(np.float32)) for key, values in scalars.items()]
+        contiguous = len(where) and where[-1] - where[0] == len(where) - 1
+        for dataset, values in columns:
+            if contiguous:
+                dataset[where[0] : where[-1] + 1] = values
+            else:
+                dataset[where] = values
         self.written += len(where)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -112,7 +122,8 @@ class CodesWriter:
 
 
 def read_codes(path) -> dict:
-    """Load and check a codes file; return codes (N, D) uint8/int, labels, split and the attributes."""
+    """Load and check a codes file; return codes (N, D) uint8/int, labels, split, the attributes,
+    and ``pt``, ``m0`` (None when the file has none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"codes file not found: {path} (write it with `jetfast encode`, or pass --codes)")
@@ -133,6 +144,7 @@ def read_codes(path) -> dict:
         num_bins = int(handle.attrs["num_bins"])
         latent_dim = int(handle.attrs["latent_dim"])
         centers = handle["centers"][...].astype(np.float32) if "centers" in handle else None
+        kinematics = {key: handle[key][...] for key in KINEMATICS if key in handle}
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise CodesFileError(f"{path}: codes must be an (N, D) integer array; got {codes.dtype} {codes.shape}")
     n, dims = codes.shape
@@ -154,5 +166,13 @@ def read_codes(path) -> dict:
         raise CodesFileError(f"{path}: split must hold 0 (train), 1 (val) or 2 (test); found {np.unique(split)[:5]}")
     if centers is not None and centers.shape != (latent_dim, num_bins):
         raise CodesFileError(f"{path}: centers have shape {centers.shape}; expected ({latent_dim}, {num_bins})")
+    for key, values in kinematics.items():
+        if values.shape != (n,):
+            raise CodesFileError(f"{path}: {key} has shape {values.shape}; expected ({n},)")
+        bad = ~np.isfinite(values) | (values < 0) | ((values == 0) if key == "pt" else False)
+        if bad.any():
+            raise CodesFileError(f"{path}: {key} must be finite and positive (mass: >= 0); row {int(np.argmax(bad))} "
+                                 f"holds {values[np.argmax(bad)]}")
     return {"codes": codes, "labels": labels.astype(np.int64), "split": split, "num_bins": num_bins,
-            "latent_dim": latent_dim, "centers": centers, "path": str(path.resolve())}
+            "latent_dim": latent_dim, "centers": centers, "path": str(path.resolve()),
+            **{key: kinematics.get(key) for key in KINEMATICS}}

@@ -1,8 +1,8 @@
 """Encoding every jet of a run to codes (``jetfast encode``).
 
 Every jet of the run's split is passed through the VAE encoder (posterior mean ``mu``),
-quantized against the run's bins (``bins.npz``) and written, batch by batch, to a codes
-file (:mod:`jetfast.latent.codes`; default ``RUN_DIR/codes.h5``). Images are never held in
+quantized against the run's bins (``bins.npz``) and written, batch by batch, with its class
+and, when the jet file has them, its generator-level ``pt`` and ``m0``, to a codes file (:mod:`jetfast.latent.codes`; default ``RUN_DIR/codes.h5``). Images are never held in
 memory. What quantizing costs (per-dimension RMS error relative to the latent spread,
 and the change of the decoded images, in model space and in GeV) is returned and saved
 as ``RUN_DIR/encode_report.json``.
@@ -70,12 +70,14 @@ def encode_run(
     code_dtype_name = str(code_dtype).split(".")[1]
     centers_t = torch.from_numpy(centers)
     cost = QuantizationCost(encoder, report_jets)
-    with CodesWriter(out, rows, row_split, centers, code_dtype_name, run_dir=str(run.path.resolve()), data=encoder.data,
-                     checkpoint=checkpoint, bins_method=str(bins_meta.get("method", ""))) as writer:
+    with CodesWriter(out, rows, row_split, centers, code_dtype_name, kinematics=encoder.kinematics,
+                     run_dir=str(run.path.resolve()), data=encoder.data, checkpoint=checkpoint,
+                     bins_method=str(bins_meta.get("method", ""))) as writer:
         for mu, batch in encoder.batches(rows, batch_size, "encode", progress):
             codes = ops.quantize(mu, centers_t, out_dtype=code_dtype)
             cost.add(mu, ops.dequantize(codes, centers_t))
-            writer.write(batch["index"].numpy(), codes.numpy(), batch["y"].numpy())
+            writer.write(batch["index"].numpy(), codes.numpy(), batch["y"].numpy(),
+                         **{key: batch[key].numpy() for key in encoder.kinematics})
 
     report = {
         "command": "encode",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,7 @@ from jetfast.data.format import validate_jet_file
 from jetfast.data.loader import JetLoader
 from jetfast.data.transforms import crop_to_image
 from jetfast.errors import InvalidArgument, JetFileError
+from jetfast.latent.codes import KINEMATICS
 from jetfast.models.vae import load_vae
 from jetfast.run import RunDir, check_split_fits, load_split
 
@@ -31,6 +33,9 @@ class RunEncoder:
             raise FileNotFoundError(f"run directory not found: {self.run.path}")
         self.data = os.path.abspath(self.run.data_file(data))
         self.file_jets = validate_jet_file(self.data)
+        with h5py.File(self.data, "r") as f:
+            # The generator-level jet pT and mass, carried into the codes when the file has them.
+            self.kinematics = tuple(key for key in KINEMATICS if key in f and f[key].shape == (self.file_jets,))
         self.split = load_split(self.run)
         check_split_fits(self.split, self.file_jets, self.data)
         if num_threads is not None:
@@ -46,7 +51,7 @@ class RunEncoder:
         if batch_size < 1:
             raise InvalidArgument(f"--batch-size must be >= 1; got {batch_size}")
         loader = JetLoader(self.data, batch_size, indices=indices, shuffle=False, transform=self.transform,
-                           keys=("X_jets", "y"), rank=0, world_size=1)
+                           keys=("X_jets", "y", *self.kinematics), rank=0, world_size=1)
         with loader, torch.inference_mode(), tqdm(total=loader.num_jets, desc=desc, unit="jet", disable=not progress,
                                                   leave=False) as bar:
             for batch in loader:

@@ -13,6 +13,13 @@ directly, not only through attention back to position 0, which a small model tra
 briefly learns for the first few codes only. A cached decode keeps the vectors of the
 start tokens it was prefilled with.
 
+With ``kinematic`` the model is also conditioned on the jet's generator-level pT and mass
+(``log pT`` and ``log(1 + m / GeV)``, standardised by the training jets' values, which are saved
+with the model with their range): a small MLP of the two values and two "given" flags is
+added to the class vector. Training hides each value with probability ``p_uncond`` (as it
+replaces the class token), so one model serves requests with a class, a pT, a mass, any of
+them or none. A value that is not given is NaN.
+
 Positions are learned. Without ``code_values`` position d+1 holds latent dimension d.
 With ``code_values`` the model knows what each code stands for, the value of its bin center
 (standardised per dimension, a table saved with the model), in three ways:
@@ -51,12 +58,21 @@ from jetfast.run import checkpoint_file, load_checkpoint
 __all__ = [
     "GPTConfig",
     "GPT",
+    "KINEMATICS",
     "KVCache",
     "prefill",
     "decode_one_token",
     "decode_n_tokens",
     "load_gpt",
 ]
+
+KINEMATICS = ("pt", "mass")  # the conditioning values of a kinematic model, in GeV
+
+
+def kinematic_features(values: torch.Tensor) -> torch.Tensor:
+    """(pT, mass) (B, 2) in GeV -> (log pT, log(1 + mass)): log-like over the spectrum and finite at m = 0."""
+    return torch.stack([torch.log(values[:, 0]), torch.log1p(values[:, 1])], dim=1)
+
 
 @dataclass
 class GPTConfig:
@@ -70,6 +86,7 @@ class GPTConfig:
     tie_weights: bool = False  # output head shares the code rows of the token embedding
     mlp_ratio: int = 4
     code_values: bool = False  # read each code's bin-center value too (see the module docstring)
+    kinematic: bool = False  # conditioned on the jet's pT and mass too (see the module docstring)
 
     def __post_init__(self):
         checks = {
@@ -196,7 +213,15 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.num_tokens, config.d_model)
         self.pos_emb = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
         self.class_emb = nn.Embedding(config.num_classes + 1, config.d_model)  # per start token, at every position
-        self.class_cache = None  # (B, 1, C): the class vectors of a cached decode, set by its prefill
+        self.class_cache = None  # (B, 1, C): the condition vectors of a cached decode, set by its prefill
+        if config.kinematic:
+            # Set by set_kinematics from the training jets: (log pT, log(1 + m)) mean and std, and the
+            # range of (pT, m) in GeV, rows pT and mass, columns min and max.
+            self.register_buffer("kinematic_mean", torch.zeros(len(KINEMATICS)))
+            self.register_buffer("kinematic_std", torch.ones(len(KINEMATICS)))
+            self.register_buffer("kinematic_range", torch.tensor([[0.0, math.inf]] * len(KINEMATICS)))
+            self.kinematic_emb = nn.Sequential(nn.Linear(2 * len(KINEMATICS), config.d_model), nn.GELU(),
+                                               nn.Linear(config.d_model, config.d_model))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -235,6 +260,38 @@ class GPT(nn.Module):
             self.order.copy_(order)
             self.values.copy_(((centers - mean[:, None]) / std.clamp_min(1e-12)[:, None])[order])
 
+    def set_kinematics(self, pt: torch.Tensor, mass: torch.Tensor) -> None:
+        """The standardisation and range of the conditioning values from the training jets' pT and mass (GeV)."""
+        if not self.config.kinematic:
+            raise InvalidArgument("this GPT was built without kinematic conditioning")
+        values = torch.stack([torch.as_tensor(pt, dtype=torch.float64), torch.as_tensor(mass, dtype=torch.float64)], 1)
+        if values.ndim != 2 or len(values) < 2 or not torch.isfinite(values).all() or (values[:, 0] <= 0).any() or (
+                values[:, 1] < 0).any():
+            raise InvalidArgument("set_kinematics: need at least two jets with finite pT > 0 and mass >= 0")
+        features = kinematic_features(values)
+        with torch.no_grad():
+            self.kinematic_mean.copy_(features.mean(0))
+            self.kinematic_std.copy_(features.std(0).clamp_min(1e-6))
+            self.kinematic_range.copy_(torch.stack([values.min(0).values, values.max(0).values], 1))
+
+    def condition(self, first: torch.Tensor, kinematics: torch.Tensor | None) -> torch.Tensor:
+        """The vector (B, 1, C) added to every position: of the start tokens ``first`` (B, 1) and, with
+        ``kinematic``, of the requested (pT, mass) (B, 2) in GeV, NaN where not given."""
+        label = first - self.config.vocab_size
+        # A sequence that does not open with a start token is read as unconditional.
+        vector = self.class_emb(torch.where(label >= 0, label, self.config.num_classes))
+        if not self.config.kinematic:
+            if kinematics is not None:
+                raise InvalidArgument("this Transformer was trained without pT/mass conditioning: retrain it on "
+                                      "codes that carry pt and m0 (jetfast encode of a file that has them)")
+            return vector
+        if kinematics is None:
+            kinematics = torch.full((len(first), len(KINEMATICS)), math.nan, device=first.device)
+        given = torch.isfinite(kinematics)
+        u = (kinematic_features(kinematics.float()) - self.kinematic_mean) / self.kinematic_std
+        inputs = torch.cat([torch.where(given, u, 0.0), given.float()], dim=1).to(vector.dtype)
+        return vector + self.kinematic_emb(inputs).unsqueeze(1)
+
     def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, D) in latent order -> the order the model reads them in."""
         return codes[:, self.order] if self.config.code_values else codes
@@ -251,12 +308,13 @@ class GPT(nn.Module):
         """Start-token ids for class labels (B,); a label of -1 means unconditional."""
         return torch.where(labels < 0, self.config.unconditional_token, self.config.vocab_size + labels)
 
-    def forward(self, idx: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, pos: int | None = None, kinematics: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T).
 
         ``pos=None``: a full causal pass (training, reference). ``pos=p``: the tokens
         sit at positions [p, p+T) and their keys/values go into the caches set up by
-        :meth:`setup_caches` (T > 1 only as a prefill from p = 0).
+        :meth:`setup_caches` (T > 1 only as a prefill from p = 0). ``kinematics`` (B, 2): the
+        jets' requested (pT, mass) in GeV, NaN where not given (read with position 0 only).
         """
         _, length = idx.shape
         start = 0 if pos is None else pos
@@ -266,9 +324,7 @@ class GPT(nn.Module):
             raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
         x = self.tok_emb(idx) + self.pos_emb[start : start + length]  # (B, T, C)
         if start == 0:
-            # A sequence that does not open with a start token is read as unconditional.
-            first = idx[:, :1] - self.config.vocab_size
-            classes = self.class_emb(torch.where(first >= 0, first, self.config.num_classes))
+            classes = self.condition(idx[:, :1], kinematics)
             if pos is not None:
                 self.class_cache = classes
         elif self.class_cache is None or self.class_cache.shape[0] != idx.shape[0]:
@@ -324,9 +380,10 @@ class GPT(nn.Module):
 # --------------------------------------------------------------------------------------
 # Cached generation, gpt-fast style: tiny functions with static shapes.
 # --------------------------------------------------------------------------------------
-def prefill(model: GPT, class_tokens: torch.Tensor) -> torch.Tensor:
-    """Run the start tokens (B,) at position 0; return logits (B, vocab) for c_0."""
-    return model(class_tokens.view(-1, 1), pos=0)[:, -1]
+def prefill(model: GPT, class_tokens: torch.Tensor, kinematics: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the start tokens (B,) at position 0 (with the requested (pT, mass) (B, 2) of a
+    ``kinematic`` model); return logits (B, vocab) for c_0."""
+    return model(class_tokens.view(-1, 1), pos=0, kinematics=kinematics)[:, -1]
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, pos: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Training the class-conditional code Transformer (stage 2, ``jetfast train-gpt``).
 
 Reads the codes file written by ``jetfast encode`` (:mod:`jetfast.latent.codes`),
-trains on its training split, selects the best epoch on the validation split and never
+conditions on the class and, when the codes carry them, on the jets' pT and mass, trains on
+its training split, selects the best epoch on the validation split and never
 touches the test split. AdamW (no decay on LayerNorm, biases, embeddings), linear warm-up
 then cosine decay per optimizer step, gradient clipping.
 
@@ -46,6 +47,7 @@ class GPTTraining:
     dropout: float = 0.1
     tie_weights: bool = False
     code_values: bool = True
+    kinematic: bool = True  # conditioned on pT and mass when the codes carry them
     p_uncond: float = 0.1
     epochs: int = 30
     max_steps: int | None = None
@@ -101,7 +103,11 @@ class GPTStage(Stage):
             vocab_size=self.data["num_bins"], seq_len=self.data["latent_dim"], d_model=o.d_model, n_heads=o.n_heads,
             n_layers=o.n_layers, dropout=o.dropout, num_classes=2, tie_weights=o.tie_weights,
             code_values=o.code_values and self.data["centers"] is not None,
+            kinematic=o.kinematic and self.data["pt"] is not None and self.data["m0"] is not None,
         )
+        if o.kinematic and not self.model_config.kinematic:
+            print(f"jetfast train-gpt: note: {self.codes_path} carries no pt and m0, so the Transformer is conditioned "
+                  "on the class only (encode a jet file that has them to condition on pT and mass)", file=sys.stderr)
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         if self.data["path"] != config["codes"]:
@@ -123,6 +129,10 @@ class GPTStage(Stage):
         self.n_train, self.n_val = len(train_rows), len(val_rows)
         self.train_codes, self.train_labels = codes[train_rows], labels[train_rows]
         self.val_codes, self.val_labels = codes[val_rows], labels[val_rows]
+        if self.model_config.kinematic:
+            # (N, 2): pT and mass in GeV, the order of KINEMATICS.
+            kinematics = torch.from_numpy(np.stack([data["pt"], data["m0"]], axis=1).astype(np.float32))
+            self.train_kinematics, self.val_kinematics = kinematics[train_rows], kinematics[val_rows]
         self.marginal = marginal_bits(self.train_codes, self.val_codes, self.model_config.vocab_size)
         self.per_rank = self.n_train // world_size
         self.steps_per_epoch = math.ceil(self.per_rank / o.batch_size)
@@ -135,7 +145,19 @@ class GPTStage(Stage):
             centers = torch.from_numpy(data["centers"]).double()
             latents = centers.gather(1, self.train_codes.long().T).T  # (N, D): the training codes' values
             self.model.set_code_values(centers, latents.mean(0), latents.std(0))
+        if self.model_config.kinematic:
+            self.model.set_kinematics(self.train_kinematics[:, 0], self.train_kinematics[:, 1])
         return self.model
+
+    def kinematics(self, which: str, rows, p_hide: float = 0.0):
+        """The (pT, mass) of ``rows`` of the train or val jets, each hidden (NaN) with probability
+        ``p_hide``; None for a model conditioned on the class only."""
+        if not self.model_config.kinematic:
+            return None
+        values = getattr(self, f"{which}_kinematics")[rows].to(self.device)
+        if p_hide > 0:
+            values = values.masked_fill(torch.rand(values.shape, device=values.device) < p_hide, float("nan"))
+        return values
 
     def build_optimizer(self, model: GPT) -> torch.optim.Optimizer:
         o = self.options
@@ -164,11 +186,21 @@ class GPTStage(Stage):
             "model": vars(config) | {"parameters": self.model.num_parameters()},
             "world_size": world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "warmup_steps": self.warmup,
+            "kinematics": self.kinematics_seen(),
             "marginal_bpd": {**self.marginal, "what": "bits per code of the per-dimension histograms of the training "
                              "codes: their entropy, and the cross-entropy of the validation codes under them "
                              "(add-one smoothing); a model that learned only the marginals has val_bpd near the latter"},
             "args": asdict(o),
         })
+
+    def kinematics_seen(self) -> dict | None:
+        """The range of the training jets' pT and mass (GeV), as saved with the model: requests outside
+        it are extrapolations."""
+        if not self.model_config.kinematic:
+            return None
+        ranges = self.model.kinematic_range.tolist()
+        return {"pt_gev": ranges[0], "m0_gev": ranges[1],
+                "what": "min and max over the training jets; the model is conditioned on log pT and log(1 + m0)"}
 
     def batches(self, epoch: int):
         # Same permutation on every rank; each takes its own interleaved shard.
@@ -181,11 +213,12 @@ class GPTStage(Stage):
     def step(self, net, rows, step: int):
         inputs, targets = sequences(self.model_config, self.model.to_sequence(self.train_codes[rows].to(self.device)),
                                     self.train_labels[rows].to(self.device), self.options.p_uncond)
-        logits = net(inputs)  # (B, D, vocab)
+        logits = net(inputs, kinematics=self.kinematics("train", rows, self.options.p_uncond))  # (B, D, vocab)
         return {"loss": F.cross_entropy(logits.flatten(0, 1), targets.flatten())}, targets.numel()
 
     def validate(self, model: GPT):
-        """Summed cross-entropy, class-conditional and unconditional, over this rank's shard of the validation codes."""
+        """Summed cross-entropy, conditional (class, and pT and mass for a kinematic model) and
+        unconditional, over this rank's shard of the validation codes."""
         config, batch_size = self.model_config, self.options.batch_size
         conditional = unconditional = 0.0
         codes = 0
@@ -195,7 +228,8 @@ class GPTStage(Stage):
                 rows = shard[start : start + batch_size]
                 inputs, targets = sequences(config, model.to_sequence(self.val_codes[rows].to(self.device)),
                                             self.val_labels[rows].to(self.device))
-                conditional += float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
+                logits = model(inputs, kinematics=self.kinematics("val", rows))
+                conditional += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
                 inputs[:, 0] = config.unconditional_token
                 unconditional += float(F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum"))
                 codes += targets.numel()
