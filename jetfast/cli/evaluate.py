@@ -9,6 +9,8 @@ import sys
 # jetfast.evaluate.observables.DEFAULT_THRESHOLDS, spelled here so that --help does not import
 # NumPy (a test checks they agree): pixel thresholds in GeV of Tracks, ECAL, HCAL.
 DEFAULT_THRESHOLDS = (1e-3, 1e-3, 4e-5)
+# jetfast.evaluate.response.DEFAULT_PT_EDGES, likewise: bins of generator-level pT in GeV.
+DEFAULT_PT_EDGES = (70.0, 80.0, 90.0, 100.0, 115.0, 135.0, 160.0, 200.0)
 
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,9 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         default=DEFAULT_THRESHOLDS,
                         help="pixel thresholds in GeV for the multiplicities (default: %(default)s; "
                              "HCAL pixels are towers/25, so 4e-5 is a 1e-3 GeV tower)")
+    parser.add_argument("--pt-edges", type=float, nargs="+", default=DEFAULT_PT_EDGES, metavar="GEV",
+                        help="bin edges of generator-level pT for the detector response, used when --gen holds the "
+                             "requested pt_gen (default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=50, metavar="B",
                         help="bootstrap replicas for the errors (default: %(default)s; 0 = no errors)")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsampling, halves and classifiers")
@@ -63,7 +68,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
               "on flatter it — pass --run RUN_DIR to use its held-out test split", file=sys.stderr)
     metrics = evaluate(real, args.gen, out, real_indices=indices, max_jets=args.max_jets, thresholds=args.threshold,
                        bootstrap=args.bootstrap, seed=args.seed, plots=not args.no_plots, real_note=note, cnn=args.cnn,
-                       run_dir=args.run if args.run and not args.no_ladder else None)
+                       run_dir=args.run if args.run and not args.no_ladder else None, pt_edges=args.pt_edges)
     c2st = metrics["c2st"]
     if "auc" in c2st:
         print(f"classifier two-sample AUC: {plus_minus(c2st['auc'], c2st['auc_err'])} (0.5 = indistinguishable)")
@@ -73,9 +78,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if summary["median_ratio"] is not None:
         print(f"median distance / noise floor: {summary['median_ratio']:.2f} (1 = as close as two real samples); "
               f"farthest: {summary['worst_observable']} at {summary['worst_ratio']:.2f}")
+    if "response" in metrics:
+        print(_response_line(metrics["response"]))
     for i, row in enumerate(metrics.get("ladder", [])):
         auc = row["c2st"].get("auc")
         print(f"  ladder {i}. {row['row']:<15} median W/floor {row['median_ratio']:.2f}  worst {row['worst_ratio']:.2f} "
               f"({row['worst_observable']})  AUC {'—' if auc is None else f'{auc:.3f}'}")
     print(f"report: {out / 'report.html'}  (also report.md, metrics.json, plots/)")
     return 0
+
+
+def _response_line(response: dict) -> str:
+    if "skipped" in response:
+        return f"detector response skipped: {response['skipped']}"
+    s, judged = response["summary"], response["summary"]["bins_judged"]
+    line = f"detector response (image pT / generator-level pT), {judged} of {len(response['bins'])} pT bins judged: "
+    if judged == 0:
+        return line + f"none holds {response['min_jets']} jets per side"
+    if s["all_within_2sigma"] is None:
+        line += "no bootstrap errors to judge by"
+    else:
+        line += f"mean within 2σ of real in {s['mean_bins_within']}, width in {s['width_bins_within']}"
+    if s["max_ratio_bin"] is not None:
+        lo, hi = s["max_ratio_bin"]
+        line += f"; max W/floor {s['max_ratio']:.2f} ({lo:g}-{hi:g} GeV)"
+    return line

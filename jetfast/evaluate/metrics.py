@@ -2,6 +2,8 @@
 
 * :func:`wasserstein` — the 1-D Wasserstein (earth mover's) distance between two samples
   of one observable (``scipy.stats.wasserstein_distance``), with a bootstrap error.
+* :func:`mean_and_width` — the mean and standard deviation of a sample, each with a
+  bootstrap error drawn the way :func:`wasserstein` draws its own.
 * :func:`distance_table` — that distance for every observable, beside its *noise floor*:
   the distance between two disjoint halves of the real sample. A finite sample of the very
   same distribution sits at a distance that shrinks only like 1/sqrt(n), so a distance is
@@ -88,11 +90,54 @@ def wasserstein(
     if bootstrap <= 1:
         return value, float("nan")
     rng = np.random.default_rng(rng)
-    shrink = min(1.0, max_bootstrap_size / max(len(u), len(v)))
-    if shrink < 1.0:
-        u = rng.choice(u, size=max(2, int(len(u) * shrink)), replace=False)
-        v = rng.choice(v, size=max(2, int(len(v) * shrink)), replace=False)
+    (u, v), shrink = _bootstrap_subsamples((u, v), max_bootstrap_size, rng)
     return value, float(np.std(_bootstrap_wasserstein(u, v, bootstrap, rng), ddof=1) * np.sqrt(shrink))
+
+
+def _bootstrap_subsamples(samples, max_size: int, rng: np.random.Generator) -> tuple[list[np.ndarray], float]:
+    """Random subsamples of ``samples``, all shrunk by the factor f that brings the largest to
+    ``max_size`` (none when it is already smaller), and f.
+
+    Bootstrap spreads of statistics whose variance falls like 1/n, measured on the subsamples,
+    times sqrt(f) are those of the full samples at a fraction of the cost.
+    """
+    shrink = min(1.0, max_size / max(len(s) for s in samples))
+    if shrink < 1.0:
+        samples = [rng.choice(s, size=max(2, int(len(s) * shrink)), replace=False) for s in samples]
+    return list(samples), shrink
+
+
+def mean_and_width(
+    values, *, bootstrap: int = 0, rng: np.random.Generator | int | None = None,
+    max_bootstrap_size: int = BOOTSTRAP_SIZE,
+) -> dict:
+    """The mean and the width (standard deviation, ``np.std``) of a 1-D sample, each with its
+    bootstrap standard deviation: ``{"n", "mean", "mean_err", "width", "width_err"}``.
+
+    The bootstrap follows :func:`wasserstein`: ``bootstrap`` replicas (errors are NaN without),
+    drawn in batches, and above ``max_bootstrap_size`` values on a subsample with the spread
+    scaled by sqrt(f).
+    """
+    values = np.asarray(values, np.float64).ravel()
+    if len(values) == 0:
+        raise TooFewJets("a mean and a width need a non-empty sample")
+    if not np.isfinite(values).all():
+        raise ValueError("mean and width of a sample with NaN or inf values")
+    result = {"n": int(len(values)), "mean": float(values.mean()), "mean_err": float("nan"),
+              "width": float(values.std()), "width_err": float("nan")}
+    if bootstrap <= 1:
+        return result
+    rng = np.random.default_rng(rng)
+    (values,), shrink = _bootstrap_subsamples((values,), max_bootstrap_size, rng)
+    means, widths = np.empty(bootstrap), np.empty(bootstrap)
+    for start in range(0, bootstrap, BOOTSTRAP_BATCH):
+        b = min(BOOTSTRAP_BATCH, bootstrap - start)
+        replicas = values[rng.integers(0, len(values), size=(b, len(values)))]  # (b, n)
+        means[start : start + b] = replicas.mean(axis=1)
+        widths[start : start + b] = replicas.std(axis=1)
+    result["mean_err"] = float(np.std(means, ddof=1) * np.sqrt(shrink))
+    result["width_err"] = float(np.std(widths, ddof=1) * np.sqrt(shrink))
+    return result
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -1,7 +1,8 @@
 """The report's plots: real against generated jets, drawn in the CMS style (mplhep).
 
-Each function draws one figure from two :class:`~jetfast.evaluate.reader.JetSample` and
-writes it to ``path``; no global matplotlib state (backend, figure registry) is touched.
+Each function draws one figure from two :class:`~jetfast.evaluate.reader.JetSample` (the
+response plots also from the numbers of :func:`jetfast.evaluate.response.detector_response`)
+and writes it to ``path``; no global matplotlib state (backend, figure registry) is touched.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from jetfast.data.format import CHANNELS, CLASS_NAMES, GLUON, QUARK
 from jetfast.evaluate.observables import OBSERVABLES, PROFILE_EDGES
 from jetfast.evaluate.reader import SPECTRUM_EDGES, JetSample
+from jetfast.evaluate.response import GEN_REQUESTED, REAL_REQUESTED, bin_index, jet_response
 
 EXAMPLE_CROP = slice(31, 94)  # central 63x63 pixels (|eta|, |phi| < 0.55) where the jet lives
 REAL_COLOR, GEN_COLOR = "#3f90da", "#e42536"  # from the colour-blind-safe CMS palette
@@ -139,13 +141,20 @@ def plot_classes(real: JetSample, gen: JetSample, path: Path) -> Path:
             ax.set_xlim(bins[0], bins[-1])
             if i == 0:
                 ax.legend(frameon=False, fontsize=8)
-        for j in range(len(names), rows * cols):
-            axes[j // cols, j % cols].set_visible(False)
-        fig.suptitle("Quark vs gluon jets: real (filled) and generated (lines)", y=0.995)
-        fig.tight_layout()
-        fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
-        plt.close(fig)
+        _finish_grid(fig, axes, len(names), "Quark vs gluon jets: real (filled) and generated (lines)", path)
     return path
+
+
+def _finish_grid(fig, axes, used: int, title: str, path: Path) -> None:
+    """Hide the grid's unused panels, title it, save it and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes.flat[used:]:
+        ax.set_visible(False)
+    fig.suptitle(title, y=0.995)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
 
 
 def plot_mean_images(real: JetSample, gen: JetSample, path: Path) -> Path:
@@ -288,5 +297,114 @@ def plot_ladder_jets(rows: list[tuple[str, JetSample]], path: Path, per_row: int
             fig.colorbar(image, ax=axes, orientation="horizontal", fraction=0.02, pad=0.02, label="Tracks+ECAL+HCAL [GeV]")
         fig.suptitle("The fidelity ladder: random jets of every row (central 63x63 pixels)", y=1 - 0.15 / height)
         fig.savefig(path, dpi=70, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
+
+
+def _bin_label(entry: dict) -> str:
+    return f"{entry['lo']:g}-{entry['hi']:g} GeV"
+
+
+def plot_response(response: dict, path: Path) -> Path:
+    """Mean and width of the response against generator-level pT: real jets as a band of ±1
+    bootstrap error per bin, generated jets as points; open points for bins with too few jets."""
+    bins = response["bins"]
+    with _style() as plt:
+        fig, axes = plt.subplots(2, 1, figsize=(7.5, 7.5), sharex=True, gridspec_kw={"hspace": 0.08})
+        for ax, quantity, label in ((axes[0], "mean", "mean response"), (axes[1], "width", "response width (std)")):
+            for b in bins:
+                real, gen = b["real"], b["gen"]
+                if real[quantity] is not None:
+                    err = real[f"{quantity}_err"]
+                    err = err if err is not None and np.isfinite(err) else 0.0
+                    ax.fill_between([b["lo"], b["hi"]], real[quantity] - err, real[quantity] + err, color=REAL_COLOR,
+                                    alpha=0.35 if b["enough"] else 0.15, linewidth=0)
+                    ax.hlines(real[quantity], b["lo"], b["hi"], color=REAL_COLOR, linewidth=1.5)
+                if gen[quantity] is not None:
+                    err = gen[f"{quantity}_err"]
+                    ax.errorbar(0.5 * (b["lo"] + b["hi"]), gen[quantity],
+                                yerr=err if err is not None and np.isfinite(err) else None,
+                                fmt="o", ms=5, color=GEN_COLOR, mfc=GEN_COLOR if b["enough"] else "white",
+                                elinewidth=1.2, capsize=2)
+            ax.set_ylabel(label)
+            ax.margins(y=0.25)
+        edges = response["edges"]
+        axes[1].set_xlim(edges[0], edges[-1])
+        axes[1].set_xlabel(f"generator-level $p_T$ [GeV] (real: {REAL_REQUESTED}, generated: {GEN_REQUESTED})")
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        handles = [(Patch(color=REAL_COLOR, alpha=0.35, linewidth=0), Line2D([], [], color=REAL_COLOR)),
+                   Line2D([], [], ls="", marker="o", ms=5, color=GEN_COLOR)]
+        labels = ["real ± error", "generated"]
+        if any(not b["enough"] for b in bins):
+            handles.append(Line2D([], [], ls="", marker="o", ms=5, color=GEN_COLOR, mfc="white"))
+            labels.append(f"fewer than {response['min_jets']} jets: not judged")
+        axes[0].legend(handles, labels, frameon=False, ncol=3, loc="upper center")
+        fig.suptitle("Detector response: image $p_T$ / generator-level $p_T$", y=0.94)
+        fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
+        plt.close(fig)
+    return path
+
+
+def plot_response_histograms(real: JetSample, gen: JetSample, response: dict, path: Path) -> Path:
+    """The response distributions of real (filled) and generated (line) jets, one panel per bin
+    of generator-level pT, on one response axis."""
+    edges = np.asarray(response["edges"])
+    real_pt, real_r, _ = jet_response(real, REAL_REQUESTED)
+    gen_pt, gen_r, _ = jet_response(gen, GEN_REQUESTED)
+    real_bin, gen_bin = bin_index(real_pt, edges), bin_index(gen_pt, edges)
+    axis = _bins(real_r[real_bin >= 0], gen_r[gen_bin >= 0], n_bins=30)
+    entries = response["bins"]
+    with _style() as plt:
+        rows, cols = _grid(len(entries))
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+        for b, entry in enumerate(entries):
+            ax = axes[b // cols, b % cols]
+            r, g = real_r[real_bin == b], gen_r[gen_bin == b]
+            if len(r):
+                ax.stairs(_density(r, axis)[0], axis, fill=True, alpha=0.35, color=REAL_COLOR, label="real")
+            if len(g):
+                ax.stairs(_density(g, axis)[0], axis, color=GEN_COLOR, linewidth=1.5, label="generated")
+            ratio = entry["ratio"]
+            ax.set_title(_bin_label(entry) + ("" if entry["enough"] else " (too few)"), fontsize=11)
+            ax.text(0.97, 0.95, f"n {len(r)} / {len(g)}" + ("" if ratio is None else f"\nW/floor {ratio:.2g}"),
+                    transform=ax.transAxes, ha="right", va="top", fontsize=9)
+            ax.set_xlim(axis[0], axis[-1])
+            ax.set_xlabel("response")
+            if b % cols == 0:
+                ax.set_ylabel("density")
+            if b == 0:
+                ax.legend(frameon=False, fontsize=9, loc="upper left")
+        _finish_grid(fig, axes, len(entries), "Response per bin of generator-level $p_T$: real (filled) and generated (line)",
+                     path)
+    return path
+
+
+def plot_pt_spectrum(real: JetSample, gen: JetSample, response: dict, path: Path) -> Path:
+    """Generator-level pT (dashed: what real jets had, what generated jets were asked for) and
+    image pT (real filled, generated line) of all jets, with the response bins' edges."""
+    real_pt, _, _ = jet_response(real, REAL_REQUESTED)
+    gen_pt, _, _ = jet_response(gen, GEN_REQUESTED)
+    real_image, gen_image = real.observables["pt"], gen.observables["pt"]
+    axis = _bins(real_pt, gen_pt, real_image, gen_image, n_bins=50)
+    with _style() as plt:
+        fig, ax = plt.subplots(1, 1, figsize=(8, 5))
+        for edge in response["edges"]:
+            ax.axvline(edge, color="gray", lw=0.6, alpha=0.5)
+        ax.stairs(_density(real_image, axis)[0], axis, fill=True, alpha=0.35, color=REAL_COLOR,
+                  label="real, image $p_T$")
+        ax.stairs(_density(gen_image, axis)[0], axis, color=GEN_COLOR, linewidth=1.8, label="generated, image $p_T$")
+        ax.stairs(_density(real_pt, axis)[0], axis, color=REAL_COLOR, linewidth=1.5, linestyle="--",
+                  label=f"real, generator-level $p_T$ ({REAL_REQUESTED})")
+        ax.stairs(_density(gen_pt, axis)[0], axis, color="black", linewidth=1.5, linestyle="--",
+                  label=f"generated, requested $p_T$ ({GEN_REQUESTED})")
+        ax.set_xlim(axis[0], axis[-1])
+        ax.set_xlabel("jet $p_T$ [GeV] (grey lines: response bins)")
+        ax.set_ylabel("fraction of jets per GeV")
+        ax.legend(frameon=False, fontsize=9)
+        ax.set_title("Jet $p_T$: generator-level (dashed) and from the image (solid)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)
         plt.close(fig)
     return path

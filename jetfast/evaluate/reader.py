@@ -7,6 +7,14 @@ the same for real and generated jets), mean images, the pixel spectrum and a few
 jets. Every jet passes the check of the data contract the loader's batches pass
 (:func:`jetfast.data.format.check_jets`): a file with a NaN, infinite, negative or absurdly
 large pixel is refused, naming the jets, and so is a chunk HDF5 cannot read.
+
+Beside the images a file may hold per-jet kinematics (:data:`KINEMATIC_KEYS`): ``pt`` and
+``m0``, in real (simulated) files the generator-level jet before the detector, in generated
+files computed from the image; and ``pt_gen`` and ``m0_gen``, the generator-level values a
+conditional generator was asked for, each present only when it was asked for. The sample
+keeps those the file has, for the selected jets; their values are not checked here (a NaN
+or a non-positive pT only leaves that jet out of what needs it, see :mod:`.response`), their
+shape is.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from jetfast.data.format import CLASS_NAMES, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, check_jets, read_images, validate_jet_file
+from jetfast.data.format import (CLASS_NAMES, IMAGE_KEY, IMAGE_SIZE, LABEL_KEY, REQUESTED_KEYS, check_jets, read_images,
+                                 validate_jet_file)
 from jetfast.errors import JetFileError
 from jetfast.evaluate.observables import DEFAULT_THRESHOLDS, OBSERVABLES, compute_observables
 
 SPECTRUM_EDGES = np.logspace(-6, 3, 91)  # pixel values (GeV) of the pixel-intensity spectrum
 N_EXAMPLES = 4  # jets drawn in each example grid
 DEFAULT_CHUNK_JETS = 512  # ~100 MB of images per chunk
+KINEMATIC_KEYS = ("pt", "m0", *REQUESTED_KEYS)  # per-jet scalars in GeV, each (N,) when present
 
 
 @dataclass
@@ -46,6 +56,7 @@ class JetSample:
     coarse_labels: np.ndarray | None = None
     label_note: str = ""
     notes: list = field(default_factory=list)
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)  # KINEMATIC_KEYS of the file -> (N,), like ids
 
     @property
     def n(self) -> int:
@@ -67,6 +78,19 @@ def _read_labels(f, path: str, n: int) -> tuple[np.ndarray | None, str]:
         return None, (f"{path}:{LABEL_KEY} holds values other than 0 and 1 (unconditional?): "
                       "per-class results are skipped")
     return y.astype(np.int8), ""
+
+
+def _read_kinematics(f, path: str, n: int) -> dict[str, np.ndarray]:
+    found = {}
+    for key in KINEMATIC_KEYS:
+        if key not in f:
+            continue
+        ds = f[key]
+        if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) or ds.dtype.kind not in "fiu":
+            what = f"has shape {ds.shape} and dtype {ds.dtype}" if isinstance(ds, h5py.Dataset) else "is a group"
+            raise JetFileError(f"{path}:{key} {what}; expected ({n},) numbers, one per jet of {IMAGE_KEY}")
+        found[key] = np.asarray(ds[...], np.float64)
+    return found
 
 
 def _select(n_file: int, indices, max_jets: int | None, rng: np.random.Generator, path: str) -> np.ndarray:
@@ -139,7 +163,8 @@ class _SampleBuilder:
             if self.labelled:
                 self.coarse_labels.append(labels[mine])
 
-    def finish(self, n_file: int, label_note: str = "") -> JetSample:
+    def finish(self, n_file: int, label_note: str = "", scalars_file: dict | None = None) -> JetSample:
+        ids = np.concatenate(self.ids)
         return JetSample(
             path=self.path,
             n_file=n_file,
@@ -150,11 +175,12 @@ class _SampleBuilder:
             jets_per_key=self.jets_per_key,
             spectrum=self.spectrum,
             examples=np.stack(self.examples) if self.examples else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
-            ids=np.concatenate(self.ids),
+            ids=ids,
             coarse=np.concatenate(self.coarse) if self.coarse else None,
             coarse_labels=np.concatenate(self.coarse_labels) if self.coarse_labels else None,
             label_note=label_note,
             notes=[label_note] if label_note else [],
+            scalars={key: values[ids] for key, values in (scalars_file or {}).items()},
         )
 
 
@@ -186,6 +212,7 @@ def read_jets(
                 f"{path} is an unfinished `jetfast generate` output: rerun the same generate command to finish it"
             )
         labels_file, label_note = _read_labels(f, path, n_file)
+        scalars_file = _read_kinematics(f, path, n_file)
         selected = _select(n_file, indices, max_jets, rng, path)
         if len(selected) == 0:
             raise JetFileError(f"{path}: no jets to evaluate (the file or the selection is empty)")
@@ -205,13 +232,14 @@ def read_jets(
                     images = images[rows - rows[0]]
                 builder.add(images, rows, labels_file[rows] if labels_file is not None else None)
                 bar.update(hi_sel - lo_sel)
-    return builder.finish(n_file, label_note)
+    return builder.finish(n_file, label_note, scalars_file)
 
 
 def collect_jets(batches: Iterable, n: int, *, name: str, labelled: bool, thresholds=DEFAULT_THRESHOLDS,
                  seed: int = 0, progress: bool = True, desc: str = "jets") -> JetSample:
     """The :class:`JetSample` of ``n`` jets made on the fly: ``batches`` yields (images (B, 125,
-    125, 3) float32 GeV, labels (B,) or None), ``n`` jets in all; ``name`` stands for the file path."""
+    125, 3) float32 GeV, labels (B,) or None), ``n`` jets in all; ``name`` stands for the file path.
+    Such jets come with no kinematics of their own: ``scalars`` is empty."""
     builder = _SampleBuilder(name, np.arange(n), labelled=labelled, thresholds=thresholds,
                              rng=np.random.default_rng(seed), keep_coarse=0)
     done = 0

@@ -10,14 +10,20 @@ The output directory explains itself::
       report.md       the same report in Markdown, linking plots/*.png
       metrics.json    every number of the report (distances, floors, AUCs, counts, options)
       plots/          observables.png, classes.png (quark vs gluon), mean_images.png,
-                      jets_real.png, jets_generated.png, radial_profile.png, pixel_spectrum.png
+                      jets_real.png, jets_generated.png, radial_profile.png, pixel_spectrum.png;
+                      response.png, response_bins.png, pt_spectrum.png (with a response)
 
 metrics.json keys: ``real``/``gen`` (paths, jets used), ``options``, ``notes``,
 ``summary`` (median distance/floor ratio, farthest observable), ``distances`` and
 ``distances_by_class`` (see :func:`jetfast.evaluate.metrics.distance_table`), ``c2st``,
 ``c2st_cnn`` (with ``--cnn``), ``fpd``, ``kpd``, ``quark_gluon``, ``ladder`` (with a run: one
-entry per row of :mod:`jetfast.evaluate.ladder`), ``radial_profile``, ``plots``, ``timing_s``.
-A test that could not run holds ``{"skipped": "<why>"}`` instead of numbers.
+entry per row of :mod:`jetfast.evaluate.ladder`), ``radial_profile``, ``response`` (see below),
+``plots``, ``timing_s``. A test that could not run holds ``{"skipped": "<why>"}`` instead of numbers.
+
+When the generated file holds ``pt_gen`` (the pT its jets were asked for), ``response`` is the
+detector response per bin of generator-level pT, real jets binned in their file's ``pt``
+(:func:`jetfast.evaluate.response.detector_response`); it is skipped, saying why, when the real
+file has no ``pt``, and absent when the generated file has no ``pt_gen``.
 
 Real jets are the held-out test split of a training run when ``--run`` is given (its
 ``split.npz``, key ``test``), otherwise all jets of ``--real``. A file with jets that break the
@@ -55,11 +61,22 @@ from jetfast.evaluate.plots import (
     plot_mean_images,
     plot_observables,
     plot_pixel_spectrum,
+    plot_pt_spectrum,
     plot_radial_profile,
+    plot_response,
+    plot_response_histograms,
 )
 from jetfast.evaluate.ladder import ROWS, ladder, model_samples
 from jetfast.evaluate.reader import DEFAULT_CHUNK_JETS, read_jets
 from jetfast.evaluate.render import fmt, json_ready, plus_minus, render
+from jetfast.evaluate.response import (
+    DEFAULT_PT_EDGES,
+    GEN_REQUESTED,
+    REAL_REQUESTED,
+    UNLIKE_SPECTRUM_RATIO,
+    check_edges,
+    detector_response,
+)
 from jetfast.run import RunDir, atomic_write
 
 
@@ -129,6 +146,7 @@ def evaluate(
     real_note: str = "",
     cnn: bool = False,
     run_dir=None,
+    pt_edges=DEFAULT_PT_EDGES,
 ) -> dict:
     """Compare generated jets with real ones; write report.md/html, metrics.json, plots/; return the metrics.
 
@@ -137,7 +155,8 @@ def evaluate(
     ``cnn`` adds the image-level two-sample test (a small CNN, torch; slower). With ``run_dir``,
     the run the jets were generated from (and whose test jets are the real ones), the report
     adds its fidelity ladder (:mod:`jetfast.evaluate.ladder`): the same comparison for the VAE's
-    reconstructions, the reconstructions through the bins and its prior samples.
+    reconstructions, the reconstructions through the bins and its prior samples. ``pt_edges``
+    (GeV) bin the detector response when the generated file carries ``pt_gen``.
     """
     t0 = time.perf_counter()
     if max_jets is not None and max_jets < 2:
@@ -147,6 +166,7 @@ def evaluate(
     thresholds = tuple(float(t) for t in thresholds)
     if len(thresholds) != 3 or min(thresholds) < 0:
         raise InvalidArgument(f"thresholds must be 3 non-negative numbers (Tracks, ECAL, HCAL); got {thresholds}")
+    pt_edges = check_edges(pt_edges)
     out_dir = Path(out_dir)
     keep_coarse = 10_000 if cnn else 0
     real = read_jets(real_path, real_indices, max_jets=max_jets, thresholds=thresholds, seed=seed,
@@ -160,7 +180,7 @@ def evaluate(
                  "selection": real_note or "all jets"},
         "gen": {"path": os.path.abspath(gen.path), "n_file": gen.n_file, "n_used": gen.n},
         "options": {"max_jets": max_jets, "thresholds_gev": dict(zip(CHANNELS, thresholds)), "bootstrap": bootstrap,
-                    "seed": seed, "profile_edges": PROFILE_EDGES},
+                    "seed": seed, "profile_edges": PROFILE_EDGES, "pt_edges": pt_edges},
         "notes": real.notes + gen.notes,
     }
     metrics["distances"] = distance_table(real.observables, gen.observables, bootstrap=bootstrap, seed=seed)
@@ -183,6 +203,14 @@ def evaluate(
         "worst_observable": worst,
         "worst_ratio": ratios.get(worst),
     }
+
+    if GEN_REQUESTED in gen.scalars and REAL_REQUESTED in real.scalars:
+        metrics["response"] = detector_response(real, gen, edges=pt_edges, bootstrap=bootstrap, seed=seed)
+        metrics["notes"] += metrics["response"]["notes"]
+    elif GEN_REQUESTED in gen.scalars:
+        metrics["response"] = {"skipped": f"{real.path} has no generator-level {REAL_REQUESTED!r} to compare the "
+                                          f"generated jets' {GEN_REQUESTED!r} with"}
+    with_response = "bins" in metrics.get("response", {})
 
     metrics["radial_profile"] = {"edges": PROFILE_EDGES, "real_mean": real.profile.mean(0),
                                  "gen_mean": gen.profile.mean(0)}
@@ -227,6 +255,11 @@ def evaluate(
         images["mean_images"] = plot_mean_images(real, gen, plot_dir / "mean_images.png")
         images["jets_real"] = plot_jets(real, plot_dir / "jets_real.png", "real")
         images["jets_generated"] = plot_jets(gen, plot_dir / "jets_generated.png", "generated")
+        if with_response:
+            images["response"] = plot_response(metrics["response"], plot_dir / "response.png")
+            images["response_bins"] = plot_response_histograms(real, gen, metrics["response"],
+                                                               plot_dir / "response_bins.png")
+            images["pt_spectrum"] = plot_pt_spectrum(real, gen, metrics["response"], plot_dir / "pt_spectrum.png")
         if rows:
             images["ladder_jets"] = plot_ladder_jets(
                 [(ROWS["real"].split(" (")[0], real), *((ROWS[k], rows[k]) for k in rows), (ROWS["transformer"], gen)],
@@ -305,6 +338,8 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
     sections.append({"heading": "Observables: distances and noise floor", "text": [headline, explain],
                      "table": (DISTANCE_HEADER, _distance_rows(m["distances"])),
                      "images": [images.get("observables")]})
+    if "response" in m:
+        sections.append(_response_section(m["response"], images))
     for name, table in m["distances_by_class"].items():
         sections.append({"heading": f"Observables: {name} jets only", "table": (DISTANCE_HEADER, _distance_rows(table)),
                          })
@@ -312,3 +347,73 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         sections.append({"heading": "Plots", "images": [images.get(k) for k in (
             "classes", "radial_profile", "pixel_spectrum", "mean_images", "jets_real", "jets_generated")]})
     return sections
+
+
+RESPONSE_HEADER = ["generator-level pT [GeV]", "n real", "n gen", "mean real", "mean gen", "width real", "width gen",
+                   "W / floor", "mean within 2σ", "width within 2σ"]
+
+
+def _flag(value) -> str:
+    return "—" if value is None else ("yes" if value else "**no**")
+
+
+def _response_rows(response: dict) -> list[list[str]]:
+    rows = []
+    for b in response["bins"]:
+        real, gen = b["real"], b["gen"]
+        rows.append([
+            f"{b['lo']:g}–{b['hi']:g}" + ("" if b["enough"] else " (too few jets)"), str(real["n"]), str(gen["n"]),
+            plus_minus(real["mean"], real["mean_err"]), plus_minus(gen["mean"], gen["mean_err"]),
+            plus_minus(real["width"], real["width_err"]), plus_minus(gen["width"], gen["width_err"]),
+            fmt(b["ratio"], 2), _flag(b["mean_within_2sigma"]), _flag(b["width_within_2sigma"]),
+        ])
+    return rows
+
+
+def _response_headline(response: dict) -> str:
+    s = response["summary"]
+    judged = s["bins_judged"]
+    if judged == 0:
+        return (f"No bin of generator-level pT holds {response['min_jets']} jets on both sides: the response is shown "
+                "but not judged.")
+    if s["all_within_2sigma"] is None:
+        verdict = "without bootstrap errors the means and widths are not judged"
+    elif s["all_within_2sigma"]:
+        verdict = "generated mean and width **within 2σ** of the real ones in every bin"
+    else:
+        verdict = (f"generated mean within 2σ of the real one in **{s['mean_bins_within']} of {judged}** bins, "
+                   f"width in **{s['width_bins_within']} of {judged}**")
+    worst = s["max_ratio_bin"]
+    farthest = (f"; largest W/floor {fmt(s['max_ratio'], 2)} at {worst[0]:g}–{worst[1]:g} GeV"
+                if worst is not None else "")
+    return f"{judged} bins with at least {response['min_jets']} jets per side: {verdict}{farthest}."
+
+
+def _response_section(response: dict, images: dict) -> dict:
+    heading = "Detector response: image pT / generator-level pT"
+    if "skipped" in response:
+        return {"heading": heading, "text": [f"Skipped: {response['skipped']}"]}
+    n, outside = response["n"], response["outside"]
+    text = [
+        _response_headline(response),
+        "The response is a jet's image pT (the observable `pt`, calorimeter pixels) over its generator-level pT: "
+        f"the file's `{response['requested']['real']}` for real jets and, for generated ones, the "
+        f"`{response['requested']['gen']}` the generator was asked for; jets are binned in that generator-level pT. "
+        "Its mean is the energy scale of the images, its width (standard deviation) their pT resolution; errors "
+        "are bootstrap standard deviations, and 'within 2σ' compares the generated value with the real one by "
+        "their combined error. W / floor is the Wasserstein distance of the two response distributions over that "
+        "of two halves of the real jets (about 1 for a perfect generator). "
+        f"Bins with fewer than {response['min_jets']} jets on either side are shown but not judged.",
+        f"Jets inside the bins: {n['real']} real, {n['gen']} generated; outside them: {outside['real']} real, "
+        f"{outside['gen']} generated.",
+    ]
+    spectrum = response.get("requested_spectrum", {})
+    if spectrum.get("unlike_real"):
+        text.append(
+            f"The requested pT spectrum is unlike the real jets' (W/floor {fmt(spectrum['ratio'], 2)} > "
+            f"{UNLIKE_SPECTRUM_RATIO:g}; mean {fmt(spectrum['gen_mean'])} against {fmt(spectrum['real_mean'])} GeV): "
+            "whole-sample distances of pT, mass and the channel sums compare different jets. Judge those by the "
+            "response per bin and by the spectra below."
+        )
+    return {"heading": heading, "text": text, "table": (RESPONSE_HEADER, _response_rows(response)),
+            "images": [images.get(k) for k in ("response", "response_bins", "pt_spectrum")]}
