@@ -20,7 +20,9 @@ def test_tiny_end_to_end_demo(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "the report:" in result.stdout
-    for stage in ("data", "train-vae", "fit-bins", "encode", "train-gpt", "generate", "evaluate"):
+    from jetfast.cli.demo import STAGES
+
+    for stage in STAGES:
         assert (out / f".done-{stage}").exists(), stage
     with h5py.File(out / "generated.h5", "r") as f:
         assert f["X_jets"].shape == (40, 125, 125, 3)
@@ -40,9 +42,26 @@ def test_tiny_end_to_end_demo(tmp_path):
         assert entry["w"] >= 0 and entry["n_gen"] == 40, name
     assert (out / "report" / "report.md").exists()
     check_ladder(out, metrics)
+    check_like(out)
     # A second run finds every stage done and redoes nothing.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 7
+    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == len(STAGES)
+
+
+def check_like(out):
+    """The test jets generated one to one from their class, pT and mass, and their response evaluated."""
+    from jetfast.run import load_split
+
+    test = np.sort(load_split(out / "run")["test"])
+    with h5py.File(out / "jets.h5", "r") as real, h5py.File(out / "generated_like_test.h5", "r") as like:
+        assert like["X_jets"].shape == (len(test), 125, 125, 3)
+        np.testing.assert_array_equal(like["y"][()], real["y"][()][test])
+        np.testing.assert_array_equal(like["pt_gen"][()], real["pt"][()][test])
+        np.testing.assert_array_equal(like["m0_gen"][()], real["m0"][()][test])
+    metrics = json.loads((out / "report_like_test" / "metrics.json").read_text())
+    response = metrics["response"]
+    assert response["n"]["real"] + response["outside"]["real"] == len(test)
+    assert response["n"]["gen"] + response["outside"]["gen"] == len(test)
 
 
 def check_ladder(out, metrics):
