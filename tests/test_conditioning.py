@@ -22,14 +22,19 @@ from tests.test_gpt import TINY, run_train, write_codes_file
 
 def kinematic_model(seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    config = dict(vocab_size=37, seq_len=11, d_model=48, n_heads=3, n_layers=2, code_values=True, kinematic=True)
+    config = dict(vocab_size=37, seq_len=11, d_model=48, n_heads=3, n_layers=2, code_values=True, kinematic=True,
+                  value_shift=True)
     config.update(overrides)
     model = GPT(GPTConfig(**config)).eval()
     model.set_kinematics(torch.tensor([70.0, 120.0, 200.0]), torch.tensor([2.0, 10.0, 40.0]))
+    centers = torch.randn(config["seq_len"], config["vocab_size"]).sort(dim=1).values
+    model.set_code_values(centers, torch.zeros(config["seq_len"]), torch.ones(config["seq_len"]))
     with torch.no_grad():  # an untrained embedding is near zero: make the conditioning matter
         for layer in model.kinematic_emb:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.normal_(0.0, 0.5)
+        if model.config.value_shift:
+            model.value_shift.normal_(0.0, 1.0)
     return model
 
 

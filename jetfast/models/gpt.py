@@ -87,6 +87,7 @@ class GPTConfig:
     mlp_ratio: int = 4
     code_values: bool = False  # read each code's bin-center value too (see the module docstring)
     kinematic: bool = False  # conditioned on the jet's pT and mass too (see the module docstring)
+    value_shift: bool = False  # code_values: a per-slot linear shift of each value by the condition
 
     def __post_init__(self):
         checks = {
@@ -213,7 +214,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.num_tokens, config.d_model)
         self.pos_emb = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
         self.class_emb = nn.Embedding(config.num_classes + 1, config.d_model)  # per start token, at every position
-        self.class_cache = None  # (B, 1, C): the condition vectors of a cached decode, set by its prefill
+        # The condition of a cached decode, set by its prefill: vectors (B, 1, C) and features (B, F).
+        self.condition_cache = None
         if config.kinematic:
             # Set by set_kinematics from the training jets: (log pT, log(1 + m)) mean and std, and the
             # range of (pT, m) in GeV, rows pT and mass, columns min and max.
@@ -233,12 +235,23 @@ class GPT(nn.Module):
             self.register_buffer("values", torch.zeros(config.seq_len, config.vocab_size))
             self.value_proj = nn.Linear(1, config.d_model, bias=False)
             self.value_head = nn.Linear(config.d_model, 2)  # (a, b) of the logits' a v + b v^2
+            if config.value_shift:
+                # Zero at the start: the shift is learned, not assumed.
+                self.value_shift = nn.Parameter(torch.zeros(config.seq_len, self.num_condition_features))
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
+        if config.code_values and config.value_shift:
+            nn.init.zeros_(self.value_shift)
         # GPT-2: scale the residual projections by depth so the residual stream keeps its size.
         for name, param in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @property
+    def num_condition_features(self) -> int:
+        """One-hot class (zeros: unconditional), then with ``kinematic`` the standardised log pT and
+        log(1 + mass) (zero where not given)."""
+        return self.config.num_classes + (len(KINEMATICS) if self.config.kinematic else 0)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -274,23 +287,26 @@ class GPT(nn.Module):
             self.kinematic_std.copy_(features.std(0).clamp_min(1e-6))
             self.kinematic_range.copy_(torch.stack([values.min(0).values, values.max(0).values], 1))
 
-    def condition(self, first: torch.Tensor, kinematics: torch.Tensor | None) -> torch.Tensor:
-        """The vector (B, 1, C) added to every position: of the start tokens ``first`` (B, 1) and, with
-        ``kinematic``, of the requested (pT, mass) (B, 2) in GeV, NaN where not given."""
-        label = first - self.config.vocab_size
+    def condition(self, first: torch.Tensor, kinematics: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition of each sequence from its start token ``first`` (B, 1) and, with ``kinematic``,
+        its requested (pT, mass) (B, 2) in GeV, NaN where not given: the vector (B, 1, C) added to
+        every position, and the features (B, F) of :attr:`num_condition_features`."""
+        label = first[:, 0] - self.config.vocab_size
         # A sequence that does not open with a start token is read as unconditional.
-        vector = self.class_emb(torch.where(label >= 0, label, self.config.num_classes))
+        label = torch.where(label >= 0, label, self.config.num_classes)
+        vector = self.class_emb(label).unsqueeze(1)
+        features = F.one_hot(label, self.config.num_classes + 1)[:, : self.config.num_classes].float()
         if not self.config.kinematic:
             if kinematics is not None:
                 raise InvalidArgument("this Transformer was trained without pT/mass conditioning: retrain it on "
                                       "codes that carry pt and m0 (jetfast encode of a file that has them)")
-            return vector
+            return vector, features
         if kinematics is None:
             kinematics = torch.full((len(first), len(KINEMATICS)), math.nan, device=first.device)
         given = torch.isfinite(kinematics)
-        u = (kinematic_features(kinematics.float()) - self.kinematic_mean) / self.kinematic_std
-        inputs = torch.cat([torch.where(given, u, 0.0), given.float()], dim=1).to(vector.dtype)
-        return vector + self.kinematic_emb(inputs).unsqueeze(1)
+        u = torch.where(given, (kinematic_features(kinematics.float()) - self.kinematic_mean) / self.kinematic_std, 0.0)
+        inputs = torch.cat([u, given.float()], dim=1).to(vector.dtype)
+        return vector + self.kinematic_emb(inputs).unsqueeze(1), torch.cat([features, u], dim=1)
 
     def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, D) in latent order -> the order the model reads them in."""
@@ -324,14 +340,14 @@ class GPT(nn.Module):
             raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
         x = self.tok_emb(idx) + self.pos_emb[start : start + length]  # (B, T, C)
         if start == 0:
-            classes = self.condition(idx[:, :1], kinematics)
+            vectors, features = self.condition(idx[:, :1], kinematics)
             if pos is not None:
-                self.class_cache = classes
-        elif self.class_cache is None or self.class_cache.shape[0] != idx.shape[0]:
+                self.condition_cache = vectors, features
+        elif self.condition_cache is None or self.condition_cache[0].shape[0] != idx.shape[0]:
             raise RuntimeError("GPT: a cached decode starts with prefill(), which sets the class of every row")
         else:
-            classes = self.class_cache
-        x = x + classes
+            vectors, features = self.condition_cache
+        x = x + vectors
         if self.config.code_values:
             # The token at position p >= 1 is the code of sequence slot p - 1; position 0 is the start token.
             positions = torch.arange(start, start + length, device=idx.device)
@@ -349,6 +365,8 @@ class GPT(nn.Module):
             # Position p predicts the code of slot p: its bin values (T, vocab).
             predicted = self.values[start : start + length]
             a, b = self.value_head(x).unsqueeze(-1).unbind(-2)  # (B, T, 1) each
+            if self.config.value_shift:
+                a = a + (features @ self.value_shift[start : start + length].T).unsqueeze(-1).to(a.dtype)
             logits = logits + a * predicted + b * predicted.square()
         return logits
 
@@ -371,7 +389,7 @@ class GPT(nn.Module):
     def clear_caches(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
-        self.class_cache = None
+        self.condition_cache = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -104,6 +104,7 @@ class GPTStage(Stage):
             n_layers=o.n_layers, dropout=o.dropout, num_classes=2, tie_weights=o.tie_weights,
             code_values=o.code_values and self.data["centers"] is not None,
             kinematic=o.kinematic and self.data["pt"] is not None and self.data["m0"] is not None,
+            value_shift=o.code_values and self.data["centers"] is not None,
         )
         if o.kinematic and not self.model_config.kinematic:
             print(f"jetfast train-gpt: note: {self.codes_path} carries no pt and m0, so the Transformer is conditioned "
