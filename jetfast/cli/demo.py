@@ -23,8 +23,8 @@ STAGES = ("data", "train-vae", "fit-bins", "encode", "train-gpt", "generate", "e
 
 # Sizes of each preset; an option given on the command line wins.
 PRESETS = {
-    "quick": {"jets": 4000, "generate": 2000, "vae_epochs": 8, "gpt_epochs": 8, "gpt_size": (128, 4, 3)},
-    "hour": {"jets": 12000, "generate": 4000, "vae_epochs": 16, "gpt_epochs": 12, "gpt_size": (128, 4, 3)},
+    "quick": {"jets": 4000, "generate": 2000, "vae_epochs": 8, "gpt_epochs": 8, "gpt_size": (128, 4, 3), "beta": 0.2},
+    "hour": {"jets": 12000, "generate": 4000, "vae_epochs": 16, "gpt_epochs": 12, "gpt_size": (128, 4, 3), "beta": 0.2},
 }
 
 
@@ -46,6 +46,9 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate", type=int, default=None, help="jets to generate (default: the preset's)")
     parser.add_argument("--vae-epochs", type=int, default=None, help="VAE epochs (default: the preset's)")
     parser.add_argument("--gpt-epochs", type=int, default=None, help="Transformer epochs (default: the preset's)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="KL weight of the VAE (default: the preset's, 0.2: more of each jet kept in the latents, "
+                             "which the Transformer then models, than train-vae's default 1)")
     parser.add_argument("--latent-dim", type=int, default=128, help="latent dimensions = codes per jet (default 128)")
     parser.add_argument("--bins", type=int, default=256, help="bins per latent dimension (default 256)")
     parser.add_argument("--gpt-size", type=_gpt_size, default=None, metavar="D_MODEL,HEADS,LAYERS",
@@ -99,7 +102,8 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     _stage(out, "data", ["data", "generate", "--n", str(args.jets), "--out", str(data), "--seed", seed, "--overwrite", *workers], log)
     _stage(out, "train-vae", ["train-vae", "--data", str(data), "--out", str(run_dir), "--epochs", str(args.vae_epochs),
-                              "--latent-dim", str(args.latent_dim), "--seed", seed, "--overwrite"], log)
+                              "--latent-dim", str(args.latent_dim), "--beta", str(args.beta), "--seed", seed,
+                              "--overwrite"], log)
     _stage(out, "fit-bins", ["fit-bins", str(run_dir), "--data", str(data), "--num-bins", str(args.bins), "--seed", seed], log)
     _stage(out, "encode", ["encode", str(run_dir), "--data", str(data), "--out", str(codes), "--overwrite"], log)
     _stage(out, "train-gpt", ["train-gpt", str(run_dir), "--codes", str(codes), "--epochs", str(args.gpt_epochs),
