@@ -144,6 +144,22 @@ def test_jetfast_sample(benchmark, record, model):
     record(**figures)
 
 
+def test_jetfast_sample_conditioned_on_pt_and_mass(benchmark, record):
+    """The same model conditioned on per-jet pT and mass too: the condition enters at the prefill,
+    so the rate should be the class-only one's (the ratio is recorded)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**vars(CONFIG), "kinematic": True})).eval()
+    model.set_kinematics(torch.tensor([70.0, 200.0]), torch.tensor([1.0, 60.0]))
+    generator = torch.Generator().manual_seed(0)
+    pt, mass = 70 + 130 * torch.rand(BATCH, generator=generator), 1 + 59 * torch.rand(BATCH, generator=generator)
+    sample(model, 8, cls="quark", pt=pt[:8], mass=mass[:8], seed=0)
+    benchmark.pedantic(lambda: sample(model, BATCH, cls="quark", pt=pt, mass=mass, seed=0, batch_size=BATCH), rounds=3,
+                       iterations=1)
+    rate = _record_rate(record, "jetfast_conditioned", benchmark.stats.stats.min, BATCH)
+    if "jetfast" in _RATES:
+        record(rate_over_class_only=rate / _RATES["jetfast"])
+
+
 if __name__ == "__main__":
     # Quick look without pytest-benchmark: python benchmarks/bench_sample.py [batch]
     import sys
