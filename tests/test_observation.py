@@ -165,9 +165,13 @@ def test_sampled_channels_hold_the_drawn_totals(rng, seed):
     want = torch.exp((loc + scale * eps.double()) * model.total_log_std.double() + model.total_log_mean.double())
     torch.testing.assert_close(jets.sum(dim=(1, 2)), want, rtol=1e-5, atol=0)
     plain = model.sample(SparseOutput(out.pixels, None), seed=seed).double()
-    assert torch.equal(jets > 0, plain > 0) and _tower_constant(jets[..., 2].float())
+    # The same hits, but for those with a share of the channel so small that scaling takes them
+    # below the smallest float32 (random test parameters draw such values; jets do not).
+    share = plain / plain.sum(dim=(1, 2), keepdim=True)
+    assert not ((jets > 0) & (plain == 0)).any() and (share[(plain > 0) & (jets == 0)] < 1e-25).all()
+    assert _tower_constant(jets[..., 2].float())
     # Within a channel the shares are the pixels': one factor per jet and channel.
-    ratio = torch.where(plain > 0, jets / plain.clamp_min(1e-30), float("nan"))
+    ratio = torch.where(share > 1e-25, jets / plain.clamp_min(1e-300), float("nan"))  # float32 subnormals aside
     for j in range(6):
         for c in range(3):
             values = ratio[j, ..., c][~torch.isnan(ratio[j, ..., c])]
