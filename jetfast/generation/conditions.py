@@ -119,10 +119,8 @@ class Conditions:
             rows = slice(self.like_offset, self.like_offset + n)
             pt, mass = self.like.pt[rows], self.like.mass[rows]
         else:
-            pt, mass = (np.array(v if isinstance(v, tuple) else [v]) if v is not None else None
-                        for v in (self.pt, self.mass))
-            size = max(len(v) for v in (pt, mass) if v is not None)
-            pt, mass = (np.resize(v, size) if v is not None else None for v in (pt, mass))
+            # A range is inside the training range when both of its ends are.
+            pt, mass = (None if v is None else np.broadcast_to(np.asarray(v, np.float64), 2) for v in (self.pt, self.mass))
         kinematic_requests(model, len(pt if pt is not None else mass), pt, mass, self.allow_extrapolation)
 
     def block(self, start: int, stop: int, seed: int) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:

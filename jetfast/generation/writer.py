@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import jetfast
 from jetfast import distributed
 from jetfast.bins import load_bins
-from jetfast.data.format import CHANNELS, IMAGE_SIZE, REQUESTED_KEYS
+from jetfast.data.format import CHANNELS, IMAGE_KEY, IMAGE_SIZE, REQUESTED_KEYS, SCALAR_KEYS
 from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
 from jetfast.generation.conditions import CLASS_CHOICES, Conditions, LikeJets
@@ -48,7 +48,7 @@ from jetfast.ops import dequantize
 from jetfast.run import RunDir, check_output_file
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
-KEYS = ("X_jets", "y", "pt", "m0")  # every output; pt_gen and m0_gen when they were requested
+KEYS = (IMAGE_KEY, *SCALAR_KEYS)  # every output; pt_gen and m0_gen when they were requested
 KINEMATICS_MEANING = ("pt, m0: the jet pT and mass computed from the generated image (GeV); pt_gen, m0_gen "
                       "(when present): the generator-level pT and mass the jet was asked for (GeV)")
 

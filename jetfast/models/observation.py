@@ -73,6 +73,11 @@ class SparseOutput(NamedTuple):
     totals: torch.Tensor | None  # (B, 3, 2): per channel (loc, log scale) of the standardised log total; None: no totals
 
 
+def _normal_log_density(u: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log Normal(u; loc, exp(log_scale)^2), in the standardised units of the model."""
+    return -log_scale - _HALF_LOG_2PI - 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
+
+
 def params_per_channel(components: int) -> int:
     """Decoder outputs per image channel: the hit logit, then per component a weight logit (none
     for a single component), a loc and a log scale."""
@@ -174,8 +179,7 @@ class SparseObservation(nn.Module):
             jet, row, col = hit.nonzero(as_tuple=True)
             log_weight, loc, log_scale = self._mixture(intensity[jet, :, row, col])  # (N_hits, K) each
             u = ((torch.log(values[jet, row, col].float()) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
-            log_density = log_weight - log_scale - _HALF_LOG_2PI - 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
-            nll = torch.log(self.log_std[c]) - torch.logsumexp(log_density, dim=1)
+            nll = torch.log(self.log_std[c]) - torch.logsumexp(log_weight + _normal_log_density(u, loc, log_scale), dim=1)
             terms[f"{name}_energy"] = torch.zeros(len(values), device=nll.device).index_add_(0, jet, nll)
             if out.totals is not None:
                 terms[f"{name}_total"] = self._total_nll(out.totals[:, c].float(), values.flatten(1).sum(1).float(), c)
@@ -187,8 +191,7 @@ class SparseObservation(nn.Module):
         loc, log_scale = params[:, 0], params[:, 1].clamp(*LOG_SCALE_RANGE)
         lit = total > 0
         u = (torch.log(torch.where(lit, total, 1.0)) - self.total_log_mean[c]) / self.total_log_std[c]
-        nll = torch.log(self.total_log_std[c]) + log_scale + _HALF_LOG_2PI + 0.5 * ((u - loc) * torch.exp(-log_scale)) ** 2
-        return torch.where(lit, nll, 0.0)
+        return torch.where(lit, torch.log(self.total_log_std[c]) - _normal_log_density(u, loc, log_scale), 0.0)
 
     def noise(self, seed: int, start: int, count: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per channel, (count, 3, H, W) draws for jets ``start .. start + count - 1``: a uniform for
