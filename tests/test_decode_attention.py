@@ -87,9 +87,11 @@ def test_compiled_cpu_kernel_on_peaked_and_flat_scores():
     """Scores spanning ~200 nats (weights underflow to 0) and all-equal scores."""
     q, k_cache, v_cache = attention_inputs(4, 3, 70, 32, 70, torch.float32, seed=5, poison=False)
     for scale in (40.0, 0.0):
-        expected = attention_reference(q * scale, k_cache, v_cache, 70)
         out = decode_attention(q * scale, position_major(k_cache), position_major(v_cache), 70)
-        torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
+        # Scores of ~200 nats carry an fp32 rounding of ~200 * 6e-8 into every weight: judged
+        # against PyTorch's own fp32 error on the same inputs, not a fixed constant.
+        error, own, size = attention_errors(out, q * scale, k_cache, v_cache, 70)
+        assert error <= 4 * own + 2e-6 * max(1.0, size), (scale, error, own)
 
 
 def test_nan_inside_the_prefix_reaches_only_its_row():
