@@ -258,7 +258,7 @@ def test_generate_like_mirrors_a_file_one_to_one(kinematic_run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--pt", "400"], "outside the range the Transformer was trained on"),
+    (["--pt", "400"], "outside the range of the jets the model was trained on"),
     (["--pt", "abc"], "--pt takes a value in GeV or a range LO:HI"),
     (["--pt", "100", "--like", "{like}"], "drop --pt and --mass"),
     (["--like", "{like}", "--n", "41"], "has 40 jets to mirror; asked for 41"),
@@ -282,3 +282,115 @@ def test_extrapolation_when_allowed(kinematic_run, tmp_path):
     out = tmp_path / "far.h5"
     assert main(["generate", str(run), "--n", "2", "--pt", "400", "--allow-extrapolation", "--out", str(out)]) == 0
     np.testing.assert_array_equal(read_all(out)[0]["pt_gen"], 400.0)
+
+
+# -- a VAE conditioned on the jets ---------------------------------------------------------------
+def conditioned_vae(latent=LATENT, seed=0):
+    from jetfast.models.vae import VAE, VAEConfig
+
+    torch.manual_seed(seed)
+    config = VAEConfig(latent_dim=latent, widths=(4, 8, 8, 8), conditioned=True, channel_totals=True,
+                       condition_mean=(0.5, 4.8, 2.5), condition_std=(0.5, 0.4, 0.8))
+    model = VAE(config).eval()
+    with torch.no_grad():  # make the conditions matter to an untrained decoder
+        model.from_latent.weight[:, latent:].normal_(0.0, 3.0)
+    return model
+
+
+def test_a_conditioned_vae_decodes_for_the_jet_it_is_given():
+    from jetfast.data.transforms import IntensityTransform
+
+    model = conditioned_vae()
+    transform = IntensityTransform(scale=(1.0, 0.5, 0.02), mean=(0.01, 0.02, 0.03), std=(0.2, 0.3, 0.4))
+    z = torch.randn(3, LATENT)
+    jets = torch.tensor([[1.0, 80.0, 5.0], [0.0, 150.0, 20.0], [1.0, 300.0, 40.0]])
+    with torch.inference_mode():
+        out = model.decode(z, jets)
+        assert not torch.equal(out.pixels, model.decode(z, jets.flip(0)).pixels)
+        assert torch.equal(model.images(z, transform, jets, seed=3), model.images(z, transform, jets, seed=3))
+        mu, _ = model.encode(torch.randn(3, 3, 128, 128), jets)
+        assert mu.shape == (3, LATENT)
+        with pytest.raises(InvalidArgument, match=r"conditioned on the generator-level jets .* pass conditions="):
+            model.decode(z)
+        with pytest.raises(ValueError, match=r"conditions of shape \(3, 3\)"):
+            model.decode(z, jets[:, :2])
+        with pytest.raises(InvalidArgument, match="pt > 0 and m0 >= 0"):
+            model.decode(z, torch.tensor([[1.0, 0.0, 5.0]] * 3))
+
+
+def test_missing_conditions_are_drawn_from_the_training_jets_of_the_class():
+    from jetfast.generation.conditions import NEIGHBOURS, complete
+
+    rng = np.random.default_rng(0)
+    table = np.stack([rng.integers(0, 2, 400), rng.uniform(50, 500, 400), rng.uniform(1, 60, 400)], 1)
+    table = torch.from_numpy(table.astype(np.float32))
+    labels = torch.tensor([1, 0, -1, 1, 0, -1] * 50)
+    given_pt = np.where(np.arange(300) % 3 == 0, 150.0, np.nan)
+    given_mass = np.where(np.arange(300) % 5 == 0, 20.0, np.nan)
+    got_labels, pt, mass = complete(table, labels, given_pt, given_mass, seed=4)
+    assert set(got_labels.tolist()) <= {0, 1} and torch.equal(got_labels[labels >= 0], labels[labels >= 0])
+    assert (pt[np.isfinite(given_pt)] == 150).all() and (mass[np.isfinite(given_mass)] == 20).all()
+    jets = table.double().numpy()
+    for i in range(300):
+        same_class = jets[jets[:, 0] == got_labels[i].item()]
+        if np.isfinite(given_pt[i]) and not np.isfinite(given_mass[i]):
+            # the mass-to-pT ratio of a same-class training jet among the nearest in pT
+            ratios = same_class[:, 2] / same_class[:, 1]
+            nearest = np.argsort(np.abs(same_class[:, 1] - 150))[: NEIGHBOURS + 2]
+            assert np.isclose(ratios[nearest], mass[i] / 150, rtol=1e-9).any(), i
+        elif not np.isfinite(given_pt[i]) and np.isfinite(given_mass[i]):
+            nearest = np.argsort(np.abs(same_class[:, 2] - 20))[: NEIGHBOURS + 2]
+            assert np.isin(pt[i], same_class[nearest, 1]), i
+        elif not np.isfinite(given_pt[i]):
+            assert ((same_class[:, 1] == pt[i]) & (same_class[:, 2] == mass[i])).any(), i
+    again = complete(table, labels, given_pt, given_mass, seed=4)
+    assert torch.equal(again[0], got_labels) and np.array_equal(again[1], pt) and np.array_equal(again[2], mass)
+    assert not np.array_equal(complete(table, labels, given_pt, given_mass, seed=5)[2], mass)
+
+
+@pytest.fixture(scope="module")
+def conditioned_run(tmp_path_factory):
+    """A run whose VAE is conditioned on the jets and whose Transformer is class-only."""
+    from dataclasses import asdict
+
+    from jetfast.data.transforms import IntensityTransform
+
+    run = tmp_path_factory.mktemp("conditioned")
+    vae = conditioned_vae()
+    rng = np.random.default_rng(1)
+    training_jets = torch.from_numpy(np.stack([rng.integers(0, 2, 60), rng.uniform(80, 300, 60),
+                                               rng.uniform(2, 50, 60)], 1).astype(np.float32))
+    transform = IntensityTransform(scale=(1.0, 0.5, 0.02), mean=(0.01, 0.02, 0.03), std=(0.2, 0.3, 0.4))
+    save_checkpoint({"model": vae.state_dict(), "vae_config": vae.config.to_dict(), "transform": transform.to_dict(),
+                     "training_jets": training_jets}, run / "checkpoints" / "best.pt")
+    np.savez(run / "bins.npz", centers=np.sort(rng.normal(size=(LATENT, BINS)).astype(np.float32), axis=1))
+    config = GPTConfig(vocab_size=BINS, seq_len=LATENT, d_model=32, n_heads=2, n_layers=1)
+    save_checkpoint({"model": GPT(config).state_dict(), "config": asdict(config)}, run / "gpt" / "checkpoints" / "best.pt")
+    return run, training_jets.double().numpy()
+
+
+def test_generate_with_a_conditioned_vae_writes_the_jets_it_made(conditioned_run, tmp_path):
+    from jetfast.generation.writer import generate_file
+
+    run, training = conditioned_run
+    data, _ = read_all(generate_file(run, 10, tmp_path / "a.h5", cls="unconditional", batch_size=4, progress=False))
+    assert set(data) == {"X_jets", "y", "pt", "m0", "pt_gen", "m0_gen"}
+    assert set(np.unique(data["y"])) <= {0.0, 1.0}
+    for y, pt, m0 in zip(data["y"], data["pt_gen"], data["m0_gen"]):  # whole training jets
+        assert ((training[:, 0] == y) & np.isclose(training[:, 1], pt) & np.isclose(training[:, 2], m0)).any()
+    at, _ = read_all(generate_file(run, 6, tmp_path / "b.h5", cls="quark", pt=150.0, batch_size=4, progress=False))
+    np.testing.assert_array_equal(at["pt_gen"], 150.0)
+    np.testing.assert_array_equal(at["y"], 1.0)
+    assert (at["m0_gen"] > 0).all() and (at["m0_gen"] < 150).all()
+    again, _ = read_all(generate_file(run, 6, tmp_path / "c.h5", cls="quark", pt=150.0, batch_size=4, progress=False))
+    for key in at:
+        np.testing.assert_array_equal(at[key], again[key])
+
+
+def test_a_conditioned_vae_checks_requests_against_its_training_jets(conditioned_run, tmp_path, capsys):
+    run, _ = conditioned_run
+    out = tmp_path / "far.h5"
+    assert main(["generate", str(run), "--n", "2", "--pt", "1000", "--out", str(out)]) == 2
+    assert "outside the range of the jets the model was trained on" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["generate", str(run), "--n", "2", "--pt", "1000", "--allow-extrapolation", "--out", str(out)]) == 0

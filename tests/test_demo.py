@@ -86,10 +86,12 @@ def check_ladder(out, metrics):
     model, transform, _ = load_vae(out / "run")
     with h5py.File(out / "jets.h5", "r") as f:
         real = f["X_jets"][test]
+        jets = torch.from_numpy(np.stack([f[key][test] for key in ("y", "pt", "m0")], axis=1))
     with torch.inference_mode():
-        mu, _ = model.encode(transform.forward(pad_to_model(torch.from_numpy(real))))
+        mu, _ = model.encode(transform.forward(pad_to_model(torch.from_numpy(real))), jets)
         # The ladder decodes test jets in file order, 256 at a time, from stream seed + 1.
-        images = torch.cat([model.images(mu[i : i + 256], transform, seed=1, start=i) for i in range(0, len(mu), 256)])
+        images = torch.cat([model.images(mu[i : i + 256], transform, jets[i : i + 256], seed=1, start=i)
+                            for i in range(0, len(mu), 256)])
     expected, truth = compute_observables(images.numpy()), compute_observables(real)
     for name, ratio in rows["reconstruction"]["mean_ratio"].items():
         assert math.isclose(ratio, expected[name].mean() / truth[name].mean(), rel_tol=1e-4), name

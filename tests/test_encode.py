@@ -46,8 +46,9 @@ def direct_latents(run_dir, data, indices) -> np.ndarray:
     model, transform, _ = load_vae(run_dir)
     with h5py.File(data, "r") as handle:
         images = handle["X_jets"][np.sort(indices)]
+        jets = torch.from_numpy(np.stack([handle[key][np.sort(indices)] for key in ("y", "pt", "m0")], axis=1))
     with torch.no_grad():
-        mu, _ = model.encode(transform.to_model(torch.from_numpy(images)))
+        mu, _ = model.encode(transform.to_model(torch.from_numpy(images)), jets)
     return mu.numpy()
 
 

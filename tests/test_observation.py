@@ -213,20 +213,25 @@ def test_hit_statistics(rng):
     assert stats["total_log_std"] == pytest.approx(totals.std(0, ddof=1).tolist())
 
 
-def test_vae_decodes_sparse_jets_in_towers(rng, seed):
-    images = torch.from_numpy(_sparse_images(rng, 3))
-    transform = IntensityTransform.fit(images.numpy())
+def _small_vae_config(images):
+    """An intensity transform and a small sparse VAE config with channel totals, fitted to ``images``."""
     hits = hit_statistics(images)
     config = VAEConfig(latent_dim=8, widths=(4, 8, 8, 8), hit_occupancy=hits["occupancy"],
                        hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"], channel_totals=True,
                        total_log_mean=hits["total_log_mean"], total_log_std=hits["total_log_std"])
+    return IntensityTransform.fit(images.numpy()), config
+
+
+def test_vae_decodes_sparse_jets_in_towers(rng, seed):
+    images = torch.from_numpy(_sparse_images(rng, 3))
+    transform, config = _small_vae_config(images)
     vae = VAE(config).eval()
     z = torch.randn(3, 8)
     jets = vae.images(z, transform, mode="sample", seed=seed)
     assert jets.shape == (3, 125, 125, 3) and _tower_constant(jets[..., 2])
     # At initialisation the decoder starts at the data's occupancy.
     occupancy = (jets > 0).double().mean(dim=(0, 1, 2))
-    assert occupancy[0] == pytest.approx(hits["occupancy"][0], rel=0.5, abs=1e-3)
+    assert occupancy[0] == pytest.approx(config.hit_occupancy[0], rel=0.5, abs=1e-3)
     assert torch.equal(vae.images(z, transform, seed=seed), jets)
     mean = vae.images(z, transform, mode="mean")
     assert (mean > 0).all() and _tower_constant(mean[..., 2])
@@ -239,3 +244,28 @@ def test_vae_decodes_sparse_jets_in_towers(rng, seed):
     assert set(terms) == expected and all(torch.isfinite(v) for v in terms.values())
     with pytest.raises(ValueError, match="images"):
         vae.loss(x, *vae(x))
+
+
+def test_bf16_decoding_is_fp32_decoding_within_bf16_error(rng, seed):
+    """The decoder under bf16 autocast: its outputs differ from fp32 by about what rounding the
+    weights and the latents to bf16 alone does, not more; the draws stay jets in towers."""
+    images = torch.from_numpy(_sparse_images(rng, 4))
+    transform, config = _small_vae_config(images)
+    vae = VAE(config).eval()
+    z = torch.randn(5, 8)
+    with torch.inference_mode():
+        want = vae.decode(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = vae.decode(z)
+        rounded = VAE(config).eval()  # the same model with its weights rounded to bf16, run in fp32
+        rounded.load_state_dict({k: v.bfloat16().float() if v.is_floating_point() else v for k, v in vae.state_dict().items()})
+        reference = rounded.decode(z.bfloat16().float())
+        for name in ("pixels", "totals"):
+            error = (getattr(got, name).float() - getattr(want, name)).abs().max()
+            floor = (getattr(reference, name) - getattr(want, name)).abs().max()
+            assert error <= 8 * floor + 1e-3, (name, float(error), float(floor))
+        jets = vae.images(z, transform, mode="sample", seed=seed, precision="bf16")
+        assert jets.dtype == torch.float32 and torch.isfinite(jets).all() and _tower_constant(jets[..., 2])
+        assert torch.equal(vae.images(z, transform, seed=seed, precision="bf16"), jets)
+        with pytest.raises(ValueError, match="precision"):
+            vae.images(z, transform, precision="fp16")

@@ -168,11 +168,15 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
     state = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=False)
     assert state["epoch"] == best_epoch
     # The best checkpoint's model reproduces the logged validation loss at its epoch.
+    assert cfg.conditioned and model.training_jets.shape == (len(split["train"]), 3)
     with h5py.File(jet_file) as f:
         images = torch.from_numpy(f["X_jets"][split["val"]])
+        conditions = torch.from_numpy(np.stack([f[k][split["val"]] for k in ("y", "pt", "m0")], 1))
+        np.testing.assert_array_equal(model.training_jets.numpy(),
+                                      np.stack([f[k][np.sort(split["train"])] for k in ("y", "pt", "m0")], 1))
     x = transform.to_model(images)
     with torch.no_grad():
-        terms = model.loss(x, *model(x), beta=cfg.beta, images=images)
+        terms = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
     assert math.isclose(float(terms["loss"]), metrics[best_epoch]["val_loss"], rel_tol=1e-4)
 
     last, _, _ = load_vae(trained_run / "checkpoints" / "last.pt", which="ignored-for-files")
@@ -275,6 +279,23 @@ def test_nan_pixels_are_named(nan_jet_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"jet(s) {bad} have NaN" in err, err
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_unusable_conditions_are_named(tmp_path, capsys, module_seed):
+    images, labels = jet_images(30, seed=module_seed)
+    path = tmp_path / "jets.h5"
+    write_jet_file(path, images=images, labels=labels)
+    from jetfast.run import make_split
+
+    bad = int(np.sort(make_split(30, seed=0)["train"])[3])
+    with h5py.File(path, "r+") as f:
+        f["pt"][bad] = 0.0
+    assert train(path, tmp_path / "run", "--epochs", 1) == 2
+    err = capsys.readouterr().err
+    assert f"jet {bad} has y" in err and "pt 0," in err and "--no-conditioning" in err, err
+    # Without conditioning the file trains.
+    assert train(path, tmp_path / "run2", "--epochs", 1, "--no-conditioning") == 0
+    assert not json.loads((tmp_path / "run2" / "config.json").read_text())["vae"]["conditioned"]
 
 
 def test_ddp_ranks_stop_together_on_nan(nan_jet_file, tmp_path):
@@ -424,9 +445,10 @@ def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
     model, transform, _ = load_vae(trained_run)
     with h5py.File(jet_file) as f:
         true = torch.from_numpy(f["X_jets"][test]).double()
+        conditions = torch.from_numpy(np.stack([f[k][test] for k in ("y", "pt", "m0")], 1))
     with torch.no_grad():
-        mu, _ = model.encode(transform.to_model(true.float()))
-        reco = model.images(mu, transform, mode="sample", seed=0).double()  # evaluate-vae's default seed
+        mu, _ = model.encode(transform.to_model(true.float()), conditions)
+        reco = model.images(mu, transform, conditions, mode="sample", seed=0).double()  # evaluate-vae's default seed
     mse = ((reco - true) ** 2).mean(dim=(0, 1, 2))
     for c, channel in enumerate(("Tracks", "ECAL", "HCAL")):
         assert metrics["channels"][channel]["mse_gev2"] == pytest.approx(float(mse[c]), rel=1e-4)

@@ -52,6 +52,9 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-channel-totals", dest="channel_totals", action="store_false",
                        help="sparse: no head for each channel's total (pixels alone then set a jet's energy, and "
                             "their independent noise adds up: pT comes out too broad)")
+    model.add_argument("--no-conditioning", dest="conditioned", action="store_false",
+                       help="do not show the encoder and decoder each jet's class, pT and mass (y, pt, m0 of the file): "
+                            "the latents then have to carry them, and generation cannot be asked for a jet's pT")
     model.add_argument("--kl-warmup-epochs", type=float, default=1.0,
                        help="epochs over which the KL weight ramps linearly from 0 to --beta")
 

@@ -9,7 +9,8 @@ Every row is compared with the same held-out test jets (the run's ``split.npz``,
    (sampled from the observation model): what the VAE keeps of a jet;
 2. ``bins``: the same latents quantized to their codes and dequantized first: what
    quantization costs;
-3. ``prior``: latents drawn from the VAE's prior N(0, I), decoded: the generator the
+3. ``prior``: latents drawn from the VAE's prior N(0, I), decoded (by a VAE conditioned on
+   the jets, for the test jets' class, pT and mass, one draw per test jet): the generator the
    Transformer has to beat;
 4. ``transformer``: the generated file (codes sampled by the Transformer, decoded).
 
@@ -21,6 +22,7 @@ Fréchet and kernel physics distances (:func:`~jetfast.evaluate.metrics.fpd`,
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import torch
 
@@ -36,7 +38,7 @@ from jetfast.evaluate.metrics import (
     kpd,
 )
 from jetfast.evaluate.reader import JetSample, collect_jets
-from jetfast.models.vae import load_vae
+from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae
 from jetfast.ops import dequantize, quantize
 from jetfast.run import RunDir
 
@@ -90,33 +92,46 @@ def model_samples(run_dir, data: str, real: JetSample, *, thresholds, seed: int 
         centers = torch.from_numpy(load_bins(run.bins_path)[0]).to(device)
     ids = np.sort(real.ids)
     labelled = real.labels is not None
+    keys = ("X_jets", *CONDITION_KEYS) if config.conditioned else ("X_jets", "y")
+    test_jets = _conditions(data, ids) if config.conditioned else None
 
     def encoded(through_bins: bool, stream: int):
         done = 0
         with JetLoader(data, batch_size, indices=ids, shuffle=False, transform=None, rank=0, world_size=1,
-                       keys=("X_jets", "y")) as loader, torch.inference_mode():
+                       keys=keys) as loader, torch.inference_mode():
             for batch in loader:
-                mu, _ = model.encode(transform.forward(batch["X_jets"].to(device)))
+                conditions = batch_conditions(batch).to(device) if config.conditioned else None
+                mu, _ = model.encode(transform.forward(batch["X_jets"].to(device)), conditions)
                 z = dequantize(quantize(mu, centers), centers) if through_bins else mu
-                images = model.images(z, transform, mode="sample", seed=seed + stream, start=done)
+                images = model.images(z, transform, conditions, mode="sample", seed=seed + stream, start=done)
                 done += len(z)
                 yield images.cpu().numpy(), batch["y"].numpy().astype(np.int8) if labelled else None
 
     def prior():
+        # A conditioned VAE decodes each prior draw for one of the test jets (y, pt, m0).
         generator = torch.Generator().manual_seed(seed + 3)
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
                 count = min(batch_size, len(ids) - start)
                 z = torch.randn(count, config.latent_dim, generator=generator).to(device)
-                yield model.images(z, transform, mode="sample", seed=seed + 3, start=start).cpu().numpy(), None
+                jets = None if test_jets is None else test_jets[start : start + count]
+                images = model.images(z, transform, None if jets is None else jets.to(device), mode="sample",
+                                      seed=seed + 3, start=start)
+                yield images.cpu().numpy(), None if jets is None else jets[:, 0].numpy().astype(np.int8)
 
     rows = {"reconstruction": (encoded(False, 1), labelled)}
     if centers is not None:
         rows["bins"] = (encoded(True, 2), labelled)
-    rows["prior"] = (prior(), False)
+    rows["prior"] = (prior(), test_jets is not None and labelled)
     return {name: collect_jets(batches, len(ids), name=f"{run.path} ({name})", labelled=with_labels,
                                thresholds=thresholds, seed=seed, progress=progress, desc=name)
             for name, (batches, with_labels) in rows.items()}
+
+
+def _conditions(data: str, ids: np.ndarray) -> torch.Tensor:
+    """The (y, pt, m0) of file rows ``ids`` (sorted), (N, 3) float32."""
+    with h5py.File(data, "r") as f:
+        return torch.from_numpy(np.stack([np.asarray(f[key][...], np.float32)[ids] for key in CONDITION_KEYS], axis=1))
 
 
 def ladder(real: JetSample, rows: dict[str, JetSample], *, bootstrap: int = 50, seed: int = 0) -> list[dict]:

@@ -38,7 +38,7 @@ from jetfast.data.format import CHANNELS, validate_jet_file
 from jetfast.data.loader import JetLoader
 from jetfast.data.transforms import crop_to_image
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.models.vae import load_vae
+from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae
 from jetfast.run import RunDir, check_split_fits, load_split, write_json
 
 # Below this energy a pixel is drawn as empty: the reconstruction's soft floor
@@ -246,7 +246,8 @@ def evaluate_vae(
         test = test[: max_jets]
     if len(test) == 0:
         raise RunDirError("the run's test split is empty")
-    model, transform, _ = load_vae(run.path, which=checkpoint)
+    model, transform, config = load_vae(run.path, which=checkpoint)
+    keys = ("X_jets", *CONDITION_KEYS) if config.conditioned else ("X_jets", "y")
     out = Path(out) if out else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)
 
@@ -256,7 +257,7 @@ def evaluate_vae(
 
     # Physical-unit batches (padded only): the originals stay exact, the model input is
     # transformed here, and the reconstruction goes back through the exact inverse.
-    loader = JetLoader(data, batch_size, indices=test, shuffle=False, transform=None, rank=0, world_size=1)
+    loader = JetLoader(data, batch_size, indices=test, shuffle=False, transform=None, rank=0, world_size=1, keys=keys)
     n_ch = len(CHANNELS)
     sq_err = np.zeros(n_ch + 1)
     true_sums, reco_sums, latents, labels, scores, psnr, ssim = [], [], [], [], [], [], []
@@ -266,8 +267,9 @@ def evaluate_vae(
         for batch in tqdm(loader, desc="evaluate-vae", unit="batch", disable=not progress, leave=False):
             physical = batch["X_jets"]
             x = transform.forward(physical)
-            mu, _ = model.encode(x)
-            reco_img = model.images(mu, transform, mode=decode, seed=seed, start=jets_done).double()  # (B, 125, 125, 3) GeV
+            conditions = batch_conditions(batch) if config.conditioned else None
+            mu, _ = model.encode(x, conditions)
+            reco_img = model.images(mu, transform, conditions, mode=decode, seed=seed, start=jets_done).double()  # (B, 125, 125, 3) GeV
             jets_done += len(mu)
             x_hat = transform.to_model(reco_img.float())
             true_img = crop_to_image(physical).double()

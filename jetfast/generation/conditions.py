@@ -9,8 +9,13 @@ Three ways to ask, combinable:
 * ``like``: a jet file (or a split of a run's jet file) whose jets are mirrored one to one:
   jet i of the output is asked for the class ``y``, pT ``pt`` and mass ``m0`` of its jet i.
 
+A VAE conditioned on the jets decodes every jet for a whole generator-level jet (class, pT
+and mass): what was not asked is drawn from the VAE's training jets (:func:`complete`), so
+that an unconditional request gives jets like the training jets, and ``--pt 150`` gives jets
+of the masses that 150 GeV jets have.
+
 Draws depend only on the block's seed, so a block is the same when it is made again.
-What was asked is written beside the jets as ``pt_gen`` and ``m0_gen``.
+What each jet was made for is written beside it as ``pt_gen`` and ``m0_gen``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from jetfast.errors import InvalidArgument, JetFileError
 
 CLASS_CHOICES = ("quark", "gluon", "mix", "unconditional")
 _RANGE_STREAM = 1  # the draws of ranges; the class mix draws from the block seed itself
+_COMPLETE_STREAM = 2  # the training jets drawn to complete a request
+NEIGHBOURS = 16  # a missing mass (pT) comes from one of the training jets this close in pT (mass)
 
 
 def parse_value_or_range(text: str, name: str):
@@ -104,10 +111,16 @@ class Conditions:
             return REQUESTED_KEYS
         return tuple(key for key, value in zip(REQUESTED_KEYS, (self.pt, self.mass)) if value is not None)
 
-    def check(self, n: int, model) -> None:
+    def written_for(self, conditioned: bool) -> tuple[str, ...]:
+        """The datasets of requested values the output gets; a VAE conditioned on the jets makes
+        every jet for a pT and mass, asked or drawn."""
+        return REQUESTED_KEYS if conditioned else self.written
+
+    def check(self, n: int, model, ranges=None) -> None:
         """Refuse what the model cannot do before anything is written: a kinematic request to a
-        class-only model, values outside the training range (unless the caller allows it), too
-        few --like jets."""
+        class-only model, values outside the training range (the Transformer's, or ``ranges`` of a
+        VAE conditioned on the jets, when the Transformer is class-only; unless the caller allows
+        it), too few --like jets."""
         from jetfast.generation.sampler import kinematic_requests
 
         if self.like is not None and self.like_offset + n > len(self.like.rows):
@@ -121,7 +134,9 @@ class Conditions:
         else:
             # A range is inside the training range when both of its ends are.
             pt, mass = (None if v is None else np.broadcast_to(np.asarray(v, np.float64), 2) for v in (self.pt, self.mass))
-        kinematic_requests(model, len(pt if pt is not None else mass), pt, mass, self.allow_extrapolation)
+        if model.config.kinematic:
+            ranges = None  # the Transformer's own
+        kinematic_requests(model, len(pt if pt is not None else mass), pt, mass, self.allow_extrapolation, ranges)
 
     def block(self, start: int, stop: int, seed: int) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
         """(class labels (B,) int64, -1 = unconditional; requested pT (B,) or None; mass (B,) or None)."""
@@ -138,6 +153,51 @@ class Conditions:
                     rng.uniform(*value, size=count) if isinstance(value, tuple) else np.full(count, float(value))
                     for value in (self.pt, self.mass))
         return labels, pt, mass
+
+
+def training_ranges(training_jets: torch.Tensor) -> np.ndarray:
+    """((pt lo, hi), (mass lo, hi)) in GeV of the training jets (N, 3) (y, pt, m0)."""
+    jets = training_jets.double().numpy()
+    return np.array([[jets[:, 1].min(), jets[:, 1].max()], [jets[:, 2].min(), jets[:, 2].max()]])
+
+
+def complete(training_jets: torch.Tensor, labels: torch.Tensor, pt, mass, seed: int):
+    """Whole generator-level jets for a block: (labels (B,) int64, pt (B,), mass (B,)) in GeV.
+
+    What is given is kept; the rest is drawn from the training jets (N, 3) (y, pt, m0) of the
+    jet's class: a jet of no class (-1) takes a random training jet's class; with neither pT nor
+    mass, a random training jet's; with pT only, the mass-to-pT ratio of one of the
+    :data:`NEIGHBOURS` training jets nearest in pT; with mass only, the pT of one of those
+    nearest in mass. Draws depend on ``seed`` only.
+    """
+    table = training_jets.double().numpy()
+    rng = np.random.default_rng([seed, _COMPLETE_STREAM])
+    count = len(labels)
+    labels = labels.numpy().astype(np.int64).copy()
+    pt = np.full(count, np.nan) if pt is None else np.asarray(pt, np.float64).copy()
+    mass = np.full(count, np.nan) if mass is None else np.asarray(mass, np.float64).copy()
+    free = labels < 0
+    labels[free] = table[rng.integers(0, len(table), int(free.sum())), 0].round().astype(np.int64)
+    for label in np.unique(labels):
+        jets = labels == label
+        rows = table[np.isclose(table[:, 0], label)]
+        rows = rows if len(rows) else table
+        near = min(NEIGHBOURS, len(rows))
+        offsets = rng.integers(-(near // 2), near - near // 2, size=int(jets.sum()))
+        random_row = rows[rng.integers(0, len(rows), size=int(jets.sum()))]
+
+        def nearest(column: int, values: np.ndarray) -> np.ndarray:
+            order = np.argsort(rows[:, column], kind="stable")
+            at = np.searchsorted(rows[order, column], np.nan_to_num(values))
+            return rows[order[np.clip(at + offsets, 0, len(rows) - 1)]]
+
+        jet_pt, jet_mass = pt[jets], mass[jets]
+        has_pt, has_mass = np.isfinite(jet_pt), np.isfinite(jet_mass)
+        by_pt, by_mass = nearest(1, jet_pt), nearest(2, jet_mass)
+        jet_mass = np.where(has_mass, jet_mass, np.where(has_pt, by_pt[:, 2] / by_pt[:, 1] * jet_pt, random_row[:, 2]))
+        jet_pt = np.where(has_pt, jet_pt, np.where(has_mass, by_mass[:, 1], random_row[:, 1]))
+        pt[jets], mass[jets] = jet_pt, jet_mass
+    return torch.from_numpy(labels), pt, mass
 
 
 def _class_labels(cls: str, count: int, seed: int) -> torch.Tensor:

@@ -69,17 +69,17 @@ def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
     return labels
 
 
-def kinematic_requests(model: GPT, n: int, pt=None, mass=None, allow_extrapolation: bool = False):
+def kinematic_requests(model: GPT | None, n: int, pt=None, mass=None, allow_extrapolation: bool = False, ranges=None):
     """The requested (pT, mass) (n, 2) float32 in GeV (NaN where not given) from scalars or per-jet
-    arrays, or None when neither is given; refused outside the training jets' range unless
-    ``allow_extrapolation``."""
+    arrays, or None when neither is given; refused outside the training jets' range (the model's,
+    or ``ranges`` ((pt lo, hi), (mass lo, hi)) when given) unless ``allow_extrapolation``."""
     if pt is None and mass is None:
         return None
-    if not model.config.kinematic:
+    if ranges is None and not model.config.kinematic:
         raise InvalidArgument("sample: this Transformer was trained without pT/mass conditioning (its codes carried "
                               "no pt and m0); sample without pt= and mass=, or retrain it on codes that carry them")
     columns = []
-    ranges = model.kinematic_range.detach().cpu().double().numpy()
+    ranges = np.asarray(model.kinematic_range.detach().cpu().double() if ranges is None else ranges, np.float64)
     for name, value, (low, high), smallest in (("pt", pt, ranges[0], "> 0"), ("mass", mass, ranges[1], ">= 0")):
         if value is None:
             columns.append(np.full(n, np.nan))
@@ -99,8 +99,8 @@ def kinematic_requests(model: GPT, n: int, pt=None, mass=None, allow_extrapolati
             outside = (values < low) | (values > high)
         if outside.any() and not allow_extrapolation:
             raise InvalidArgument(
-                f"sample: {name} = {values[outside][0]:.4g} GeV (jet {int(np.argmax(outside))}) is outside the range the "
-                f"Transformer was trained on, {low:.4g} to {high:.4g} GeV; pass allow_extrapolation=True "
+                f"sample: {name} = {values[outside][0]:.4g} GeV (jet {int(np.argmax(outside))}) is outside the range of the "
+                f"jets the model was trained on, {low:.4g} to {high:.4g} GeV; pass allow_extrapolation=True "
                 "(--allow-extrapolation) to generate there anyway"
             )
         columns.append(values)

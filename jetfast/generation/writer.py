@@ -40,7 +40,7 @@ from jetfast.bins import load_bins
 from jetfast.data.format import CHANNELS, IMAGE_KEY, IMAGE_SIZE, REQUESTED_KEYS, SCALAR_KEYS
 from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
-from jetfast.generation.conditions import CLASS_CHOICES, Conditions, LikeJets
+from jetfast.generation.conditions import CLASS_CHOICES, Conditions, LikeJets, complete, training_ranges
 from jetfast.generation.sampler import check_sampling, sample
 from jetfast.models.gpt import load_gpt
 from jetfast.models.vae import DECODE_MODES, load_vae
@@ -50,7 +50,7 @@ from jetfast.run import RunDir, check_output_file
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
 KEYS = (IMAGE_KEY, *SCALAR_KEYS)  # every output; pt_gen and m0_gen when they were requested
 KINEMATICS_MEANING = ("pt, m0: the jet pT and mass computed from the generated image (GeV); pt_gen, m0_gen "
-                      "(when present): the generator-level pT and mass the jet was asked for (GeV)")
+                      "(when present): the generator-level pT and mass the jet was made for, asked or drawn from the training jets (GeV)")
 
 
 @dataclass
@@ -95,21 +95,42 @@ class JetGenerator:
                 f"the Transformer in {gpt_dir} models {self.gpt_config.seq_len} codes of {self.gpt_config.vocab_size} bins, "
                 f"but {run.bins_path} has {latent_dim} dimensions x {self.centers.shape[1]} bins: retrain it on this run's codes"
             )
+        self.conditioned = self.vae_config.conditioned
+        if self.conditioned and self.vae.training_jets is None:
+            raise RunDirError(f"the VAE of {run.path} is conditioned on the jets but its checkpoint has no training jets "
+                              "to draw them from; retrain it with this version of jetfast")
+
+    @property
+    def ranges(self):
+        """The (pT, mass) ranges of the VAE's training jets, or None for a VAE not conditioned on them."""
+        return training_ranges(self.vae.training_jets) if self.conditioned else None
+
+    def complete(self, labels: torch.Tensor, pt, mass, seed: int):
+        """(labels, pt, mass) of whole jets for a conditioned VAE (:func:`~jetfast.generation.conditions.complete`);
+        the request as it is for one that is not."""
+        return complete(self.vae.training_jets, labels, pt, mass, seed) if self.conditioned else (labels, pt, mass)
 
     @torch.inference_mode()
     def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, decode: str = "sample",
              pt=None, mass=None, **sampling) -> np.ndarray:
         """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional) and,
-        optionally, requested pT and mass (GeV, per jet); jet i depends on (seed, i) only, its codes
-        and its pixels alike."""
+        optionally, requested pT and mass (GeV, per jet; a VAE conditioned on the jets needs whole
+        jets: see :meth:`complete`); jet i depends on (seed, i) only, its codes and its pixels alike."""
         times = times or StageTimes()
         start = time.perf_counter()
-        codes = sample(self.gpt, len(labels), cls=labels, pt=pt, mass=mass, seed=seed, batch_size=max(1, len(labels)),
-                       device=self.device, **sampling)
+        kinematic = self.gpt_config.kinematic
+        codes = sample(self.gpt, len(labels), cls=labels, pt=pt if kinematic else None, mass=mass if kinematic else None,
+                       seed=seed, batch_size=max(1, len(labels)), device=self.device, **sampling)
         times.add("sample", time.perf_counter() - start)
         start = time.perf_counter()
         latents = dequantize(codes.to(self.device), self.centers)
-        images = self.vae.images(latents, self.transform, mode=decode, seed=seed).float().cpu().numpy()
+        conditions = None
+        if self.conditioned:
+            if pt is None or mass is None or bool((labels < 0).any()):
+                raise InvalidArgument("a VAE conditioned on the jets decodes whole jets: complete the request first "
+                                      "(JetGenerator.complete)")
+            conditions = torch.from_numpy(np.stack([labels.numpy(), pt, mass], axis=1).astype(np.float32)).to(self.device)
+        images = self.vae.images(latents, self.transform, conditions, mode=decode, seed=seed).float().cpu().numpy()
         times.add("decode", time.perf_counter() - start)
         return images
 
@@ -273,9 +294,9 @@ def generate_file(
     generator = generator or JetGenerator(run_dir, gpt_dir=gpt_dir, device=device)
     # Everything is checked before the partial file exists.
     check_sampling(generator.gpt_config.vocab_size, **sampling)
-    conditions.check(n, generator.gpt)
+    conditions.check(n, generator.gpt, generator.ranges)
     times = times or StageTimes()
-    requested = conditions.written
+    requested = conditions.written_for(generator.conditioned)
     f = (_open_partial(partial, settings, requested) if partial.exists()
          else _create_partial(partial, n, settings, requested))
     num_blocks = (n + batch_size - 1) // batch_size
@@ -286,7 +307,7 @@ def generate_file(
         for block in range(done, num_blocks):
             start, stop = block * batch_size, min(n, (block + 1) * batch_size)
             seed_b = block_seed(seed, rank, block)
-            labels, pt_gen, m0_gen = conditions.block(start, stop, seed_b)
+            labels, pt_gen, m0_gen = generator.complete(*conditions.block(start, stop, seed_b), seed_b)
             images = generator.jets(labels, seed_b, times, decode=decode, pt=pt_gen, mass=m0_gen,
                                     allow_extrapolation=True, **sampling)  # checked above
             tick = time.perf_counter()

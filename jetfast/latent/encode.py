@@ -75,7 +75,7 @@ def encode_run(
                      bins_method=str(bins_meta.get("method", ""))) as writer:
         for mu, batch in encoder.batches(rows, batch_size, "encode", progress):
             codes = ops.quantize(mu, centers_t, out_dtype=code_dtype)
-            cost.add(mu, ops.dequantize(codes, centers_t))
+            cost.add(mu, ops.dequantize(codes, centers_t), batch["conditions"])
             writer.write(batch["index"].numpy(), codes.numpy(), batch["y"].numpy(),
                          **{key: batch[key].numpy() for key in encoder.kinematics})
 

@@ -20,7 +20,7 @@ from jetfast.data.loader import JetLoader
 from jetfast.data.transforms import crop_to_image
 from jetfast.errors import InvalidArgument, JetFileError
 from jetfast.latent.codes import KINEMATICS
-from jetfast.models.vae import load_vae
+from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae
 from jetfast.run import RunDir, check_split_fits, load_split
 
 
@@ -45,17 +45,27 @@ class RunEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint = checkpoint
         self.model, self.transform, self.vae_config = load_vae(self.run.path, which=checkpoint, map_location=self.device)
+        if self.vae_config.conditioned:
+            validate_jet_file(self.data, CONDITION_KEYS)  # the encoder sees each jet's (y, pt, m0)
+
+    @property
+    def _condition_keys(self) -> tuple[str, ...]:
+        return CONDITION_KEYS[1:] if self.vae_config.conditioned else ()
 
     def batches(self, indices, batch_size: int, desc: str, progress: bool = True):
-        """Yield ``(mu (B, D) float32 CPU tensor, batch dict)`` over ``indices``, in file order."""
+        """Yield ``(mu (B, D) float32 CPU tensor, batch dict)`` over ``indices``, in file order; the
+        batch's ``"conditions"`` are the jets' (B, 3) (y, pt, m0) for a conditioned VAE, else None."""
         if batch_size < 1:
             raise InvalidArgument(f"--batch-size must be >= 1; got {batch_size}")
         loader = JetLoader(self.data, batch_size, indices=indices, shuffle=False, transform=self.transform,
-                           keys=("X_jets", "y", *self.kinematics), rank=0, world_size=1)
+                           keys=("X_jets", "y", *dict.fromkeys((*self.kinematics, *self._condition_keys))),
+                           rank=0, world_size=1)
         with loader, torch.inference_mode(), tqdm(total=loader.num_jets, desc=desc, unit="jet", disable=not progress,
                                                   leave=False) as bar:
             for batch in loader:
-                mu, _ = self.model.encode(batch["X_jets"].to(self.device, non_blocking=True))
+                batch["conditions"] = batch_conditions(batch) if self.vae_config.conditioned else None
+                conditions = None if batch["conditions"] is None else batch["conditions"].to(self.device)
+                mu, _ = self.model.encode(batch["X_jets"].to(self.device, non_blocking=True), conditions)
                 mu = mu.float().cpu()
                 if not torch.isfinite(mu).all():
                     row = int((~torch.isfinite(mu)).any(dim=1).nonzero()[0, 0])
@@ -89,16 +99,18 @@ class ImageChange:
     def full(self) -> bool:
         return self.jets >= self.max_jets
 
-    def add(self, mu, z_hat) -> None:
-        """mu and z_hat: (B, D) float32 CPU tensors (the latents and their dequantized codes)."""
+    def add(self, mu, z_hat, conditions=None) -> None:
+        """mu and z_hat: (B, D) float32 CPU tensors (the latents and their dequantized codes);
+        conditions: their jets' (B, 3) for a conditioned VAE."""
         take = min(len(mu), self.max_jets - self.jets)
         if take <= 0:
             return
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             # Expected images: deterministic, so the difference is the quantization's alone.
-            gev_mu = self.model.images(mu[:take].to(device), self.transform, mode="mean").double().cpu()
-            gev_q = self.model.images(z_hat[:take].to(device), self.transform, mode="mean").double().cpu()
+            conditions = None if conditions is None else conditions[:take].to(device)
+            gev_mu = self.model.images(mu[:take].to(device), self.transform, conditions, mode="mean").double().cpu()
+            gev_q = self.model.images(z_hat[:take].to(device), self.transform, conditions, mode="mean").double().cpu()
         diff = crop_to_image(self.transform.to_model(gev_q) - self.transform.to_model(gev_mu))  # model space
         pixels = diff.shape[1] * diff.shape[2]
         self.sq_model += diff.pow(2).sum(dim=(0, 1, 2)).numpy() / pixels
@@ -164,9 +176,9 @@ class QuantizationCost:
     def jets(self) -> int:
         return self.latent_error.count
 
-    def add(self, mu, z_hat) -> None:
+    def add(self, mu, z_hat, conditions=None) -> None:
         self.latent_error.add(mu, z_hat)
-        self.image_change.add(mu, z_hat)
+        self.image_change.add(mu, z_hat, conditions)
 
     def result(self) -> dict:
         """``{"latent_error": ..., "image_change": ...}`` for the reports."""

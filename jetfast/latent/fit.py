@@ -69,9 +69,12 @@ def fit_run_bins(
         )
 
     latents = np.empty((len(jets), encoder.vae_config.latent_dim), np.float32)
+    conditions = np.empty((len(jets), 3), np.float32) if encoder.vae_config.conditioned else None
     filled = 0
-    for mu, _ in encoder.batches(jets, batch_size, "fit-bins: encode", progress):
+    for mu, batch in encoder.batches(jets, batch_size, "fit-bins: encode", progress):
         latents[filled : filled + len(mu)] = mu.numpy()
+        if conditions is not None:
+            conditions[filled : filled + len(mu)] = batch["conditions"].numpy()
         filled += len(mu)
     if filled != len(jets):
         raise RuntimeError(f"encoded {filled} jets but expected {len(jets)}")
@@ -85,7 +88,8 @@ def fit_run_bins(
     cost = QuantizationCost(encoder, report_jets)
     for begin in range(0, len(latents), batch_size):
         mu = torch.from_numpy(latents[begin : begin + batch_size])
-        cost.add(mu, ops.dequantize(ops.quantize(mu, centers_t), centers_t))
+        jets_conditions = None if conditions is None else torch.from_numpy(conditions[begin : begin + batch_size])
+        cost.add(mu, ops.dequantize(ops.quantize(mu, centers_t), centers_t), jets_conditions)
     measured = cost.result()
 
     run = encoder.run

@@ -17,7 +17,14 @@ What the decoder's output means is the observation model, ``recon``:
 * ``"gaussian_nll"``: the same with a learned per-channel variance.
 
 The last two are kept for comparison; they decode to their mean, with HCAL averaged over
-its towers. Every term is summed over pixels (latents for the KL) and averaged over the
+its towers.
+
+``conditioned``: the encoder and the decoder also see the generator-level jet, its class
+``y``, pT ``pt`` and mass ``m0`` (:data:`CONDITION_KEYS`), as a fast detector simulation
+does: the decoder renders the detector image of a given jet, so the latents need only hold
+what the detector adds to it (the response, the shower shapes), and the prior is the same
+for every jet. The features (y, log pt, log(1 + m0)) are standardised with the training
+jets' mean and std and joined to the flattened encoder features and to the latent. Every term is summed over pixels (latents for the KL) and averaged over the
 batch; ``beta`` weights the KL and :meth:`VAE.beta_at` ramps it in over ``kl_warmup_steps``.
 """
 
@@ -38,7 +45,9 @@ from jetfast.run import checkpoint_file, load_checkpoint
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
 RECON_KINDS = ("sparse", "mse", "gaussian_nll")
+CONDITION_KEYS = ("y", "pt", "m0")  # the generator-level jet a conditioned VAE decodes for
 DECODE_MODES = ("sample", "mean")
+DECODE_PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -62,10 +71,16 @@ class VAEConfig:
     channel_totals: bool = False
     total_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     total_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Conditioning on the generator-level jet (y, pt, m0): the training jets' mean and std of
+    # the features (y, log pt, log(1 + m0)).
+    conditioned: bool = False
+    condition_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    condition_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
-        for name in ("hit_occupancy", "hit_log_mean", "hit_log_std", "total_log_mean", "total_log_std"):
+        for name in ("hit_occupancy", "hit_log_mean", "hit_log_std", "total_log_mean", "total_log_std",
+                     "condition_mean", "condition_std"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.latent_dim < 1:
             raise InvalidArgument(f"latent_dim must be >= 1; got {self.latent_dim}")
@@ -89,6 +104,11 @@ class VAEConfig:
         return self.image_size // 2 ** len(self.widths)
 
     @property
+    def condition_size(self) -> int:
+        """Features of the generator-level jet joined to the encoder's features and the latent."""
+        return len(CONDITION_KEYS) if self.conditioned else 0
+
+    @property
     def output_channels(self) -> int:
         """Decoder output channels: (hit logit, loc, log scale) per image channel when sparse."""
         return self.in_channels * (params_per_channel(self.intensity_components) if self.recon == "sparse" else 1)
@@ -100,6 +120,17 @@ class VAEConfig:
     def from_dict(cls, d: dict) -> "VAEConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def condition_features(conditions: torch.Tensor) -> torch.Tensor:
+    """(B, 3) generator-level jets (y, pt / GeV, m0 / GeV) -> (y, log pt, log(1 + m0)), float32."""
+    conditions = conditions.float()
+    return torch.stack([conditions[:, 0], conditions[:, 1].log(), conditions[:, 2].log1p()], dim=1)
+
+
+def batch_conditions(batch: dict) -> torch.Tensor:
+    """The (B, 3) conditions (y, pt, m0) of a JetLoader batch read with those keys."""
+    return torch.stack([batch[key].float() for key in CONDITION_KEYS], dim=1)
 
 
 def _down(c_in: int, c_out: int, slope: float) -> nn.Sequential:
@@ -126,9 +157,10 @@ class VAE(nn.Module):
         chans = (config.in_channels, *widths)
         self.encoder = nn.Sequential(*[_down(a, b, slope) for a, b in zip(chans[:-1], chans[1:])])
         flat = widths[-1] * side * side  # 256 * 8 * 8 = 16384 by default
-        self.to_mu = nn.Linear(flat, config.latent_dim)
-        self.to_logvar = nn.Linear(flat, config.latent_dim)
-        self.from_latent = nn.Linear(config.latent_dim, flat)
+        extra = config.condition_size
+        self.to_mu = nn.Linear(flat + extra, config.latent_dim)
+        self.to_logvar = nn.Linear(flat + extra, config.latent_dim)
+        self.from_latent = nn.Linear(config.latent_dim + extra, flat)
         rev = widths[::-1]
         self.decoder = nn.Sequential(
             *[_up(a, b, slope) for a, b in zip(rev[:-1], rev[1:])],
@@ -143,7 +175,7 @@ class VAE(nn.Module):
         if config.recon == "sparse" and config.channel_totals:
             # (loc, log scale) of each channel's standardised log total, from the latent directly:
             # a jet's energy is a global property, not a pixel's.
-            self.totals = nn.Sequential(nn.Linear(config.latent_dim, 256), nn.LeakyReLU(slope),
+            self.totals = nn.Sequential(nn.Linear(config.latent_dim + extra, 256), nn.LeakyReLU(slope),
                                         nn.Linear(256, 2 * config.in_channels))
         # Learned per-channel log-variance of the pixel likelihood (used by recon="gaussian_nll").
         self.log_sigma2 = nn.Parameter(torch.zeros(config.in_channels), requires_grad=config.recon == "gaussian_nll")
@@ -154,26 +186,49 @@ class VAE(nn.Module):
         # Channels-last convolutions skip oneDNN's layout reorders on CPUs (measured 1.1-1.3x
         # training images/s on 2 AVX-512 cores) and suit tensor cores on GPUs.
         self.to(memory_format=torch.channels_last)
+        self.register_buffer("condition_mean", torch.tensor(config.condition_mean), persistent=False)
+        self.register_buffer("condition_std", torch.tensor(config.condition_std), persistent=False)
+        # The training jets' (y, pt, m0), set by load_vae: generation draws the jets to decode
+        # for from them when it is not told (jetfast.generation.conditions).
+        self.training_jets: torch.Tensor | None = None
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, 128, 128) transformed images -> (mu, logvar), each (B, latent_dim)."""
+    def _with_conditions(self, h: torch.Tensor, conditions: torch.Tensor | None, where: str) -> torch.Tensor:
+        """``h`` (B, F) joined to the standardised conditions (B, 3) when the VAE is conditioned."""
+        if not self.config.conditioned:
+            return h  # a class-blind VAE ignores what it is told about the jets
+        if conditions is None:
+            raise InvalidArgument(f"VAE.{where}: this VAE is conditioned on the generator-level jets (y, pt, m0): "
+                                  "pass conditions=(B, 3) (jetfast.models.vae.batch_conditions makes them from a batch)")
+        if conditions.shape != (h.shape[0], len(CONDITION_KEYS)):
+            raise ValueError(f"VAE.{where} expects conditions of shape ({h.shape[0]}, 3) (y, pt, m0); "
+                             f"got {tuple(conditions.shape)}")
+        features = (condition_features(conditions.to(h.device)) - self.condition_mean) / self.condition_std
+        if not torch.isfinite(features).all():
+            raise InvalidArgument(f"VAE.{where}: conditions must have pt > 0 and m0 >= 0 GeV, all finite")
+        return torch.cat([h, features.to(h.dtype)], dim=1)
+
+    def encode(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, 128, 128) transformed images (and their jets' (B, 3) conditions when the VAE is
+        conditioned) -> (mu, logvar), each (B, latent_dim)."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(
                 f"VAE.encode expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}); got {tuple(x.shape)}"
             )
         h = self.encoder(x.contiguous(memory_format=torch.channels_last))
-        h = h.flatten(1)  # (B, 256*8*8), in NCHW order whatever the memory format
+        h = self._with_conditions(h.flatten(1), conditions, "encode")  # (B, 256*8*8 [+ 3]), NCHW order
         return self.to_mu(h), self.to_logvar(h).clamp(-30.0, 20.0)
 
-    def decode(self, z: torch.Tensor) -> SparseOutput | torch.Tensor:
-        """(B, latent_dim) -> the decoder output: for the sparse observation model a
+    def decode(self, z: torch.Tensor, conditions: torch.Tensor | None = None) -> SparseOutput | torch.Tensor:
+        """(B, latent_dim) (and the jets' (B, 3) conditions when the VAE is conditioned) -> the
+        decoder output: for the sparse observation model a
         :class:`~jetfast.models.observation.SparseOutput` (pixel parameters (B, C, 128, 128) and
         channel totals (B, 3, 2) or None), else the mean image in transformed units (B, 3, 128, 128)."""
         cfg = self.config
         if z.ndim != 2 or z.shape[1] != cfg.latent_dim:
             raise ValueError(f"VAE.decode expects (B, {cfg.latent_dim}); got {tuple(z.shape)}")
         side = cfg.bottleneck_size
+        z = self._with_conditions(z, conditions, "decode")
         h = self.from_latent(z).view(-1, cfg.widths[-1], side, side)  # (B, 256, 8, 8)
         pixels = self.decoder(h.contiguous(memory_format=torch.channels_last))
         if cfg.recon != "sparse":
@@ -181,14 +236,14 @@ class VAE(nn.Module):
         totals = None if self.totals is None else self.totals(z).view(-1, cfg.in_channels, 2)
         return SparseOutput(pixels, totals)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, conditions)
         if self.training:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
             z = mu
-        return self.decode(z), mu, logvar
+        return self.decode(z, conditions), mu, logvar
 
     def beta_at(self, step: int) -> float:
         """KL weight at optimiser step ``step``: linear warm-up to ``config.beta``."""
@@ -222,18 +277,26 @@ class VAE(nn.Module):
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl, **terms}
 
     @torch.no_grad()
-    def images(self, z: torch.Tensor, transform: IntensityTransform, *, mode: str = "sample", seed: int = 0,
-               start: int = 0) -> torch.Tensor:
-        """Decode latents (B, latent_dim) to jets (B, 125, 125, 3) in GeV, in the file layout.
+    def images(self, z: torch.Tensor, transform: IntensityTransform, conditions: torch.Tensor | None = None, *,
+               mode: str = "sample", seed: int = 0, start: int = 0, precision: str = "fp32") -> torch.Tensor:
+        """Decode latents (B, latent_dim) (for the jets ``conditions`` (B, 3), when the VAE is
+        conditioned) to jets (B, 125, 125, 3) in GeV, in the file layout.
 
         ``mode="sample"`` draws each pixel's hit and intensity (jet i from the stream of
         ``(seed, start + i)``, so a jet does not depend on the batch it is decoded in);
         ``"mean"`` gives the expected image. The Gaussian likelihoods (``mse``,
         ``gaussian_nll``) always give their mean, with HCAL averaged over the detector's towers.
+        ``precision="bf16"`` runs the decoder under bf16 autocast (about twice the fp32 rate of
+        its convolutions on CPUs and GPUs with bf16 units); the observation model draws in fp32.
         """
         if mode not in DECODE_MODES:
             raise InvalidArgument(f"decoding mode must be one of {DECODE_MODES}; got {mode!r}")
-        out = self.decode(z)
+        if precision not in DECODE_PRECISIONS:
+            raise InvalidArgument(f"decoding precision must be one of {DECODE_PRECISIONS}; got {precision!r}")
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = self.decode(z, conditions)
+        if precision == "bf16":
+            out = SparseOutput(*(None if t is None else t.float() for t in out)) if isinstance(out, SparseOutput) else out.float()
         if self.config.recon == "sparse":
             return self.observation.sample(out, seed, start) if mode == "sample" else self.observation.mean(out)
         images = transform.to_images(out.float())
@@ -256,5 +319,7 @@ def load_vae(run_dir_or_checkpoint: str | os.PathLike, which: str = "best", map_
     config = VAEConfig.from_dict(state["vae_config"])
     model = VAE(config)
     model.load_state_dict(state["model"])
+    if "training_jets" in state:
+        model.training_jets = torch.as_tensor(state["training_jets"], dtype=torch.float32)
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     return model.eval(), IntensityTransform.from_dict(state["transform"]), config

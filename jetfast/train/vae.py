@@ -21,11 +21,11 @@ import torch
 import jetfast
 from jetfast.data.format import validate_jet_file
 from jetfast.data.loader import JetLoader
-from jetfast.data.format import IMAGE_SIZE
+from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE
 from jetfast.data.transforms import PAD_BEFORE, IntensityTransform, crop_to_image
-from jetfast.errors import InvalidArgument, RunDirError
+from jetfast.errors import InvalidArgument, JetFileError, RunDirError
 from jetfast.models.observation import CHANNEL_NAMES, hit_statistics
-from jetfast.models.vae import VAE, VAEConfig
+from jetfast.models.vae import CONDITION_KEYS, VAE, VAEConfig, batch_conditions, condition_features
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
 from jetfast.train.loop import Stage, fit
 
@@ -48,6 +48,7 @@ class VAETraining:
     recon: str = "sparse"
     intensity_components: int = 3
     channel_totals: bool = True
+    conditioned: bool = True
     kl_warmup_epochs: float = 1.0
     augment: bool = True
     epochs: int = 20
@@ -98,7 +99,7 @@ class VAEStage(Stage):
         # The model's own checks (latent size, widths, beta, ...), before anything is created.
         VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
                   intensity_components=o.intensity_components)
-        self.n_file = validate_jet_file(o.data)
+        self.n_file = validate_jet_file(o.data, (IMAGE_KEY, *CONDITION_KEYS) if o.conditioned else (IMAGE_KEY,))
 
     def begin(self, run: RunDir, main: bool) -> None:
         o = self.options
@@ -110,7 +111,13 @@ class VAEStage(Stage):
         images = _sample_images(o.data, self.split["train"], o.transform_jets, o.seed, o.loader_threads)
         self.transform = IntensityTransform.fit(images.numpy())
         hits = hit_statistics(images)
-        self.vae_config = VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
+        self.training_jets, condition = None, {}
+        if o.conditioned:
+            self.training_jets = _training_jets(o.data, self.split["train"])
+            features = condition_features(self.training_jets).double()
+            condition = dict(conditioned=True, condition_mean=features.mean(0).tolist(),
+                             condition_std=features.std(0).clamp_min(1e-6).tolist())
+        self.vae_config = VAEConfig(**condition, latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
                                     intensity_components=o.intensity_components, hit_occupancy=hits["occupancy"],
                                     hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"],
                                     channel_totals=o.channel_totals, total_log_mean=hits["total_log_mean"],
@@ -127,14 +134,16 @@ class VAEStage(Stage):
             raise RunDirError(f"{o.data} has {self.n_file} jets but the run used {self.n_used}; resume with the original file")
         self.vae_config = VAEConfig.from_dict(state["vae_config"])
         self.transform = IntensityTransform.from_dict(state["transform"])
+        self.training_jets = state.get("training_jets")
 
     def build(self, rank: int, world_size: int, device: torch.device) -> VAE:
         o = self.options
         self.device, self.world_size = device, world_size
+        keys = (IMAGE_KEY, *CONDITION_KEYS) if self.vae_config.conditioned else (IMAGE_KEY,)
         self.train_loader = JetLoader(o.data, o.batch_size, indices=self.split["train"], shuffle=True, seed=o.seed,
-                                      num_threads=o.loader_threads, transform=None)
+                                      num_threads=o.loader_threads, transform=None, keys=keys)
         self.val_loader = JetLoader(o.data, o.batch_size, indices=self.split["val"], shuffle=False,
-                                    num_threads=o.loader_threads, transform=None)
+                                    num_threads=o.loader_threads, transform=None, keys=keys)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise InvalidArgument(f"the training split has {len(self.split['train'])} jets: too few for {world_size} process(es)")
@@ -152,7 +161,10 @@ class VAEStage(Stage):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=self.options.lr_patience)
 
     def checkpoint_extras(self) -> dict:
-        return {"vae_config": self.vae_config.to_dict(), "transform": self.transform.to_dict()}
+        extras = {"vae_config": self.vae_config.to_dict(), "transform": self.transform.to_dict()}
+        if self.training_jets is not None:
+            extras["training_jets"] = self.training_jets
+        return extras
 
     def write_run_files(self, run: RunDir, world_size: int) -> None:
         run.write_config(self._config(run, world_size))
@@ -163,18 +175,20 @@ class VAEStage(Stage):
         return self.train_loader
 
     def _inputs(self, batch, mirror_seed: int | None = None):
-        """(encoder input (B, 3, 128, 128) transformed, the jets (B, 125, 125, 3) in GeV), the jets
-        mirrored at random when a seed is given."""
+        """(encoder input (B, 3, 128, 128) transformed, the jets (B, 125, 125, 3) in GeV, their
+        conditions (B, 3) or None), the jets mirrored at random when a seed is given (a mirror
+        keeps a jet's pT and mass)."""
         physical = batch["X_jets"].to(self.device, non_blocking=True)  # padded, GeV
         if mirror_seed is not None:
             physical = _mirror(physical, torch.Generator().manual_seed(mirror_seed))
-        return self.transform.forward(physical), crop_to_image(physical)
+        conditions = batch_conditions(batch).to(self.device) if self.vae_config.conditioned else None
+        return self.transform.forward(physical), crop_to_image(physical), conditions
 
     def step(self, net, batch, step: int):
         # Mirrors drawn from (seed, step): a resumed run draws the same ones.
-        x, images = self._inputs(batch, self.options.seed * 1_000_003 + step if self.options.augment else None)
+        x, images, conditions = self._inputs(batch, self.options.seed * 1_000_003 + step if self.options.augment else None)
         self.beta = self.model.beta_at(step)
-        return self.model.loss(x, *net(x), self.beta, images=images), x.shape[0]
+        return self.model.loss(x, *net(x, conditions), self.beta, images=images), x.shape[0]
 
     def validate(self, model: VAE):
         # Validation always weighs the KL with the full beta: the objective being selected on
@@ -183,8 +197,8 @@ class VAEStage(Stage):
         jets = 0
         with torch.no_grad():
             for batch in self.val_loader:
-                x, images = self._inputs(batch)
-                terms = model.loss(x, *model(x), self.vae_config.beta, images=images)
+                x, images, conditions = self._inputs(batch)
+                terms = model.loss(x, *model(x, conditions), self.vae_config.beta, images=images)
                 n = x.shape[0]
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * n
@@ -278,6 +292,20 @@ def _sample_images(path: str, train_indices, max_jets: int, seed: int, loader_th
     with JetLoader(path, 256, indices=sample, shuffle=False, transform=None, keys=("X_jets",),
                    num_threads=loader_threads, rank=0, world_size=1) as loader:
         return torch.cat([crop_to_image(batch["X_jets"]) for batch in loader])
+
+
+def _training_jets(path: str, train_indices) -> torch.Tensor:
+    """The training jets' (y, pt, m0) (N, 3) float32, checked usable as conditions."""
+    with h5py.File(path, "r") as f:
+        columns = [np.asarray(f[key][...], np.float64)[np.sort(train_indices)] for key in CONDITION_KEYS]
+    jets = np.stack(columns, axis=1)
+    bad = ~np.isfinite(jets).all(1) | (jets[:, 1] <= 0) | (jets[:, 2] < 0)
+    if bad.any():
+        row = int(np.sort(train_indices)[np.argmax(bad)])
+        y, pt, m0 = jets[np.argmax(bad)]
+        raise JetFileError(f"{path}: jet {row} has y {y:g}, pt {pt:g}, m0 {m0:g}; conditioning the VAE on the "
+                           "jets needs finite y, pt > 0 and m0 >= 0 GeV (train with --no-conditioning to ignore them)")
+    return torch.from_numpy(jets.astype(np.float32))
 
 
 def _mirror(physical: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
