@@ -44,8 +44,19 @@ _HEAD_SIZES = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Positions per program in one split; a cache longer than this on few heads is split.
 _SPLIT_POSITIONS = 256
-# Enough programs to fill a large GPU (~100+ SMs, a few programs each).
-_TARGET_PROGRAMS = 512
+# The grid is sized for a large GPU (~100-130 SMs) holding a few programs per SM at once,
+# and a memory-bound kernel needs many warps in flight to hide the latency of its loads:
+# the launch parameters below keep registers and shared memory low enough for at least
+# _PROGRAMS_PER_SM programs and _MIN_WARPS_PER_SM warps (half of sm_80/sm_90's 64) per
+# SM, which tests/test_triton_aot.py checks on the kernels compiled for sm_80 and sm_90.
+_PROGRAMS_PER_SM = 4
+_MIN_WARPS_PER_SM = 32
+_TARGET_PROGRAMS = 128 * _PROGRAMS_PER_SM
+# Elements of a (BLOCK, Dh) tile per thread: above this the tile's registers limit occupancy.
+_TILE_ELEMENTS_PER_THREAD = 16
+# The merge kernel reads the partial outputs in (splits, Dh) tiles of at most this many
+# elements, looping when there are more splits (a whole tile of 256+ splits spills).
+_MERGE_TILE_ELEMENTS = 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -116,23 +127,52 @@ def _triton_kernels():
         part_ptr, m_ptr, l_ptr, out_ptr, num_splits,
         HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
     ):
-        # One program per (batch, head): rescale the splits to a common max and sum.
+        # One program per (batch, head): rescale the splits to a common max and sum,
+        # BLOCK_SPLITS splits at a time (one pass over the maxima, one over the parts).
         bh = tl.program_id(0)
-        splits = tl.arange(0, BLOCK_SPLITS)
-        valid = splits < num_splits
-        m = tl.load(m_ptr + bh * num_splits + splits, mask=valid, other=float("-inf"))
-        l = tl.load(l_ptr + bh * num_splits + splits, mask=valid, other=0.0)
-        m_max = tl.max(m, axis=0)
-        weight = tl.exp2(m - m_max)  # (BLOCK_SPLITS,), 0 for padding
+        first = bh * num_splits
+        m_max = tl.full((), float("-inf"), tl.float32)
+        for block_start in range(0, num_splits, BLOCK_SPLITS):
+            splits = block_start + tl.arange(0, BLOCK_SPLITS)
+            m = tl.load(m_ptr + first + splits, mask=splits < num_splits, other=float("-inf"))
+            m_max = tl.maximum(m_max, tl.max(m, axis=0))
         dims = tl.arange(0, HEAD_DIM)
-        parts = tl.load(
-            part_ptr + (bh * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0
-        )
-        acc = tl.sum(parts * weight[:, None], axis=0)
-        total = tl.sum(l * weight, axis=0)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        total = tl.zeros((), tl.float32)
+        for block_start in range(0, num_splits, BLOCK_SPLITS):
+            splits = block_start + tl.arange(0, BLOCK_SPLITS)
+            valid = splits < num_splits
+            m = tl.load(m_ptr + first + splits, mask=valid, other=float("-inf"))
+            l = tl.load(l_ptr + first + splits, mask=valid, other=0.0)
+            weight = tl.exp2(m - m_max)  # (BLOCK_SPLITS,), 0 for padding
+            parts = tl.load(
+                part_ptr + (first + splits)[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0
+            )
+            acc += tl.sum(parts * weight[:, None], axis=0)
+            total += tl.sum(l * weight, axis=0)
         tl.store(out_ptr + bh * HEAD_DIM + dims, (acc / total).to(out_ptr.dtype.element_ty))
 
     return decode_attention_split_kernel, decode_attention_merge_kernel
+
+
+def _split_launch(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the split kernel for a head size.
+
+    BLOCK_N positions per step keep a (BLOCK_N, Dh) tile of keys, then of values, in
+    registers; the warps are as many as keep each thread's share of it at
+    _TILE_ELEMENTS_PER_THREAD (4 warps up to a 64 x 32 tile, 8 above). With four warps
+    the split kernel needed up to 80 registers per thread at Dh = 64 and 96 at Dh = 256 on
+    sm_80, which leave 24 and 20 warps per SM, short of _MIN_WARPS_PER_SM.
+    """
+    block_n = 64 if head_dim <= 64 else 32
+    num_warps = min(8, max(4, block_n * head_dim // (_TILE_ELEMENTS_PER_THREAD * 32)))
+    return block_n, num_warps
+
+
+def _merge_launch(head_dim: int, num_splits: int) -> tuple[int, int]:
+    """(BLOCK_SPLITS, num_warps) of the merge kernel: splits per step and warps."""
+    block_splits = max(2, min(1 << (num_splits - 1).bit_length(), _MERGE_TILE_ELEMENTS // head_dim))
+    return block_splits, 4
 
 
 def _choose_splits(batch_heads: int, length: int) -> int:
@@ -149,7 +189,7 @@ def _decode_attention_triton(
     split_kernel, merge_kernel = _triton_kernels()
     batch, heads, _, head_dim = k_cache.shape
     out = torch.empty((batch, heads, head_dim), dtype=q.dtype, device=q.device)
-    block_n = 64 if head_dim <= 64 else 32  # keeps a (BLOCK_N, Dh) tile in registers
+    block_n, num_warps = _split_launch(head_dim)
     splits = _choose_splits(batch * heads, length) if num_splits is None else max(1, min(num_splits, length))
     # Whole blocks per split, and no empty split (its running max would stay -inf).
     per_split = -(-length // splits)
@@ -168,12 +208,12 @@ def _decode_attention_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         heads, length, per_split, sm_scale_log2,
-        HEAD_DIM=head_dim, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=num_warps,
     )
     if splits > 1:
-        block_splits = max(2, 1 << (splits - 1).bit_length())
+        block_splits, merge_warps = _merge_launch(head_dim, splits)
         merge_kernel[(batch * heads,)](
-            partial, m_part, l_part, out, splits, HEAD_DIM=head_dim, BLOCK_SPLITS=block_splits
+            partial, m_part, l_part, out, splits, HEAD_DIM=head_dim, BLOCK_SPLITS=block_splits, num_warps=merge_warps
         )
     return out
 
