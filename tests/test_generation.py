@@ -174,6 +174,32 @@ def test_killed_run_resumes_to_the_same_file(run_dir, tmp_path):
         np.testing.assert_array_equal(resumed[key], reference[key])
 
 
+def test_a_failed_write_stops_the_run_resumably(run_dir, tmp_path, monkeypatch):
+    """Blocks are written beside the sampling of the next one: a write that fails stops the run
+    with its own error, every block before it stays on disk, and --resume completes the file."""
+    from jetfast.generation import writer
+
+    n, batch = 80, 16
+    reference = read(generate_file(run_dir, n, tmp_path / "ref.h5", batch_size=batch, seed=3, progress=False))
+    write_block = writer._write_block
+
+    def failing(f, block, *args):
+        if block == 2:
+            raise OSError("disk full")
+        return write_block(f, block, *args)
+
+    monkeypatch.setattr(writer, "_write_block", failing)
+    out = tmp_path / "out.h5"
+    with pytest.raises(OSError, match="disk full"):
+        generate_file(run_dir, n, out, batch_size=batch, seed=3, progress=False)
+    with h5py.File(out.with_name(out.name + ".partial"), "r") as f:
+        assert f["blocks_done"][0] == 2
+    monkeypatch.setattr(writer, "_write_block", write_block)
+    resumed = read(generate_file(run_dir, n, out, batch_size=batch, seed=3, resume=True, progress=False))
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key])
+
+
 def test_torchrun_shards_and_virtual_dataset(run_dir, tmp_path):
     out = tmp_path / "dist.h5"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -23,7 +23,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of jets to generate (in total, across ranks; with --like: default all its jets)")
     parser.add_argument("--out", required=True,
                         help="output HDF5 file, in the input layout (X_jets, y, pt, m0; pt and m0 computed from the "
-                             "generated images), plus pt_gen and m0_gen, the requested values, when given")
+                             "generated images), plus pt_gen and m0_gen, the generator-level jet each was made for")
     asked = parser.add_argument_group("what the jets are asked to be")
     asked.add_argument("--cls", choices=CLASS_CHOICES, default=None,
                        help="class of the jets: quark, gluon, a 50/50 mix, or unconditional (default: the --like jets' "
@@ -31,8 +31,8 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     asked.add_argument("--pt", metavar="GEV", default=None,
                        help="generator-level jet pT: a value (150) or a range LO:HI drawn flat per jet (100:200)")
     asked.add_argument("--mass", metavar="GEV", default=None,
-                       help="generator-level jet mass: a value or a range LO:HI (default: free, as the Transformer "
-                            "draws it)")
+                       help="generator-level jet mass: a value or a range LO:HI (default: free; a VAE conditioned on "
+                            "the jets takes it from training jets of that pT)")
     asked.add_argument("--like", metavar="FILE", default=None,
                        help="mirror the jets of FILE one to one: jet i is asked for the class y, pT pt and mass m0 "
                             "of its jet i (e.g. real test jets, or jets of another generator)")

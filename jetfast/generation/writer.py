@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,8 @@ KINEMATICS_MEANING = ("pt, m0: the jet pT and mass computed from the generated i
 
 @dataclass
 class StageTimes:
-    """Wall time spent in each stage, for the progress bar and the benchmark."""
+    """Wall time spent in each stage, for the progress bar and the benchmark (a block is written
+    while the next one is sampled: the write's time overlaps the others')."""
 
     seconds: dict = field(default_factory=lambda: {"sample": 0.0, "decode": 0.0, "write": 0.0})
 
@@ -304,32 +306,52 @@ def generate_file(
         done = int(f["blocks_done"][0])
         first_jet = min(done * batch_size, n)
         bar = tqdm(total=n, initial=first_jet, unit="jet", desc=f"generating {out.name}", disable=not progress, smoothing=0.1)
-        for block in range(done, num_blocks):
-            start, stop = block * batch_size, min(n, (block + 1) * batch_size)
-            seed_b = block_seed(seed, rank, block)
-            labels, pt_gen, m0_gen = generator.complete(*conditions.block(start, stop, seed_b), seed_b)
-            images = generator.jets(labels, seed_b, times, decode=decode, pt=pt_gen, mass=m0_gen,
-                                    allow_extrapolation=True, **sampling)  # checked above
-            tick = time.perf_counter()
-            image_pt, image_mass = jet_pt_mass(images)
-            f["X_jets"][start:stop] = images
-            f["y"][start:stop] = labels.numpy().astype(np.float32)
-            f["pt"][start:stop] = image_pt
-            f["m0"][start:stop] = image_mass
-            for key, values in zip(REQUESTED_KEYS, (pt_gen, m0_gen)):
-                if values is not None:
-                    f[key][start:stop] = values
-            f.flush()
-            f["blocks_done"][0] = block + 1  # only after the block is on disk
-            f.flush()
-            times.add("write", time.perf_counter() - tick)
-            bar.update(stop - start)
+
+        def finished(block_written) -> None:
+            bar.update(block_written.result())  # a failed write raises here
             bar.set_postfix({stage: f"{share:.0%}" for stage, share in times.shares().items()})
+
+        # Block b is written by one thread while the next block is sampled (h5py releases the
+        # GIL in HDF5's reads and writes): at most one block waits to be written.
+        with ThreadPoolExecutor(1, thread_name_prefix="jetfast-write") as writer:
+            pending = None
+            for block in range(done, num_blocks):
+                start, stop = block * batch_size, min(n, (block + 1) * batch_size)
+                seed_b = block_seed(seed, rank, block)
+                labels, pt_gen, m0_gen = generator.complete(*conditions.block(start, stop, seed_b), seed_b)
+                images = generator.jets(labels, seed_b, times, decode=decode, pt=pt_gen, mass=m0_gen,
+                                        allow_extrapolation=True, **sampling)  # checked above
+                if pending is not None:
+                    finished(pending)
+                pending = writer.submit(_write_block, f, block, start, images, labels, pt_gen, m0_gen, times)
+            if pending is not None:
+                finished(pending)
         bar.close()
     finally:
         f.close()
     _finish(partial, out)
     return out
+
+
+def _write_block(f, block: int, start: int, images: np.ndarray, labels: torch.Tensor, pt_gen, m0_gen,
+                 times: StageTimes) -> int:
+    """Write one block's jets at rows [start, start + len(images)) and then, once they are on
+    disk, advance the file's progress counter; return the number of jets."""
+    tick = time.perf_counter()
+    stop = start + len(images)
+    image_pt, image_mass = jet_pt_mass(images)
+    f["X_jets"][start:stop] = images
+    f["y"][start:stop] = labels.numpy().astype(np.float32)
+    f["pt"][start:stop] = image_pt
+    f["m0"][start:stop] = image_mass
+    for key, values in zip(REQUESTED_KEYS, (pt_gen, m0_gen)):
+        if values is not None:
+            f[key][start:stop] = values
+    f.flush()
+    f["blocks_done"][0] = block + 1  # only after the block is on disk
+    f.flush()
+    times.add("write", time.perf_counter() - tick)
+    return len(images)
 
 
 def write_virtual_dataset(out: Path, shards: list[Path]) -> Path:
