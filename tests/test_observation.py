@@ -269,3 +269,57 @@ def test_bf16_decoding_is_fp32_decoding_within_bf16_error(rng, seed):
         assert torch.equal(vae.images(z, transform, seed=seed, precision="bf16"), jets)
         with pytest.raises(ValueError, match="precision"):
             vae.images(z, transform, precision="fp16")
+
+
+def test_correlated_totals_are_a_full_covariance_normal(rng, seed):
+    """With couplings, the standardised log totals are N(loc, S) with S = D (I + R)(I + R)^T D:
+    the density against SciPy's multivariate normal, the draws' covariance against S."""
+    from scipy.stats import multivariate_normal
+
+    from jetfast.models.observation import COUPLED
+
+    b = 5
+    model = SparseObservation((0.0,) * 3, (1.0,) * 3, components=1, total_log_mean=tuple(rng.normal(3, 1, 3)),
+                              total_log_std=tuple(rng.uniform(0.3, 1, 3)))
+    totals = rng.normal(0, 0.5, (b, 3, 2))
+    couplings = rng.normal(0, 0.8, (b, 3))
+    sums = np.exp(rng.normal(3, 1, (b, 3)))
+    out = SparseOutput(torch.zeros(b, 3 * model.params, 128, 128), torch.from_numpy(totals).float(),
+                       torch.from_numpy(couplings).float())
+    got = torch.stack(model._totals_nll(out, torch.from_numpy(sums).float()), dim=1).sum(1).double().numpy()
+    mean, std = model.total_log_mean.double().numpy(), model.total_log_std.double().numpy()
+    for i in range(b):
+        lower = np.eye(3)
+        for (c, j), r in zip(COUPLED, couplings[i]):
+            lower[c, j] = r
+        scale = np.diag(np.exp(totals[i, :, 1]) * std) @ lower  # of log T in GeV
+        want = -multivariate_normal(mean + totals[i, :, 0] * std, scale @ scale.T).logpdf(np.log(sums[i]))
+        assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-5), i
+    # Draws: many jets of one set of parameters, their log totals' covariance is S.
+    n = 4000
+    one = SparseOutput(torch.zeros(1), torch.from_numpy(np.repeat(totals[:1], n, 0)).float(),
+                       torch.from_numpy(np.repeat(couplings[:1], n, 0)).float())
+    draws = torch.from_numpy(np.random.default_rng(seed).normal(size=(n, 3))).float()
+    log_totals = model._log_totals(one, draws).double().numpy()
+    lower = np.eye(3)
+    for (c, j), r in zip(COUPLED, couplings[0]):
+        lower[c, j] = r
+    scale = np.diag(np.exp(totals[0, :, 1]) * std) @ lower
+    np.testing.assert_allclose(np.cov(log_totals.T), scale @ scale.T, rtol=0.15, atol=0.02 * np.abs(scale @ scale.T).max())
+    # The expected totals: E[T_c] = exp(m_c + S_cc / 2).
+    expected = model._log_totals(one).double().numpy()[0]
+    np.testing.assert_allclose(expected, mean + totals[0, :, 0] * std + np.diag(scale @ scale.T) / 2, rtol=1e-5)
+
+
+def test_vae_with_correlated_totals_decodes_and_scores(rng, seed):
+    images = torch.from_numpy(_sparse_images(rng, 3))
+    transform, config = _small_vae_config(images)
+    config.total_correlations = True
+    vae = VAE(config).eval()
+    z = torch.randn(3, 8)
+    out = vae.decode(z)
+    assert out.totals.shape == (3, 3, 2) and out.couplings.shape == (3, 3)
+    jets = vae.images(z, transform, seed=seed)
+    assert torch.equal(vae.images(z, transform, seed=seed), jets) and _tower_constant(jets[..., 2])
+    terms = vae.loss(transform.to_model(images), *vae(transform.to_model(images)), images=images)
+    assert all(torch.isfinite(v) for v in terms.values()) and "hcal_total" in terms

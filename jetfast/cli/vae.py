@@ -52,6 +52,9 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-channel-totals", dest="channel_totals", action="store_false",
                        help="sparse: no head for each channel's total (pixels alone then set a jet's energy, and "
                             "their independent noise adds up: pT comes out too broad)")
+    model.add_argument("--no-total-correlations", dest="total_correlations", action="store_false",
+                       help="sparse: draw the channel totals independently (their sum, and the jet pT, then spread "
+                            "about twice as much as in the data: the channels share a jet's energy)")
     model.add_argument("--no-conditioning", dest="conditioned", action="store_false",
                        help="do not show the encoder and decoder each jet's class, pT and mass (y, pt, m0 of the file): "
                             "the latents then have to carry them, and generation cannot be asked for a jet's pT")

@@ -38,6 +38,15 @@ totals, and scales each channel's pixels to its total: the pixels say where the 
 and how it is shared, the totals how much there is. The pixel terms alone are the density
 of the pixels; the total term trains the head that draws the totals.
 
+The three totals are not independent: a jet's energy is shared between its charged and
+neutral particles, so Tracks, ECAL and HCAL fluctuate against each other while their sum
+follows the jet's pT (drawn independently, the sum's spread came out twice the real one).
+With ``couplings`` the head also gives, per jet, the strictly lower triangle ``r`` of a
+Cholesky factor: ``x_c = loc_c + scale_c * (e_c + sum_{j<c} r_cj e_j)`` with ``e ~ N(0, I)``,
+a full-covariance normal of the standardised log totals whose density is one term per
+channel, ``log scale_c + e_c^2 / 2 + log(2 pi) / 2``, with ``e`` found by forward
+substitution (an empty channel counts as ``e_j = 0`` in the channels after it).
+
 Decoding: :meth:`SparseObservation.sample` draws occupancies, components and intensities
 (and totals) from per-jet random streams (:mod:`jetfast.seeding`); :meth:`SparseObservation.mean`
 is the expected image ``p * E[x | hit]`` (scaled to the expected totals), smooth and non-zero
@@ -64,6 +73,7 @@ LOG_SCALE_RANGE = (-7.0, 5.0)  # keeps exp(log scale) finite and the density bou
 TOWERS = IMAGE_SIZE // TOWER
 DECODE_STREAM = 1  # the seeding stream of pixel draws (the sampler's codes use stream 0)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+COUPLED = ((1, 0), (2, 0), (2, 1))  # (channel, earlier channel) of each coupling, in SparseOutput.couplings' order
 
 
 class SparseOutput(NamedTuple):
@@ -71,6 +81,7 @@ class SparseOutput(NamedTuple):
 
     pixels: torch.Tensor  # (B, 3P, 128, 128): per channel the P parameters of params_per_channel
     totals: torch.Tensor | None  # (B, 3, 2): per channel (loc, log scale) of the standardised log total; None: no totals
+    couplings: torch.Tensor | None = None  # (B, 3): r of (ECAL, Tracks), (HCAL, Tracks), (HCAL, ECAL); None: independent
 
 
 def _normal_log_density(u: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -169,7 +180,7 @@ class SparseObservation(nn.Module):
         """Negative log-likelihood of ``images`` (B, 125, 125, 3) in GeV under the decoder output
         ``out``: per jet (B,), ``<channel>_hits`` (where the hits are), ``<channel>_energy`` (how
         much they hold) and, with totals, ``<channel>_total`` (the channel's sum)."""
-        terms = {}
+        terms, sums = {}, []
         for c, (name, params, values) in enumerate(zip(CHANNEL_NAMES, self.split(out.pixels), self.targets(images))):
             hit = values > 0
             logit, intensity = params.split([1, self.params - 1], dim=1)
@@ -181,17 +192,31 @@ class SparseObservation(nn.Module):
             u = ((torch.log(values[jet, row, col].float()) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
             nll = torch.log(self.log_std[c]) - torch.logsumexp(log_weight + _normal_log_density(u, loc, log_scale), dim=1)
             terms[f"{name}_energy"] = torch.zeros(len(values), device=nll.device).index_add_(0, jet, nll)
-            if out.totals is not None:
-                terms[f"{name}_total"] = self._total_nll(out.totals[:, c].float(), values.flatten(1).sum(1).float(), c)
+            sums.append(values.flatten(1).sum(1).float())
+        if out.totals is not None:
+            for name, term in zip(CHANNEL_NAMES, self._totals_nll(out, torch.stack(sums, dim=1))):
+                terms[f"{name}_total"] = term
         return terms
 
-    def _total_nll(self, params: torch.Tensor, total: torch.Tensor, c: int) -> torch.Tensor:
-        """-log density of log(total) under Normal(loc, scale) in standardised units, per jet; 0 for
-        an empty channel (its pixel terms already say it is empty)."""
-        loc, log_scale = params[:, 0], params[:, 1].clamp(*LOG_SCALE_RANGE)
-        lit = total > 0
-        u = (torch.log(torch.where(lit, total, 1.0)) - self.total_log_mean[c]) / self.total_log_std[c]
-        return torch.where(lit, torch.log(self.total_log_std[c]) - _normal_log_density(u, loc, log_scale), 0.0)
+    def _coupling(self, out: SparseOutput, c: int, j: int) -> torch.Tensor | None:
+        return None if out.couplings is None else out.couplings[:, COUPLED.index((c, j))].float()
+
+    def _totals_nll(self, out: SparseOutput, totals: torch.Tensor) -> list[torch.Tensor]:
+        """Per channel, -log density of its log total (B,) in GeV given those before it (see the
+        module docstring); 0 for an empty channel (its pixel terms already say it is empty)."""
+        terms, noise = [], []
+        for c in range(NUM_CHANNELS):
+            loc, log_scale = out.totals[:, c, 0].float(), out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE)
+            lit = totals[:, c] > 0
+            x = (torch.log(torch.where(lit, totals[:, c], 1.0)) - self.total_log_mean[c]) / self.total_log_std[c]
+            e = (x - loc) * torch.exp(-log_scale)
+            for j in range(c):
+                if (r := self._coupling(out, c, j)) is not None:
+                    e = e - r * noise[j]
+            e = torch.where(lit, e, 0.0)
+            noise.append(e)
+            terms.append(torch.where(lit, torch.log(self.total_log_std[c]) + log_scale + _HALF_LOG_2PI + 0.5 * e**2, 0.0))
+        return terms
 
     def noise(self, seed: int, start: int, count: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per channel, (count, 3, H, W) draws for jets ``start .. start + count - 1``: a uniform for
@@ -212,6 +237,7 @@ class SparseObservation(nn.Module):
         """Draw jets (B, 125, 125, 3) in GeV: jet i of the batch is jet ``start + i`` of ``seed``'s stream."""
         channels = []
         pixel_draws, total_draws = self.noise(seed, start, out.pixels.shape[0])
+        log_totals = None if out.totals is None else self._log_totals(out, total_draws.to(out.totals.device))
         for c, (params, draws) in enumerate(zip(self.split(out.pixels), pixel_draws)):
             logit, log_weight, loc, log_scale = self._unpack(params)
             draws = draws.to(out.pixels.device)
@@ -222,20 +248,28 @@ class SparseObservation(nn.Module):
             chosen_loc, chosen_scale = loc.gather(1, k)[:, 0], log_scale.gather(1, k)[:, 0].exp()
             log_value = (chosen_loc + chosen_scale * draws[:, 2]) * self.log_std[c] + self.log_mean[c]
             values = torch.where(hit, torch.exp(log_value), 0.0)
-            if out.totals is not None:
-                log_total = self._log_total(out.totals[:, c].float(), c, total_draws[:, c].to(values.device))
-                values = self._scale_to(values, log_total.exp())
+            if log_totals is not None:
+                values = self._scale_to(values, log_totals[:, c].to(values.device).exp())
             channels.append(values)
         return self._assemble(channels)
 
-    def _log_total(self, params: torch.Tensor, c: int, draws: torch.Tensor | None = None) -> torch.Tensor:
-        """log of a channel's total in GeV (B,): drawn with standard normals ``draws``, or, without,
-        the log of its expectation."""
-        loc, scale = params[:, 0], params[:, 1].clamp(*LOG_SCALE_RANGE).exp()
-        mean, std = self.total_log_mean[c], self.total_log_std[c]
-        if draws is None:
-            return loc * std + mean + 0.5 * (scale * std) ** 2  # E[T] of a log-normal
-        return (loc + scale * draws) * std + mean
+    def _log_totals(self, out: SparseOutput, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """log of each channel's total in GeV (B, 3): drawn with standard normals ``draws`` (B, 3),
+        or, without, the log of its expectation."""
+        columns = []
+        for c in range(NUM_CHANNELS):
+            loc, scale = out.totals[:, c, 0].float(), out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp()
+            mean, std = self.total_log_mean[c], self.total_log_std[c]
+            # x_c = loc + scale * (e_c + sum_j r_cj e_j): its variance is scale^2 (1 + sum_j r_cj^2)
+            spread = draws[:, c] if draws is not None else torch.ones_like(loc)
+            for j in range(c):
+                if (r := self._coupling(out, c, j)) is not None:
+                    spread = spread + r * draws[:, j] if draws is not None else spread + r**2
+            if draws is None:
+                columns.append(loc * std + mean + 0.5 * spread * (scale * std) ** 2)  # E[T] of a log-normal
+            else:
+                columns.append((loc + scale * spread) * std + mean)
+        return torch.stack(columns, dim=1)
 
     @staticmethod
     def _scale_to(values: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -248,13 +282,14 @@ class SparseObservation(nn.Module):
         """The expected image (B, 125, 125, 3) in GeV: p * sum_k w_k exp(mu_k + sigma_k^2 / 2) per pixel
         (with totals, scaled to the expected total of each channel)."""
         channels = []
+        log_totals = None if out.totals is None else self._log_totals(out)
         for c, params in enumerate(self.split(out.pixels)):
             logit, log_weight, loc, log_scale = self._unpack(params)
             sigma = torch.exp(log_scale) * self.log_std[c]
             log_mean = log_weight + loc * self.log_std[c] + self.log_mean[c] + 0.5 * sigma**2
             values = torch.sigmoid(logit) * torch.logsumexp(log_mean, dim=1).exp()
-            if out.totals is not None:
-                values = self._scale_to(values, self._log_total(out.totals[:, c].float(), c).exp())
+            if log_totals is not None:
+                values = self._scale_to(values, log_totals[:, c].exp())
             channels.append(values)
         return self._assemble(channels)
 

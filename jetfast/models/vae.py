@@ -40,7 +40,7 @@ from torch import nn
 from jetfast.data.format import MODEL_SIZE
 from jetfast.data.transforms import IntensityTransform
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.models.observation import SparseObservation, SparseOutput, params_per_channel
+from jetfast.models.observation import COUPLED, SparseObservation, SparseOutput, params_per_channel
 from jetfast.run import checkpoint_file, load_checkpoint
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
@@ -69,6 +69,7 @@ class VAEConfig:
     # recon="sparse": a head for each channel's total (see jetfast.models.observation), in units of
     # the training jets' mean and std of log(channel total / GeV).
     channel_totals: bool = False
+    total_correlations: bool = False  # with channel_totals: the totals drawn with a full covariance
     total_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     total_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Conditioning on the generator-level jet (y, pt, m0): the training jets' mean and std of
@@ -175,8 +176,9 @@ class VAE(nn.Module):
         if config.recon == "sparse" and config.channel_totals:
             # (loc, log scale) of each channel's standardised log total, from the latent directly:
             # a jet's energy is a global property, not a pixel's.
+            couplings = len(COUPLED) if config.total_correlations else 0
             self.totals = nn.Sequential(nn.Linear(config.latent_dim + extra, 256), nn.LeakyReLU(slope),
-                                        nn.Linear(256, 2 * config.in_channels))
+                                        nn.Linear(256, 2 * config.in_channels + couplings))
         # Learned per-channel log-variance of the pixel likelihood (used by recon="gaussian_nll").
         self.log_sigma2 = nn.Parameter(torch.zeros(config.in_channels), requires_grad=config.recon == "gaussian_nll")
         # Start with a near-deterministic posterior: a large initial logvar would drown the
@@ -233,8 +235,11 @@ class VAE(nn.Module):
         pixels = self.decoder(h.contiguous(memory_format=torch.channels_last))
         if cfg.recon != "sparse":
             return pixels
-        totals = None if self.totals is None else self.totals(z).view(-1, cfg.in_channels, 2)
-        return SparseOutput(pixels, totals)
+        if self.totals is None:
+            return SparseOutput(pixels, None)
+        heads = self.totals(z)
+        totals, couplings = heads.split([2 * cfg.in_channels, heads.shape[1] - 2 * cfg.in_channels], dim=1)
+        return SparseOutput(pixels, totals.reshape(-1, cfg.in_channels, 2), couplings if couplings.shape[1] else None)
 
     def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode."""

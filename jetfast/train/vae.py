@@ -48,6 +48,7 @@ class VAETraining:
     recon: str = "sparse"
     intensity_components: int = 3
     channel_totals: bool = True
+    total_correlations: bool = True
     conditioned: bool = True
     kl_warmup_epochs: float = 1.0
     augment: bool = True
@@ -120,7 +121,8 @@ class VAEStage(Stage):
         self.vae_config = VAEConfig(**condition, latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
                                     intensity_components=o.intensity_components, hit_occupancy=hits["occupancy"],
                                     hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"],
-                                    channel_totals=o.channel_totals, total_log_mean=hits["total_log_mean"],
+                                    channel_totals=o.channel_totals, total_correlations=o.channel_totals and o.total_correlations,
+                                    total_log_mean=hits["total_log_mean"],
                                     total_log_std=hits["total_log_std"])
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
