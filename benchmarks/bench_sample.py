@@ -56,29 +56,41 @@ def _record_rate(record, name, seconds, sequences):
     return rate
 
 
+def plain_kv_caches(model: GPT, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    config = model.config
+    shape = (n, config.n_heads, config.seq_len, config.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in model.blocks]
+
+
+@torch.inference_mode()
+def plain_kv_cache_step(model: GPT, caches, token: torch.Tensor, pos: int) -> torch.Tensor:
+    """One step of the plain loop: token (B,) at ``pos``, SDPA over the whole cache under a
+    position mask; the next tokens (B,) drawn with torch.multinomial."""
+    config = model.config
+    n, heads, head_dim = len(token), config.n_heads, config.head_dim
+    mask = (torch.arange(config.seq_len) <= pos)[None]  # (1, S)
+    x = model.tok_emb(token)[:, None] + model.pos_emb[pos]  # (B, 1, C)
+    for block, (k_cache, v_cache) in zip(model.blocks, caches):
+        attn = block.attn
+        q, k, v = attn.qkv(block.ln_1(x)).view(n, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        k_cache[:, :, pos : pos + 1] = k
+        v_cache[:, :, pos : pos + 1] = v
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        x = x + attn.proj(y.transpose(1, 2).reshape(n, 1, config.d_model))
+        x = x + block.mlp(block.ln_2(x))
+    logits = model.head(model.ln_f(x))[:, -1]
+    return torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
+
+
 @torch.inference_mode()
 def plain_kv_cache_sample(model: GPT, n: int, label: int = 1) -> torch.Tensor:
     """Multinomial sampling with a static cache and SDPA over the whole cache (masked)."""
     config = model.config
-    heads, head_dim, length = config.n_heads, config.head_dim, config.seq_len
-    caches = [
-        (torch.zeros(n, heads, length, head_dim), torch.zeros(n, heads, length, head_dim)) for _ in model.blocks
-    ]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    caches = plain_kv_caches(model, n)
     token = torch.full((n,), config.vocab_size + label, dtype=torch.long)
-    codes = torch.empty(n, length, dtype=torch.long)
-    for pos in range(length):
-        x = model.tok_emb(token)[:, None] + model.pos_emb[pos]  # (B, 1, C)
-        for block, (k_cache, v_cache) in zip(model.blocks, caches):
-            attn = block.attn
-            q, k, v = attn.qkv(block.ln_1(x)).view(n, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            k_cache[:, :, pos : pos + 1] = k
-            v_cache[:, :, pos : pos + 1] = v
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=causal[pos : pos + 1])
-            x = x + attn.proj(y.transpose(1, 2).reshape(n, 1, config.d_model))
-            x = x + block.mlp(block.ln_2(x))
-        logits = model.head(model.ln_f(x))[:, -1]
-        token = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
+    codes = torch.empty(n, config.seq_len, dtype=torch.long)
+    for pos in range(config.seq_len):
+        token = plain_kv_cache_step(model, caches, token, pos)
         codes[:, pos] = token
     return codes
 

@@ -1,9 +1,10 @@
 """Sampling code sequences from the trained Transformer, with a static KV cache.
 
 Per batch: one prefill of the class tokens, then D-1 cached decode steps, each a
-few small GEMMs plus ``decode_attention`` over the cached prefix. Nothing is
+few small GEMMs plus ``decode_attention`` over the cached prefix, through
+:meth:`GPT.decode_step` (one function per step, no module calls). Nothing is
 allocated per step beyond the step's own activations; the caches are allocated
-once per batch size.
+once per batch size, and small ones are kept on the model for the next call.
 
 Reproducibility: every jet draws its uniforms from its own generator, seeded from
 ``(seed, index of the jet)``, and codes are drawn by inverting the CDF with them.
@@ -26,7 +27,14 @@ from jetfast.models.gpt import GPT, decode_n_tokens, prefill
 from jetfast.ops import code_dtype_for
 from jetfast.seeding import jet_uniforms
 
-__all__ = ["sample", "class_labels", "kinematic_requests", "check_sampling"]
+__all__ = ["sample", "class_labels", "kinematic_requests", "check_sampling", "PRECISIONS", "precision_dtype"]
+
+# The dtype of the sampler's GEMMs and KV cache; layer norms, the softmax, the logits and the
+# draws are fp32 in both (see GPT.decode_step).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Caches up to this size stay on the model between calls of one batch size (sampling one jet
+# at a time, or a writer's blocks); larger ones are freed, as they may hold gigabytes.
+_KEPT_CACHE_BYTES = 64 << 20
 
 _CLASS_IDS = {name: label for label, name in CLASS_NAMES.items()}
 def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
@@ -120,6 +128,13 @@ def check_sampling(vocab_size: int, temperature: float = 1.0, top_k: int | None 
         raise InvalidArgument(f"sample: top_p must be in (0, 1]; got {top_p}")
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a sampler precision name ("fp32" or "bf16")."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InvalidArgument(f"sample: precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    return PRECISIONS[precision]
+
+
 def _check_arguments(n, batch_size):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise InvalidArgument(f"sample: n must be a non-negative int; got {n!r}")
@@ -168,6 +183,7 @@ def sample(
     batch_size: int = 512,
     device=None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Generate ``n`` code sequences with the KV-cached Transformer.
 
@@ -188,6 +204,9 @@ def sample(
         batch_size: jets decoded together (memory: 8 * layers * batch * seq_len * d_model bytes of cache).
         device: where to run; default the model's device (the model is moved if needed).
         progress: show a tqdm bar.
+        precision: "fp32", or "bf16" for the Transformer's GEMMs and KV cache (half the memory
+            traffic; the layer norms, softmax, logits and the draws stay fp32). Fast where the CPU
+            has bf16 instructions (AVX-512 BF16, AMX) or on a GPU.
 
     Returns:
         codes (n, seq_len) uint8 (int16/int32 for vocabularies above 256), on the CPU.
@@ -196,6 +215,7 @@ def sample(
     _check_arguments(n, batch_size)
     check_sampling(config.vocab_size, temperature, top_k, top_p)
     n, batch_size = int(n), int(batch_size)
+    dtype = precision_dtype(precision)
     labels = class_labels(cls, n, config.num_classes)
     kinematics = kinematic_requests(model, n, pt, mass, allow_extrapolation)
     if seed is None:
@@ -213,7 +233,7 @@ def sample(
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 count = min(batch_size, n - start)
-                model.setup_caches(count)
+                model.setup_caches(count, dtype=dtype)
                 batch_codes = torch.empty((count, config.seq_len), dtype=torch.int64, device=device)
                 uniforms = None if greedy else jet_uniforms(seed, start, count, config.seq_len).to(device)
                 pick = _make_picker(temperature, top_k, top_p, greedy, uniforms)
@@ -225,6 +245,9 @@ def sample(
                 bar.update(count)
     finally:
         bar.close()
-        model.clear_caches()
+        cache = model.blocks[0].attn.kv_cache
+        if cache is None or 2 * len(model.blocks) * cache.k_cache.nbytes > _KEPT_CACHE_BYTES:
+            model.clear_caches()
+        model.condition_cache = None  # a later decode needs its own prefill
         model.train(was_training)
     return codes

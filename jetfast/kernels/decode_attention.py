@@ -38,7 +38,7 @@ import torch
 
 from jetfast._ext import HAS_NATIVE, _C
 
-__all__ = ["decode_attention"]
+__all__ = ["decode_attention", "decode_attention_cpu"]
 
 _HEAD_SIZES = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -240,6 +240,16 @@ def _decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         # the prefix alone, so nothing past `length` can reach the result.
         out = _attend(queries, k_cache, v_cache, length, length)
     return out.view(batch, heads, head_dim).to(q.dtype)
+
+
+def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int) -> torch.Tensor:
+    """The CPU kernel of :func:`decode_attention`, called directly: no argument checks, no op dispatch.
+
+    For a caller that made the cache itself and calls this once per layer and token (the model's
+    cached decode step): at small batches the op's checks and dispatch cost more than the
+    attention. Takes q (B, H, Dh) and caches as :func:`decode_attention` documents, on the CPU.
+    """
+    return _decode_attention_cpu(q, k_cache, v_cache, length)
 
 
 def _attend(queries, k_cache, v_cache, length: int, span: int) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from jetfast.errors import InvalidArgument, RunDirError
 from jetfast.kernels.linear import linear
+from jetfast.kernels.decode_attention import decode_attention_cpu
 from jetfast.ops import decode_attention
 from jetfast.run import checkpoint_file, load_checkpoint
 
@@ -206,6 +207,26 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), pos)
         return x + self.mlp(self.ln_2(x))
 
+    def decode_step(self, x: torch.Tensor, pos: int, weights: tuple) -> torch.Tensor:
+        """:meth:`forward` of one token per sequence at ``pos`` against the cache, without the module
+        calls: x (B, C) is the fp32 residual stream; ``weights`` are the GEMM operands (qkv, attention
+        projection, MLP in and out, each weight then bias) in the cache's dtype."""
+        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b = weights
+        attn, cache = self.attn, self.attn.kv_cache
+        batch, width = x.shape
+        low = qkv_w.dtype  # the GEMMs' dtype; layer norms and the residual stream stay fp32
+        h = F.layer_norm(x, (width,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps).to(low)
+        qkv = linear(h, qkv_w, qkv_b).view(batch, 3, attn.n_heads, attn.head_dim)  # (B, 3, H, Dh)
+        cache.k_cache[:, :, pos] = qkv[:, 1]
+        cache.v_cache[:, :, pos] = qkv[:, 2]
+        if x.device.type == "cpu":
+            y = decode_attention_cpu(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)  # (B, H, Dh)
+        else:
+            y = decode_attention(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)
+        x = x + linear(y.reshape(batch, width), proj_w, proj_b)
+        h = F.layer_norm(x, (width,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps).to(low)
+        return x + linear(linear(h, fc_w, fc_b, activation="gelu"), out_w, out_b)
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -216,6 +237,8 @@ class GPT(nn.Module):
         self.class_emb = nn.Embedding(config.num_classes + 1, config.d_model)  # per start token, at every position
         # The condition of a cached decode, set by its prefill: vectors (B, 1, C) and features (B, F).
         self.condition_cache = None
+        # Low-precision copies of the blocks' GEMM weights for cached decoding (see decode_weights).
+        self._decode_weights = None
         if config.kinematic:
             # Set by set_kinematics from the training jets: (log pT, log(1 + m)) mean and std, and the
             # range of (pT, m) in GeV, rows pT and mass, columns min and max.
@@ -370,6 +393,65 @@ class GPT(nn.Module):
             logits = logits + a * predicted + b * predicted.square()
         return logits
 
+    def decode_weights(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+        """Per block, the GEMM operands of a cached decode step in ``dtype`` (see :meth:`Block.decode_step`).
+
+        In the parameters' dtype these are the parameters; in another (bf16) they are copies, kept
+        until a parameter changes (its version counter moves, as an optimizer step makes it), so
+        sampling during training never reads stale weights."""
+        blocks = [(b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias, b.mlp.fc.weight,
+                   b.mlp.fc.bias, b.mlp.proj.weight, b.mlp.proj.bias) for b in self.blocks]
+        if blocks[0][0].dtype == dtype:
+            return blocks
+        params = [p for weights in blocks for p in weights]
+        key = (dtype, params[0].device, tuple((p.data_ptr(), p._version) for p in params))
+        if self._decode_weights is None or self._decode_weights[0] != key:
+            with torch.no_grad():
+                copies = [tuple(p.detach().to(dtype) for p in weights) for weights in blocks]
+            self._decode_weights = key, copies
+        return self._decode_weights[1]
+
+    def decode_step(self, token: torch.Tensor, pos: int, kinematics: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab), fp32, of the code that follows token (B,) at position ``pos``.
+
+        The cached path of :meth:`forward` for one token per sequence, as one function: no module
+        calls, no shape bookkeeping for a length that is always 1 (the per-step cost at small batches
+        is mostly such overhead, not arithmetic). ``pos=0`` is the prefill: the token is a start token
+        and sets the condition of the rows (with ``kinematics``). The caches' dtype sets the GEMMs'
+        precision: in bf16 the layer inputs are cast to bf16 before each GEMM and the KV cache is bf16,
+        while layer norms, the residual stream, the softmax (inside the attention) and the output head
+        stay fp32. In fp32 the result is :meth:`forward`'s.
+        """
+        config = self.config
+        caches = self.blocks[0].attn.kv_cache
+        if caches is None:
+            raise RuntimeError("GPT: call model.setup_caches(batch) before cached decoding")
+        if not 0 <= pos < caches.k_cache.shape[2]:
+            raise ValueError(f"GPT: position {pos} is outside the cache of {caches.k_cache.shape[2]} positions")
+        if pos == 0:
+            self.condition_cache = self.condition(token.view(-1, 1), kinematics)
+        elif self.condition_cache is None or self.condition_cache[0].shape[0] != token.shape[0]:
+            raise RuntimeError("GPT: a cached decode starts with prefill(), which sets the class of every row")
+        vectors, features = self.condition_cache
+        x = F.embedding(token, self.tok_emb.weight) + self.pos_emb[pos]  # (B, C)
+        x = x + vectors[:, 0]
+        if config.code_values and pos >= 1:
+            # The token at position pos is the code of sequence slot pos - 1.
+            values = self.values[pos - 1, token.clamp_max(config.vocab_size - 1)]  # (B,)
+            x = x + linear(values.unsqueeze(-1).to(x.dtype), self.value_proj.weight)
+        for block, weights in zip(self.blocks, self.decode_weights(caches.k_cache.dtype)):
+            x = block.decode_step(x, pos, weights)
+        x = F.layer_norm(x, (config.d_model,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        weight = self.tok_emb.weight[: config.vocab_size] if self.head is None else self.head.weight
+        logits = linear(x, weight)  # (B, vocab)
+        if config.code_values:
+            predicted = self.values[pos]  # (vocab,): bin values of the slot this position predicts
+            a, b = linear(x, self.value_head.weight, self.value_head.bias).unsqueeze(-1).unbind(-2)  # (B, 1) each
+            if config.value_shift:
+                a = a + (features @ self.value_shift[pos : pos + 1].T).to(a.dtype)
+            logits = logits + a * predicted + b * predicted.square()
+        return logits
+
     def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache of (batch, heads, max_len, head_dim) in every layer."""
         max_len = self.config.seq_len if max_len is None else max_len
@@ -380,9 +462,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             cache = block.attn.kv_cache
             shape = (batch, self.config.n_heads, max_len, self.config.head_dim)
+            # A cache made under inference mode (kept by the sampler) cannot be written outside it.
             if cache is None or cache.k_cache.shape != shape or cache.k_cache.dtype != dtype or (
                 cache.k_cache.device != reference.device
-            ):
+            ) or (cache.k_cache.is_inference() and not torch.is_inference_mode_enabled()):
                 block.attn.kv_cache = KVCache(batch, self.config.n_heads, max_len, self.config.head_dim, dtype,
                                               reference.device)
 
@@ -401,12 +484,12 @@ class GPT(nn.Module):
 def prefill(model: GPT, class_tokens: torch.Tensor, kinematics: torch.Tensor | None = None) -> torch.Tensor:
     """Run the start tokens (B,) at position 0 (with the requested (pT, mass) (B, 2) of a
     ``kinematic`` model); return logits (B, vocab) for c_0."""
-    return model(class_tokens.view(-1, 1), pos=0, kinematics=kinematics)[:, -1]
+    return model.decode_step(class_tokens.reshape(-1), 0, kinematics)
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, pos: int) -> torch.Tensor:
     """Feed code ``token`` (B,) at position ``pos``; return logits (B, vocab) for the next code."""
-    return model(token.view(-1, 1), pos=pos)[:, -1]
+    return model.decode_step(token.reshape(-1), pos)
 
 
 def decode_n_tokens(model: GPT, logits: torch.Tensor, codes: torch.Tensor, pick, start: int = 0) -> torch.Tensor:
