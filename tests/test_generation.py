@@ -1,5 +1,6 @@
 """`jetfast generate`: layout, exact count, resume after a kill, torchrun shards."""
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from jetfast.data.transforms import IntensityTransform
+from jetfast.errors import InvalidArgument
 from jetfast.generation.writer import JetGenerator, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
@@ -172,6 +174,21 @@ def test_killed_run_resumes_to_the_same_file(run_dir, tmp_path):
     resumed = read(generate_file(run_dir, n, out, batch_size=batch, seed=7, resume=True, progress=False))
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key])
+
+
+def test_bf16_generation_writes_the_same_layout_and_is_reproducible(run_dir, tmp_path):
+    fp32 = read(generate_file(run_dir, 12, tmp_path / "fp32.h5", batch_size=8, seed=5, progress=False))
+    bf16 = read(generate_file(run_dir, 12, tmp_path / "bf16.h5", batch_size=8, seed=5, precision="bf16", progress=False))
+    again = read(generate_file(run_dir, 12, tmp_path / "again.h5", batch_size=8, seed=5, precision="bf16", progress=False))
+    assert set(bf16) == set(fp32) and bf16["X_jets"].shape == fp32["X_jets"].shape
+    np.testing.assert_array_equal(bf16["y"], fp32["y"])
+    assert np.isfinite(bf16["X_jets"]).all() and (bf16["X_jets"] >= 0).all()
+    for key in bf16:
+        np.testing.assert_array_equal(bf16[key], again[key])
+    with h5py.File(tmp_path / "bf16.h5", "r") as f:
+        assert json.loads(f.attrs["jetfast_generate"])["precision"] == "bf16"
+    with pytest.raises(InvalidArgument, match="precision"):
+        generate_file(run_dir, 2, tmp_path / "y.h5", precision="fp8", progress=False)
 
 
 def test_a_failed_write_stops_the_run_resumably(run_dir, tmp_path, monkeypatch):

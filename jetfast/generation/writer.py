@@ -44,7 +44,7 @@ from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
 from jetfast.generation.conditions import CLASS_CHOICES, Conditions, LikeJets, complete, training_ranges
 from jetfast.generation.sampler import check_sampling, sample
 from jetfast.models.gpt import load_gpt
-from jetfast.models.vae import DECODE_MODES, load_vae
+from jetfast.models.vae import DECODE_MODES, DECODE_PRECISIONS, load_vae
 from jetfast.ops import dequantize
 from jetfast.run import RunDir, check_output_file
 
@@ -114,7 +114,7 @@ class JetGenerator:
 
     @torch.inference_mode()
     def jets(self, labels: torch.Tensor, seed: int, times: StageTimes | None = None, decode: str = "sample",
-             pt=None, mass=None, **sampling) -> np.ndarray:
+             pt=None, mass=None, precision: str = "fp32", **sampling) -> np.ndarray:
         """Images (n, 125, 125, 3) float32 in GeV for per-jet class labels (-1 = unconditional) and,
         optionally, requested pT and mass (GeV, per jet; a VAE conditioned on the jets needs whole
         jets: see :meth:`complete`); jet i depends on (seed, i) only, its codes and its pixels alike."""
@@ -122,7 +122,7 @@ class JetGenerator:
         start = time.perf_counter()
         kinematic = self.gpt_config.kinematic
         codes = sample(self.gpt, len(labels), cls=labels, pt=pt if kinematic else None, mass=mass if kinematic else None,
-                       seed=seed, batch_size=max(1, len(labels)), device=self.device, **sampling)
+                       seed=seed, batch_size=max(1, len(labels)), device=self.device, precision=precision, **sampling)
         times.add("sample", time.perf_counter() - start)
         start = time.perf_counter()
         latents = dequantize(codes.to(self.device), self.centers)
@@ -132,7 +132,8 @@ class JetGenerator:
                 raise InvalidArgument("a VAE conditioned on the jets decodes whole jets: complete the request first "
                                       "(JetGenerator.complete)")
             conditions = torch.from_numpy(np.stack([labels.numpy(), pt, mass], axis=1).astype(np.float32)).to(self.device)
-        images = self.vae.images(latents, self.transform, conditions, mode=decode, seed=seed).float().cpu().numpy()
+        images = self.vae.images(latents, self.transform, conditions, mode=decode, seed=seed,
+                                 precision=precision).float().cpu().numpy()
         times.add("decode", time.perf_counter() - start)
         return images
 
@@ -147,10 +148,11 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}-of-{world}{out.suffix}")
 
 
-def _settings(run_dir, n, conditions: Conditions, batch_size, seed, rank, world, decode, sampling) -> dict:
+def _settings(run_dir, n, conditions: Conditions, batch_size, seed, rank, world, decode, precision, sampling) -> dict:
     like = conditions.like
     return {
         "decode": decode,
+        "precision": precision,
         "run_dir": str(Path(run_dir).resolve()),
         "n": int(n),
         "cls": conditions.cls,
@@ -259,6 +261,7 @@ def generate_file(
     resume: bool = False,
     overwrite: bool = False,
     decode: str = "sample",
+    precision: str = "fp32",
     gpt_dir=None,
     device=None,
     progress: bool = True,
@@ -284,11 +287,13 @@ def generate_file(
         raise InvalidArgument(f"batch_size must be positive; got {batch_size}")
     if decode not in DECODE_MODES:
         raise InvalidArgument(f"decode must be one of {DECODE_MODES}; got {decode!r}")
+    if precision not in DECODE_PRECISIONS:
+        raise InvalidArgument(f"precision must be one of {DECODE_PRECISIONS}; got {precision!r}")
     n, out = int(n), check_output_file(out, overwrite)
     conditions = Conditions(cls=cls, pt=pt, mass=mass, like=None if like is None else LikeJets.read(like, like_rows),
                             like_offset=like_offset, allow_extrapolation=allow_extrapolation)
     partial = out.with_name(out.name + ".partial")
-    settings = _settings(run_dir, n, conditions, batch_size, seed, rank, world_size, decode, sampling)
+    settings = _settings(run_dir, n, conditions, batch_size, seed, rank, world_size, decode, precision, sampling)
     if partial.exists() and not resume:
         raise FileExistsError(
             f"{partial} is left from an interrupted run: pass resume=True (--resume) to continue it, or delete it"
@@ -319,7 +324,7 @@ def generate_file(
                 start, stop = block * batch_size, min(n, (block + 1) * batch_size)
                 seed_b = block_seed(seed, rank, block)
                 labels, pt_gen, m0_gen = generator.complete(*conditions.block(start, stop, seed_b), seed_b)
-                images = generator.jets(labels, seed_b, times, decode=decode, pt=pt_gen, mass=m0_gen,
+                images = generator.jets(labels, seed_b, times, decode=decode, pt=pt_gen, mass=m0_gen, precision=precision,
                                         allow_extrapolation=True, **sampling)  # checked above
                 if pending is not None:
                     finished(pending)
