@@ -161,12 +161,16 @@ def test_train_gpt_learns_the_pt_dependence(tmp_path, seed):
     with h5py.File(tmp_path / "codes.h5", "r") as f:
         train = f["split"][...] == 0
     assert run_config["kinematics"]["pt_gev"] == pytest.approx([pt[train].min(), pt[train].max()])
+    spreads = []
     for request in (80.0, 130.0, 190.0):
         expected = (math.log(request) - math.log(70)) / (math.log(200) - math.log(70)) * 200 + 20
         first = sample(model, 200, cls=None, pt=request, seed=1).float()[:, 0]
         assert abs(first.median().item() - expected) < 20, (request, first.median().item(), expected)
+        spreads.append(first.std().item())
     free = sample(model, 400, cls=None, seed=2).float()[:, 0]
-    assert free.std() > 35  # the pT is free: the leader spreads as in the data (~58)
+    # The pT is free: the leader spreads over the data's range (std ~58 in the data; a briefly
+    # trained model gets 35-60), more than at any one requested pT (15-25).
+    assert free.std() > 25 and free.std() > 1.3 * max(spreads), (free.std(), spreads)
 
 
 def test_train_gpt_without_kinematics_in_the_codes_is_class_only(tmp_path, seed, capsys):
