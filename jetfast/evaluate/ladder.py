@@ -22,13 +22,11 @@ Fréchet and kernel physics distances (:func:`~jetfast.evaluate.metrics.fpd`,
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import torch
 
 from jetfast.bins import load_bins
 from jetfast.data.loader import JetLoader
-from jetfast.data.transforms import crop_to_image
 from jetfast.evaluate.metrics import (
     TooFewJets,
     classifier_two_sample_test,
@@ -38,7 +36,7 @@ from jetfast.evaluate.metrics import (
     kpd,
 )
 from jetfast.evaluate.reader import JetSample, collect_jets
-from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae
+from jetfast.models.vae import batch_conditions, load_vae, loader_keys, read_conditions
 from jetfast.ops import dequantize, quantize
 from jetfast.run import RunDir
 
@@ -92,15 +90,15 @@ def model_samples(run_dir, data: str, real: JetSample, *, thresholds, seed: int 
         centers = torch.from_numpy(load_bins(run.bins_path)[0]).to(device)
     ids = np.sort(real.ids)
     labelled = real.labels is not None
-    keys = ("X_jets", *CONDITION_KEYS) if config.conditioned else ("X_jets", "y")
-    test_jets = _conditions(data, ids) if config.conditioned else None
+    test_jets = read_conditions(data, ids) if config.conditioned else None
 
     def encoded(through_bins: bool, stream: int):
         done = 0
         with JetLoader(data, batch_size, indices=ids, shuffle=False, transform=None, rank=0, world_size=1,
-                       keys=keys) as loader, torch.inference_mode():
+                       keys=loader_keys(config, "X_jets", "y")) as loader, torch.inference_mode():
             for batch in loader:
-                conditions = batch_conditions(batch).to(device) if config.conditioned else None
+                conditions = batch_conditions(batch, config)
+                conditions = None if conditions is None else conditions.to(device)
                 mu, _ = model.encode(transform.forward(batch["X_jets"].to(device)), conditions)
                 z = dequantize(quantize(mu, centers), centers) if through_bins else mu
                 images = model.images(z, transform, conditions, mode="sample", seed=seed + stream, start=done)
@@ -126,12 +124,6 @@ def model_samples(run_dir, data: str, real: JetSample, *, thresholds, seed: int 
     return {name: collect_jets(batches, len(ids), name=f"{run.path} ({name})", labelled=with_labels,
                                thresholds=thresholds, seed=seed, progress=progress, desc=name)
             for name, (batches, with_labels) in rows.items()}
-
-
-def _conditions(data: str, ids: np.ndarray) -> torch.Tensor:
-    """The (y, pt, m0) of file rows ``ids`` (sorted), (N, 3) float32."""
-    with h5py.File(data, "r") as f:
-        return torch.from_numpy(np.stack([np.asarray(f[key][...], np.float32)[ids] for key in CONDITION_KEYS], axis=1))
 
 
 def ladder(real: JetSample, rows: dict[str, JetSample], *, bootstrap: int = 50, seed: int = 0) -> list[dict]:

@@ -38,7 +38,7 @@ from jetfast.data.format import CHANNELS, validate_jet_file
 from jetfast.data.loader import JetLoader
 from jetfast.data.transforms import crop_to_image
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae
+from jetfast.models.vae import batch_conditions, load_vae, loader_keys
 from jetfast.run import RunDir, check_split_fits, load_split, write_json
 
 # Below this energy a pixel is drawn as empty: the reconstruction's soft floor
@@ -247,7 +247,6 @@ def evaluate_vae(
     if len(test) == 0:
         raise RunDirError("the run's test split is empty")
     model, transform, config = load_vae(run.path, which=checkpoint)
-    keys = ("X_jets", *CONDITION_KEYS) if config.conditioned else ("X_jets", "y")
     out = Path(out) if out else run.eval_dir
     out.mkdir(parents=True, exist_ok=True)
 
@@ -257,7 +256,8 @@ def evaluate_vae(
 
     # Physical-unit batches (padded only): the originals stay exact, the model input is
     # transformed here, and the reconstruction goes back through the exact inverse.
-    loader = JetLoader(data, batch_size, indices=test, shuffle=False, transform=None, rank=0, world_size=1, keys=keys)
+    loader = JetLoader(data, batch_size, indices=test, shuffle=False, transform=None, rank=0, world_size=1,
+                       keys=loader_keys(config, "X_jets", "y"))
     n_ch = len(CHANNELS)
     sq_err = np.zeros(n_ch + 1)
     true_sums, reco_sums, latents, labels, scores, psnr, ssim = [], [], [], [], [], [], []
@@ -267,7 +267,7 @@ def evaluate_vae(
         for batch in tqdm(loader, desc="evaluate-vae", unit="batch", disable=not progress, leave=False):
             physical = batch["X_jets"]
             x = transform.forward(physical)
-            conditions = batch_conditions(batch) if config.conditioned else None
+            conditions = batch_conditions(batch, config)
             mu, _ = model.encode(x, conditions)
             reco_img = model.images(mu, transform, conditions, mode=decode, seed=seed, start=jets_done).double()  # (B, 125, 125, 3) GeV
             jets_done += len(mu)

@@ -42,9 +42,9 @@ from jetfast.data.format import CHANNELS, IMAGE_KEY, IMAGE_SIZE, REQUESTED_KEYS,
 from jetfast.data.kinematics import jet_pt_mass
 from jetfast.errors import GenerationMismatch, InvalidArgument, RunDirError
 from jetfast.generation.conditions import CLASS_CHOICES, Conditions, LikeJets, complete, training_ranges
-from jetfast.generation.sampler import check_sampling, sample
+from jetfast.generation.sampler import check_sampling, precision_dtype, sample
 from jetfast.models.gpt import load_gpt
-from jetfast.models.vae import DECODE_MODES, DECODE_PRECISIONS, load_vae
+from jetfast.models.vae import DECODE_MODES, load_vae
 from jetfast.ops import dequantize
 from jetfast.run import RunDir, check_output_file
 
@@ -287,8 +287,7 @@ def generate_file(
         raise InvalidArgument(f"batch_size must be positive; got {batch_size}")
     if decode not in DECODE_MODES:
         raise InvalidArgument(f"decode must be one of {DECODE_MODES}; got {decode!r}")
-    if precision not in DECODE_PRECISIONS:
-        raise InvalidArgument(f"precision must be one of {DECODE_PRECISIONS}; got {precision!r}")
+    precision_dtype(precision)  # the sampler's precisions, which the decoder shares
     n, out = int(n), check_output_file(out, overwrite)
     conditions = Conditions(cls=cls, pt=pt, mass=mass, like=None if like is None else LikeJets.read(like, like_rows),
                             like_offset=like_offset, allow_extrapolation=allow_extrapolation)

@@ -20,7 +20,7 @@ from jetfast.data.loader import JetLoader
 from jetfast.data.transforms import crop_to_image
 from jetfast.errors import InvalidArgument, JetFileError
 from jetfast.latent.codes import KINEMATICS
-from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae
+from jetfast.models.vae import CONDITION_KEYS, batch_conditions, load_vae, loader_keys
 from jetfast.run import RunDir, check_split_fits, load_split
 
 
@@ -48,22 +48,17 @@ class RunEncoder:
         if self.vae_config.conditioned:
             validate_jet_file(self.data, CONDITION_KEYS)  # the encoder sees each jet's (y, pt, m0)
 
-    @property
-    def _condition_keys(self) -> tuple[str, ...]:
-        return CONDITION_KEYS[1:] if self.vae_config.conditioned else ()
-
     def batches(self, indices, batch_size: int, desc: str, progress: bool = True):
         """Yield ``(mu (B, D) float32 CPU tensor, batch dict)`` over ``indices``, in file order; the
         batch's ``"conditions"`` are the jets' (B, 3) (y, pt, m0) for a conditioned VAE, else None."""
         if batch_size < 1:
             raise InvalidArgument(f"--batch-size must be >= 1; got {batch_size}")
         loader = JetLoader(self.data, batch_size, indices=indices, shuffle=False, transform=self.transform,
-                           keys=("X_jets", "y", *dict.fromkeys((*self.kinematics, *self._condition_keys))),
-                           rank=0, world_size=1)
+                           keys=loader_keys(self.vae_config, "X_jets", "y", *self.kinematics), rank=0, world_size=1)
         with loader, torch.inference_mode(), tqdm(total=loader.num_jets, desc=desc, unit="jet", disable=not progress,
                                                   leave=False) as bar:
             for batch in loader:
-                batch["conditions"] = batch_conditions(batch) if self.vae_config.conditioned else None
+                batch["conditions"] = batch_conditions(batch, self.vae_config)
                 conditions = None if batch["conditions"] is None else batch["conditions"].to(self.device)
                 mu, _ = self.model.encode(batch["X_jets"].to(self.device, non_blocking=True), conditions)
                 mu = mu.float().cpu()

@@ -261,14 +261,13 @@ class SparseObservation(nn.Module):
             loc, scale = out.totals[:, c, 0].float(), out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp()
             mean, std = self.total_log_mean[c], self.total_log_std[c]
             # x_c = loc + scale * (e_c + sum_j r_cj e_j): its variance is scale^2 (1 + sum_j r_cj^2)
-            spread = draws[:, c] if draws is not None else torch.ones_like(loc)
-            for j in range(c):
-                if (r := self._coupling(out, c, j)) is not None:
-                    spread = spread + r * draws[:, j] if draws is not None else spread + r**2
+            couplings = [(j, r) for j in range(c) if (r := self._coupling(out, c, j)) is not None]
             if draws is None:
-                columns.append(loc * std + mean + 0.5 * spread * (scale * std) ** 2)  # E[T] of a log-normal
+                variance = 1 + sum(r**2 for _, r in couplings)
+                columns.append(loc * std + mean + 0.5 * variance * (scale * std) ** 2)  # E[T] of a log-normal
             else:
-                columns.append((loc + scale * spread) * std + mean)
+                noise = draws[:, c] + sum(r * draws[:, j] for j, r in couplings)
+                columns.append((loc + scale * noise) * std + mean)
         return torch.stack(columns, dim=1)
 
     @staticmethod

@@ -34,6 +34,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +48,7 @@ from jetfast.sim.detector import cells_to_towers, towers_to_cells
 RECON_KINDS = ("sparse", "mse", "gaussian_nll")
 CONDITION_KEYS = ("y", "pt", "m0")  # the generator-level jet a conditioned VAE decodes for
 DECODE_MODES = ("sample", "mean")
-DECODE_PRECISIONS = ("fp32", "bf16")
+DECODE_PRECISIONS = ("fp32", "bf16")  # as the sampler's (jetfast.generation.sampler.PRECISIONS)
 
 
 @dataclass
@@ -129,9 +130,24 @@ def condition_features(conditions: torch.Tensor) -> torch.Tensor:
     return torch.stack([conditions[:, 0], conditions[:, 1].log(), conditions[:, 2].log1p()], dim=1)
 
 
-def batch_conditions(batch: dict) -> torch.Tensor:
-    """The (B, 3) conditions (y, pt, m0) of a JetLoader batch read with those keys."""
-    return torch.stack([batch[key].float() for key in CONDITION_KEYS], dim=1)
+def loader_keys(config: VAEConfig, *keys: str) -> tuple[str, ...]:
+    """``keys`` and, for a VAE conditioned on the jets, (y, pt, m0): what a JetLoader must read."""
+    return tuple(dict.fromkeys((*keys, *(CONDITION_KEYS if config.conditioned else ()))))
+
+
+def batch_conditions(batch: dict, config: VAEConfig) -> torch.Tensor | None:
+    """The (B, 3) conditions (y, pt, m0) of a JetLoader batch read with :func:`loader_keys`, or
+    None for a VAE not conditioned on the jets."""
+    return torch.stack([batch[key].float() for key in CONDITION_KEYS], dim=1) if config.conditioned else None
+
+
+def read_conditions(path: str, rows) -> torch.Tensor:
+    """The (y, pt, m0) (N, 3) float32 of the jets at file rows ``rows``, in the order of ``rows``."""
+    import h5py
+
+    rows = np.asarray(rows)
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(np.stack([np.asarray(f[key][...], np.float32)[rows] for key in CONDITION_KEYS], axis=1))
 
 
 def _down(c_in: int, c_out: int, slope: float) -> nn.Sequential:

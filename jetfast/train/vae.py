@@ -25,7 +25,8 @@ from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE
 from jetfast.data.transforms import PAD_BEFORE, IntensityTransform, crop_to_image
 from jetfast.errors import InvalidArgument, JetFileError, RunDirError
 from jetfast.models.observation import CHANNEL_NAMES, hit_statistics
-from jetfast.models.vae import CONDITION_KEYS, VAE, VAEConfig, batch_conditions, condition_features
+from jetfast.models.vae import (CONDITION_KEYS, VAE, VAEConfig, batch_conditions, condition_features, loader_keys,
+                                read_conditions)
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
 from jetfast.train.loop import Stage, fit
 
@@ -141,7 +142,7 @@ class VAEStage(Stage):
     def build(self, rank: int, world_size: int, device: torch.device) -> VAE:
         o = self.options
         self.device, self.world_size = device, world_size
-        keys = (IMAGE_KEY, *CONDITION_KEYS) if self.vae_config.conditioned else (IMAGE_KEY,)
+        keys = loader_keys(self.vae_config, IMAGE_KEY)
         self.train_loader = JetLoader(o.data, o.batch_size, indices=self.split["train"], shuffle=True, seed=o.seed,
                                       num_threads=o.loader_threads, transform=None, keys=keys)
         self.val_loader = JetLoader(o.data, o.batch_size, indices=self.split["val"], shuffle=False,
@@ -183,7 +184,8 @@ class VAEStage(Stage):
         physical = batch["X_jets"].to(self.device, non_blocking=True)  # padded, GeV
         if mirror_seed is not None:
             physical = _mirror(physical, torch.Generator().manual_seed(mirror_seed))
-        conditions = batch_conditions(batch).to(self.device) if self.vae_config.conditioned else None
+        conditions = batch_conditions(batch, self.vae_config)
+        conditions = None if conditions is None else conditions.to(self.device)
         return self.transform.forward(physical), crop_to_image(physical), conditions
 
     def step(self, net, batch, step: int):
@@ -298,9 +300,7 @@ def _sample_images(path: str, train_indices, max_jets: int, seed: int, loader_th
 
 def _training_jets(path: str, train_indices) -> torch.Tensor:
     """The training jets' (y, pt, m0) (N, 3) float32, checked usable as conditions."""
-    with h5py.File(path, "r") as f:
-        columns = [np.asarray(f[key][...], np.float64)[np.sort(train_indices)] for key in CONDITION_KEYS]
-    jets = np.stack(columns, axis=1)
+    jets = read_conditions(path, np.sort(train_indices)).double().numpy()
     bad = ~np.isfinite(jets).all(1) | (jets[:, 1] <= 0) | (jets[:, 2] < 0)
     if bad.any():
         row = int(np.sort(train_indices)[np.argmax(bad)])
