@@ -37,10 +37,21 @@ def _numpy_params(out, k):
     return result
 
 
-def _numpy_nll(out, images, log_mean, log_std, k, totals=None, total_log_mean=None, total_log_std=None):
+def _numpy_coordinates(sums, basis):
+    """Channel totals (B, 3) -> the totals' coordinates and which exist, from the module docstring."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if basis == "channels":
+            return np.log(sums), sums > 0
+        tracks, ecal, hcal = sums.T
+        coords = np.stack([np.log(tracks), np.log(ecal + hcal), np.log(ecal / hcal)], axis=1)
+        return coords, np.stack([tracks > 0, ecal + hcal > 0, (ecal > 0) & (hcal > 0)], axis=1)
+
+
+def _numpy_nll(out, images, log_mean, log_std, k, totals=None, total_log_mean=None, total_log_std=None,
+               basis="channels", shares=False):
     """Straight from the formulas, per channel and pixel, in float64."""
     b = out.shape[0]
-    result = {}
+    result, sums = {}, []
     for c, (name, (logit, log_w, loc, log_scale)) in enumerate(zip(("tracks", "ecal", "hcal"), _numpy_params(out, k))):
         x = images[..., c].astype(np.float64)
         if name == "hcal":
@@ -50,16 +61,21 @@ def _numpy_nll(out, images, log_mean, log_std, k, totals=None, total_log_mean=No
         hits = -np.where(hit, np.log(p), np.log1p(-p))
         sigma = np.exp(log_scale) * log_std[c]
         mean = log_mean[c] + loc * log_std[c]
+        total = x.reshape(b, -1).sum(1)
+        sums.append(total)
+        if shares:  # the intensity of a hit as its share of the channel's total
+            x = x / np.where(total > 0, total, 1.0)[:, None, None]
         logx = np.log(np.where(hit, x, 1.0))[:, None]
         log_density = logsumexp(log_w + norm.logpdf(logx, mean, sigma), axis=1)
         result[f"{name}_hits"] = hits.reshape(b, -1).sum(1)
         result[f"{name}_energy"] = -np.where(hit, log_density, 0.0).reshape(b, -1).sum(1)
-        if totals is not None:
-            # log T ~ Normal(mean + loc * std, (exp(log scale) * std)^2); the density of log T
-            total = x.reshape(b, -1).sum(1)
+    if totals is not None:
+        # each coordinate v ~ Normal(mean + loc * std, (exp(log scale) * std)^2); the density of v
+        coords, observed = _numpy_coordinates(np.stack(sums, axis=1), basis)
+        for c, name in enumerate(("tracks", "ecal", "hcal")):
             loc, scale = totals[:, c, 0], np.exp(np.clip(totals[:, c, 1], -7, 5)) * total_log_std[c]
-            density = norm.logpdf(np.log(np.where(total > 0, total, 1.0)), total_log_mean[c] + loc * total_log_std[c], scale)
-            result[f"{name}_total"] = -np.where(total > 0, density, 0.0)
+            density = norm.logpdf(np.where(observed[:, c], coords[:, c], 0.0), total_log_mean[c] + loc * total_log_std[c], scale)
+            result[f"{name}_total"] = -np.where(observed[:, c], density, 0.0)
     return result
 
 
@@ -75,19 +91,25 @@ def _sparse_images(rng, b):
     return images
 
 
-@pytest.mark.parametrize("b, k, with_totals", [(1, 1, False), (3, 1, True), (2, 3, False), (4, 3, True)])
-def test_nll_matches_numpy(b, k, with_totals, rng):
+@pytest.mark.parametrize("b, k, with_totals, basis, shares", [
+    (1, 1, False, "channels", False), (3, 1, True, "channels", False), (2, 3, False, "channels", False),
+    (4, 3, True, "channels", False), (5, 3, True, "calorimeter", False), (4, 1, True, "calorimeter", True),
+    (3, 3, True, "channels", True)])
+def test_nll_matches_numpy(b, k, with_totals, basis, shares, rng):
     model = SparseObservation(tuple(rng.normal(0, 1, 3)), tuple(rng.uniform(0.5, 2, 3)), components=k,
-                              total_log_mean=tuple(rng.normal(3, 1, 3)), total_log_std=tuple(rng.uniform(0.3, 1, 3)))
+                              total_log_mean=tuple(rng.normal(3, 1, 3)), total_log_std=tuple(rng.uniform(0.3, 1, 3)),
+                              totals_basis=basis, pixel_shares=shares)
     out = rng.normal(0, 1, (b, 3 * model.params, 128, 128)).astype(np.float32)
     totals = rng.normal(0, 1, (b, 3, 2)).astype(np.float32) if with_totals else None
     images = _sparse_images(rng, b)
     if with_totals:
-        images[0, ..., 1] = 0  # an empty channel has no total term
+        images[0, ..., 1] = 0  # an empty channel has no total term (in the calorimeter basis: no fraction)
+    if b > 4:
+        images[4, ..., 1:] = 0  # nor, for the calorimeter, an empty calorimeter
     got = model.nll(SparseOutput(torch.from_numpy(out), None if totals is None else torch.from_numpy(totals)),
                     torch.from_numpy(images))
     want = _numpy_nll(out, images, model.log_mean.double().numpy(), model.log_std.double().numpy(), k, totals,
-                      model.total_log_mean.double().numpy(), model.total_log_std.double().numpy())
+                      model.total_log_mean.double().numpy(), model.total_log_std.double().numpy(), basis, shares)
     assert set(got) == set(want)
     for k in want:
         # float32 sums of O(1)..O(1e4) terms: relative to the value, and absolute where a
@@ -156,16 +178,24 @@ def test_sampled_occupancy_and_intensity_follow_the_model(k, rng, seed):
     assert kstest(cdf, "uniform").pvalue > 1e-4
 
 
-def test_sampled_channels_hold_the_drawn_totals(rng, seed):
-    """With totals, a sampled jet's channel sums are its drawn totals, exp((loc + scale * eps) * std +
-    mean) with the jet's own normals; where the energy sits is the pixels' (the same hits as
-    without totals), and HCAL keeps its towers."""
+@pytest.mark.parametrize("basis", ["channels", "calorimeter"])
+def test_sampled_channels_hold_the_drawn_totals(basis, rng, seed):
+    """With totals, a sampled jet's channel sums are its drawn totals: coordinates
+    v = (loc + scale * eps) * std + mean with the jet's own normals, which are the log totals
+    or (log Tracks, log calorimeter sum, logit of its ECAL fraction); where the energy sits is
+    the pixels' (the same hits as without totals), and HCAL keeps its towers."""
     model, out = _observation_and_output(rng, 6, 3, totals=True)
+    model.totals_basis = basis
     jets = model.sample(out, seed=seed).double()
     _, eps = model.noise(seed, 0, 6)
     loc, scale = out.totals[..., 0].double(), out.totals[..., 1].double().exp()
-    want = torch.exp((loc + scale * eps.double()) * model.total_log_std.double() + model.total_log_mean.double())
-    torch.testing.assert_close(jets.sum(dim=(1, 2)), want, rtol=1e-5, atol=0)
+    v = ((loc + scale * eps.double()) * model.total_log_std.double() + model.total_log_mean.double()).numpy()
+    if basis == "channels":
+        want = np.exp(v)
+    else:
+        ecal_fraction = 1 / (1 + np.exp(-v[:, 2]))
+        want = np.stack([np.exp(v[:, 0]), np.exp(v[:, 1]) * ecal_fraction, np.exp(v[:, 1]) * (1 - ecal_fraction)], axis=1)
+    torch.testing.assert_close(jets.sum(dim=(1, 2)), torch.from_numpy(want), rtol=1e-5, atol=0)
     plain = model.sample(SparseOutput(out.pixels, None), seed=seed).double()
     # The same hits, but for those with a share of the channel so small that scaling takes them
     # below the smallest float32 (random test parameters draw such values; jets do not).
@@ -211,6 +241,32 @@ def test_hit_statistics(rng):
     totals = np.log(images.astype(np.float64).sum(axis=(1, 2)))  # (4, 3)
     assert stats["total_log_mean"] == pytest.approx(totals.mean(0).tolist())
     assert stats["total_log_std"] == pytest.approx(totals.std(0, ddof=1).tolist())
+
+
+def test_hit_statistics_of_shares_and_calorimeter_coordinates(rng):
+    images = _sparse_images(rng, 5)
+    images[3, ..., 2] = 0  # no HCAL: no ECAL fraction, but a calorimeter sum
+    stats = hit_statistics(images, totals_basis="calorimeter", pixel_shares=True)
+    ecal = images[..., 1].astype(np.float64)
+    shares = (ecal / ecal.sum(axis=(1, 2), keepdims=True))[ecal > 0]
+    assert stats["log_mean"][1] == pytest.approx(np.log(shares).mean())
+    assert stats["log_std"][1] == pytest.approx(np.log(shares).std(ddof=1))
+    sums = images.astype(np.float64).sum(axis=(1, 2))
+    calo = np.log(sums[:, 1] + sums[:, 2])
+    fraction = np.log(sums[[0, 1, 2, 4], 1] / sums[[0, 1, 2, 4], 2])
+    assert stats["total_log_mean"] == pytest.approx([np.log(sums[:, 0]).mean(), calo.mean(), fraction.mean()])
+    assert stats["total_log_std"] == pytest.approx([np.log(sums[:, 0]).std(ddof=1), calo.std(ddof=1), fraction.std(ddof=1)])
+
+
+def test_pixel_shares_need_totals(rng):
+    model, out = _observation_and_output(rng, 2, 1)
+    model.pixel_shares = True
+    with pytest.raises(ValueError, match="totals"):
+        model.nll(out, torch.from_numpy(_sparse_images(rng, 2)))
+    with pytest.raises(ValueError, match="pixel_shares"):
+        VAEConfig(channel_totals=False, pixel_shares=True)
+    with pytest.raises(ValueError, match="totals_basis"):
+        VAEConfig(channel_totals=True, totals_basis="towers")
 
 
 def _small_vae_config(images):
@@ -271,16 +327,18 @@ def test_bf16_decoding_is_fp32_decoding_within_bf16_error(rng, seed):
             vae.images(z, transform, precision="fp16")
 
 
-def test_correlated_totals_are_a_full_covariance_normal(rng, seed):
-    """With couplings, the standardised log totals are N(loc, S) with S = D (I + R)(I + R)^T D:
-    the density against SciPy's multivariate normal, the draws' covariance against S."""
+@pytest.mark.parametrize("basis", ["channels", "calorimeter"])
+def test_correlated_totals_are_a_full_covariance_normal(basis, rng, seed):
+    """With couplings, the standardised coordinates of the totals are N(loc, S) with
+    S = D (I + R)(I + R)^T D: the density against SciPy's multivariate normal, the draws'
+    covariance against S, and the expected totals against the draws' mean."""
     from scipy.stats import multivariate_normal
 
     from jetfast.models.observation import COUPLED
 
     b = 5
     model = SparseObservation((0.0,) * 3, (1.0,) * 3, components=1, total_log_mean=tuple(rng.normal(3, 1, 3)),
-                              total_log_std=tuple(rng.uniform(0.3, 1, 3)))
+                              total_log_std=tuple(rng.uniform(0.3, 1, 3)), totals_basis=basis)
     totals = rng.normal(0, 0.5, (b, 3, 2))
     couplings = rng.normal(0, 0.8, (b, 3))
     sums = np.exp(rng.normal(3, 1, (b, 3)))
@@ -288,33 +346,40 @@ def test_correlated_totals_are_a_full_covariance_normal(rng, seed):
                        torch.from_numpy(couplings).float())
     got = torch.stack(model._totals_nll(out, torch.from_numpy(sums).float()), dim=1).sum(1).double().numpy()
     mean, std = model.total_log_mean.double().numpy(), model.total_log_std.double().numpy()
-    for i in range(b):
+    coords = _numpy_coordinates(sums, basis)[0]
+
+    def covariance(i):
         lower = np.eye(3)
         for (c, j), r in zip(COUPLED, couplings[i]):
             lower[c, j] = r
-        scale = np.diag(np.exp(totals[i, :, 1]) * std) @ lower  # of log T in GeV
-        want = -multivariate_normal(mean + totals[i, :, 0] * std, scale @ scale.T).logpdf(np.log(sums[i]))
+        scale = np.diag(np.exp(totals[i, :, 1]) * std) @ lower  # of the coordinates in their own units
+        return scale @ scale.T
+
+    for i in range(b):
+        want = -multivariate_normal(mean + totals[i, :, 0] * std, covariance(i)).logpdf(coords[i])
         assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-5), i
-    # Draws: many jets of one set of parameters, their log totals' covariance is S.
-    n = 4000
+    # Draws: many jets of one set of parameters, their coordinates' covariance is S.
+    n = 20000
     one = SparseOutput(torch.zeros(1), torch.from_numpy(np.repeat(totals[:1], n, 0)).float(),
                        torch.from_numpy(np.repeat(couplings[:1], n, 0)).float())
     draws = torch.from_numpy(np.random.default_rng(seed).normal(size=(n, 3))).float()
     log_totals = model._log_totals(one, draws).double().numpy()
-    lower = np.eye(3)
-    for (c, j), r in zip(COUPLED, couplings[0]):
-        lower[c, j] = r
-    scale = np.diag(np.exp(totals[0, :, 1]) * std) @ lower
-    np.testing.assert_allclose(np.cov(log_totals.T), scale @ scale.T, rtol=0.15, atol=0.02 * np.abs(scale @ scale.T).max())
-    # The expected totals: E[T_c] = exp(m_c + S_cc / 2).
-    expected = model._log_totals(one).double().numpy()[0]
-    np.testing.assert_allclose(expected, mean + totals[0, :, 0] * std + np.diag(scale @ scale.T) / 2, rtol=1e-5)
+    drawn = _numpy_coordinates(np.exp(log_totals), basis)[0]
+    s = covariance(0)
+    np.testing.assert_allclose(np.cov(drawn.T), s, rtol=0.1, atol=0.02 * np.abs(s).max())
+    # The expected totals: E[T_c], in the channel basis exp(m_c + S_cc / 2), in both the draws' mean.
+    expected = model._log_totals(SparseOutput(one.pixels, one.totals[:1], one.couplings[:1])).double().numpy()[0]
+    if basis == "channels":
+        np.testing.assert_allclose(expected, mean + totals[0, :, 0] * std + np.diag(s) / 2, rtol=1e-5)
+    error = np.exp(log_totals).std(0) / np.sqrt(n)  # of the draws' mean
+    assert (np.abs(np.exp(expected) - np.exp(log_totals).mean(0)) < 4 * error).all()
 
 
-def test_vae_with_correlated_totals_decodes_and_scores(rng, seed):
+@pytest.mark.parametrize("basis, shares", [("channels", False), ("calorimeter", True)])
+def test_vae_with_correlated_totals_decodes_and_scores(basis, shares, rng, seed):
     images = torch.from_numpy(_sparse_images(rng, 3))
     transform, config = _small_vae_config(images)
-    config.total_correlations = True
+    config.total_correlations, config.totals_basis, config.pixel_shares = True, basis, shares
     vae = VAE(config).eval()
     z = torch.randn(3, 8)
     out = vae.decode(z)

@@ -55,6 +55,13 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-total-correlations", dest="total_correlations", action="store_false",
                        help="sparse: draw the channel totals independently (their sum, and the jet pT, then spread "
                             "about twice as much as in the data: the channels share a jet's energy)")
+    model.add_argument("--totals-basis", choices=("calorimeter", "channels"), default="calorimeter",
+                       help="sparse: what the totals' Gaussian is over: calorimeter (default: Tracks, the ECAL+HCAL sum and "
+                            "its ECAL fraction, as a calorimeter's response and electromagnetic fraction vary) or channels "
+                            "(each channel's total: the calorimeter sum, and with it the jet pT, then comes out too broad)")
+    model.add_argument("--no-pixel-shares", dest="pixel_shares", action="store_false",
+                       help="sparse: model pixel intensities in GeV rather than as shares of their channel's total (the "
+                            "totals' swing is then counted again in every pixel, and the jets' cores come out soft)")
     model.add_argument("--no-conditioning", dest="conditioned", action="store_false",
                        help="do not show the encoder and decoder each jet's class, pT and mass (y, pt, m0 of the file): "
                             "the latents then have to carry them, and generation cannot be asked for a jet's pT")

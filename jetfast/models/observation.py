@@ -47,6 +47,26 @@ a full-covariance normal of the standardised log totals whose density is one ter
 channel, ``log scale_c + e_c^2 / 2 + log(2 pi) / 2``, with ``e`` found by forward
 substitution (an empty channel counts as ``e_j = 0`` in the channels after it).
 
+The basis of the totals (``totals_basis``). ``"channels"``: the Gaussian is over (log T_tracks,
+log T_ecal, log T_hcal). ``"calorimeter"``: over (log T_tracks, log C, log T_ecal - log T_hcal)
+with C = T_ecal + T_hcal, the calorimeter sum and the logit of its electromagnetic fraction.
+A jet's calorimeter sum follows its pT closely (the detector response) while the share of it
+in ECAL swings widely (the photons of its pi0s); in the channel basis the two are tied into
+log T_ecal and log T_hcal, whose joint law is not Gaussian (log T_hcal is skewed, with a heavy
+tail), and a Gaussian with their covariance spreads the calorimeter sum 26% wider than the
+data's. The map (log T_ecal, log T_hcal) -> (log C, logit) has Jacobian 1, so the two bases'
+likelihoods compare directly. A coordinate that does not exist for a jet (an empty channel;
+the fraction when ECAL or HCAL is empty) counts as ``e = 0`` and adds no term.
+
+Pixel shares (``pixel_shares``). With totals, a sampled channel is scaled to its drawn
+total, so only the pixels' relative sizes reach the jet; with ``pixel_shares`` the
+intensities are modelled as such, ``log(x / T_c)`` with T_c the channel total of the
+image, so that the jet-to-jet swing of the totals (which the totals head draws) is not
+counted again in every pixel. A pixel drawn wider than its share varies sits, after scaling,
+typically below its expected share (the median of a log-normal lies below its mean, and
+the many small pixels of a jet add up to close to their mean): the cores of such jets come
+out soft.
+
 Decoding: :meth:`SparseObservation.sample` draws occupancies, components and intensities
 (and totals) from per-jet random streams (:mod:`jetfast.seeding`); :meth:`SparseObservation.mean`
 is the expected image ``p * E[x | hit]`` (scaled to the expected totals), smooth and non-zero
@@ -58,6 +78,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,18 +91,23 @@ from jetfast.sim.detector import TOWER, cells_to_towers, towers_to_cells
 NUM_CHANNELS = len(CHANNELS)
 CHANNEL_NAMES = ("tracks", "ecal", "hcal")
 LOG_SCALE_RANGE = (-7.0, 5.0)  # keeps exp(log scale) finite and the density bounded
+# Largest log of a drawn pixel value: far above any jet (e^70 GeV), low enough that a channel's
+# sum of 125 x 125 such pixels stays finite in float32, so a wild draw cannot become inf or NaN.
+MAX_LOG_VALUE = 70.0
 TOWERS = IMAGE_SIZE // TOWER
 DECODE_STREAM = 1  # the seeding stream of pixel draws (the sampler's codes use stream 0)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-COUPLED = ((1, 0), (2, 0), (2, 1))  # (channel, earlier channel) of each coupling, in SparseOutput.couplings' order
+COUPLED = ((1, 0), (2, 0), (2, 1))  # (coordinate, earlier coordinate) of each coupling, in SparseOutput.couplings' order
+TOTALS_BASES = ("channels", "calorimeter")
+_EXPECTATION_NODES = 8  # Gauss-Hermite nodes per coordinate for the expected totals of the calorimeter basis
 
 
 class SparseOutput(NamedTuple):
     """The decoder's output for the sparse observation model."""
 
     pixels: torch.Tensor  # (B, 3P, 128, 128): per channel the P parameters of params_per_channel
-    totals: torch.Tensor | None  # (B, 3, 2): per channel (loc, log scale) of the standardised log total; None: no totals
-    couplings: torch.Tensor | None = None  # (B, 3): r of (ECAL, Tracks), (HCAL, Tracks), (HCAL, ECAL); None: independent
+    totals: torch.Tensor | None  # (B, 3, 2): per coordinate of the totals (loc, log scale), standardised; None: no totals
+    couplings: torch.Tensor | None = None  # (B, 3): r of the coordinate pairs COUPLED; None: independent
 
 
 def _normal_log_density(u: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -95,22 +121,56 @@ def params_per_channel(components: int) -> int:
     return 1 + 3 * components if components > 1 else 3
 
 
-def hit_statistics(images) -> dict:
+def total_coordinates(totals: torch.Tensor, basis: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel totals (B, 3) in GeV -> the coordinates their Gaussian is over (B, 3) (see the module
+    docstring) and which of them exist (B, 3) bool; a missing one is 0."""
+    if basis not in TOTALS_BASES:
+        raise ValueError(f"totals basis must be one of {TOTALS_BASES}; got {basis!r}")
+    lit = totals > 0
+    logs = torch.log(torch.where(lit, totals, 1.0))
+    if basis == "channels":
+        return torch.where(lit, logs, 0.0), lit
+    calo = totals[:, 1] + totals[:, 2]
+    coords = torch.stack([logs[:, 0], torch.log(torch.where(calo > 0, calo, 1.0)), logs[:, 1] - logs[:, 2]], dim=1)
+    observed = torch.stack([lit[:, 0], calo > 0, lit[:, 1] & lit[:, 2]], dim=1)
+    return torch.where(observed, coords, 0.0), observed
+
+
+def log_channel_totals(coords: torch.Tensor, basis: str) -> torch.Tensor:
+    """The inverse of :func:`total_coordinates`: coordinates (..., 3) -> log channel totals (..., 3)."""
+    if basis == "channels":
+        return coords
+    log_calo, logit = coords[..., 1], coords[..., 2]
+    # log(C * f) and log(C * (1 - f)) with f = sigmoid(logit), without forming f
+    return torch.stack([coords[..., 0], log_calo - F.softplus(-logit), log_calo - F.softplus(logit)], dim=-1)
+
+
+def hit_statistics(images, *, totals_basis: str = "channels", pixel_shares: bool = False) -> dict:
     """What fixes the units of the model, from training images (N, 125, 125, 3) in GeV: per
-    channel (HCAL per tower) the fraction of hit pixels and the mean and std of log(hit value)."""
+    channel (HCAL per tower) the fraction of hit pixels and the mean and std of log(hit value)
+    (of log(hit value / channel total) with ``pixel_shares``), and the mean and std of each
+    coordinate of the totals in ``totals_basis``."""
     images = torch.as_tensor(images, dtype=torch.float64)
     stats = {key: [] for key in ("occupancy", "log_mean", "log_std", "total_log_mean", "total_log_std")}
 
-    def log_moments(values: torch.Tensor, prefix: str) -> None:
-        logs = torch.log(values[values > 0])
-        spread = float(logs.std()) if len(logs) > 1 else 0.0
-        stats[f"{prefix}log_mean"].append(float(logs.mean()) if len(logs) else 0.0)
+    def moments(values: torch.Tensor, prefix: str) -> None:
+        spread = float(values.std()) if len(values) > 1 else 0.0
+        stats[f"{prefix}log_mean"].append(float(values.mean()) if len(values) else 0.0)
         stats[f"{prefix}log_std"].append(spread if spread > 0 else 1.0)
 
+    sums = []
     for values in SparseObservation.targets(images):
-        stats["occupancy"].append(float((values > 0).sum() / max(values.numel(), 1)))
-        log_moments(values, "")
-        log_moments(values.flatten(1).sum(1), "total_")
+        hit = values > 0
+        stats["occupancy"].append(float(hit.sum() / max(values.numel(), 1)))
+        total = values.flatten(1).sum(1)
+        logs = torch.log(torch.where(hit, values, 1.0))
+        if pixel_shares:
+            logs = logs - torch.log(total.clamp_min(1e-300))[:, None, None]
+        moments(logs[hit], "")
+        sums.append(total)
+    coords, observed = total_coordinates(torch.stack(sums, dim=1), totals_basis)
+    for c in range(NUM_CHANNELS):
+        moments(coords[observed[:, c], c], "total_")
     return stats
 
 
@@ -118,11 +178,16 @@ class SparseObservation(nn.Module):
     """Bernoulli occupancy x log-normal intensity per pixel (HCAL per tower); see the module docstring."""
 
     def __init__(self, log_mean=(0.0, 0.0, 0.0), log_std=(1.0, 1.0, 1.0), components: int = 1,
-                 total_log_mean=(0.0, 0.0, 0.0), total_log_std=(1.0, 1.0, 1.0)):
+                 total_log_mean=(0.0, 0.0, 0.0), total_log_std=(1.0, 1.0, 1.0), *, totals_basis: str = "channels",
+                 pixel_shares: bool = False):
         super().__init__()
         if components < 1:
             raise ValueError(f"components must be >= 1; got {components}")
+        if totals_basis not in TOTALS_BASES:
+            raise ValueError(f"totals_basis must be one of {TOTALS_BASES}; got {totals_basis!r}")
         self.components = components
+        self.totals_basis = totals_basis
+        self.pixel_shares = pixel_shares
         self.params = params_per_channel(components)
         self.register_buffer("log_mean", torch.tensor(log_mean, dtype=torch.float32))
         self.register_buffer("log_std", torch.tensor(log_std, dtype=torch.float32))
@@ -180,19 +245,25 @@ class SparseObservation(nn.Module):
         """Negative log-likelihood of ``images`` (B, 125, 125, 3) in GeV under the decoder output
         ``out``: per jet (B,), ``<channel>_hits`` (where the hits are), ``<channel>_energy`` (how
         much they hold) and, with totals, ``<channel>_total`` (the channel's sum)."""
+        if self.pixel_shares and out.totals is None:
+            raise ValueError("pixel shares are scaled to the channel totals: the decoder output has no totals")
         terms, sums = {}, []
         for c, (name, params, values) in enumerate(zip(CHANNEL_NAMES, self.split(out.pixels), self.targets(images))):
             hit = values > 0
+            total = values.flatten(1).sum(1).float()
             logit, intensity = params.split([1, self.params - 1], dim=1)
             terms[f"{name}_hits"] = F.binary_cross_entropy_with_logits(
                 logit[:, 0].float(), hit.float(), reduction="none").flatten(1).sum(1)
             # The intensity only where there is a hit: ~1% of the pixels.
             jet, row, col = hit.nonzero(as_tuple=True)
             log_weight, loc, log_scale = self._mixture(intensity[jet, :, row, col])  # (N_hits, K) each
-            u = ((torch.log(values[jet, row, col].float()) - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
+            log_value = torch.log(values[jet, row, col].float())
+            if self.pixel_shares:
+                log_value = log_value - torch.log(total[jet])
+            u = ((log_value - self.log_mean[c]) / self.log_std[c]).unsqueeze(1)
             nll = torch.log(self.log_std[c]) - torch.logsumexp(log_weight + _normal_log_density(u, loc, log_scale), dim=1)
             terms[f"{name}_energy"] = torch.zeros(len(values), device=nll.device).index_add_(0, jet, nll)
-            sums.append(values.flatten(1).sum(1).float())
+            sums.append(total)
         if out.totals is not None:
             for name, term in zip(CHANNEL_NAMES, self._totals_nll(out, torch.stack(sums, dim=1))):
                 terms[f"{name}_total"] = term
@@ -202,17 +273,19 @@ class SparseObservation(nn.Module):
         return None if out.couplings is None else out.couplings[:, COUPLED.index((c, j))].float()
 
     def _totals_nll(self, out: SparseOutput, totals: torch.Tensor) -> list[torch.Tensor]:
-        """Per channel, -log density of its log total (B,) in GeV given those before it (see the
-        module docstring); 0 for an empty channel (its pixel terms already say it is empty)."""
+        """Per coordinate of the totals (see the module docstring), -log density of its value (B,)
+        given those before it, from the channel totals (B, 3) in GeV; 0 where it does not exist
+        (the pixel terms already say a channel is empty)."""
+        coords, observed = total_coordinates(totals, self.totals_basis)
         terms, noise = [], []
         for c in range(NUM_CHANNELS):
             loc, log_scale = out.totals[:, c, 0].float(), out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE)
-            lit = totals[:, c] > 0
-            x = (torch.log(torch.where(lit, totals[:, c], 1.0)) - self.total_log_mean[c]) / self.total_log_std[c]
+            x = (coords[:, c] - self.total_log_mean[c]) / self.total_log_std[c]
             e = (x - loc) * torch.exp(-log_scale)
             for j in range(c):
                 if (r := self._coupling(out, c, j)) is not None:
                     e = e - r * noise[j]
+            lit = observed[:, c]
             e = torch.where(lit, e, 0.0)
             noise.append(e)
             terms.append(torch.where(lit, torch.log(self.total_log_std[c]) + log_scale + _HALF_LOG_2PI + 0.5 * e**2, 0.0))
@@ -247,7 +320,7 @@ class SparseObservation(nn.Module):
             k = below.clamp_max(self.components - 1)
             chosen_loc, chosen_scale = loc.gather(1, k)[:, 0], log_scale.gather(1, k)[:, 0].exp()
             log_value = (chosen_loc + chosen_scale * draws[:, 2]) * self.log_std[c] + self.log_mean[c]
-            values = torch.where(hit, torch.exp(log_value), 0.0)
+            values = torch.where(hit, torch.exp(log_value.clamp_max(MAX_LOG_VALUE)), 0.0)
             if log_totals is not None:
                 values = self._scale_to(values, log_totals[:, c].to(values.device).exp())
             channels.append(values)
@@ -256,19 +329,45 @@ class SparseObservation(nn.Module):
     def _log_totals(self, out: SparseOutput, draws: torch.Tensor | None = None) -> torch.Tensor:
         """log of each channel's total in GeV (B, 3): drawn with standard normals ``draws`` (B, 3),
         or, without, the log of its expectation."""
+        if draws is None and self.totals_basis != "channels":
+            return self._log_expected_totals(out)
+        noise = torch.zeros(out.totals.shape[0], NUM_CHANNELS, device=out.totals.device) if draws is None else draws
+        coords = self._coordinates(out, noise)
+        if draws is None:
+            # E[T_c] of a log-normal: exp(m + v / 2) with v = (std * scale)^2 (1 + sum_j r_cj^2), the
+            # variance of x_c = loc + scale * (e_c + sum_j r_cj e_j)
+            for c in range(NUM_CHANNELS):
+                scale = out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp()
+                couplings = [r for j in range(c) if (r := self._coupling(out, c, j)) is not None]
+                variance = (1 + sum(r**2 for r in couplings)) * (scale * self.total_log_std[c]) ** 2
+                coords[:, c] = coords[:, c] + 0.5 * variance
+        return log_channel_totals(coords, self.totals_basis)
+
+    def _coordinates(self, out: SparseOutput, noise: torch.Tensor) -> torch.Tensor:
+        """The totals' coordinates (..., 3), unstandardised, for standard normals ``noise`` (..., 3)
+        (the leading dimensions of ``noise`` start with the batch's)."""
         columns = []
+        shape = (-1,) + (1,) * (noise.ndim - 2)
         for c in range(NUM_CHANNELS):
-            loc, scale = out.totals[:, c, 0].float(), out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp()
-            mean, std = self.total_log_mean[c], self.total_log_std[c]
-            # x_c = loc + scale * (e_c + sum_j r_cj e_j): its variance is scale^2 (1 + sum_j r_cj^2)
-            couplings = [(j, r) for j in range(c) if (r := self._coupling(out, c, j)) is not None]
-            if draws is None:
-                variance = 1 + sum(r**2 for _, r in couplings)
-                columns.append(loc * std + mean + 0.5 * variance * (scale * std) ** 2)  # E[T] of a log-normal
-            else:
-                noise = draws[:, c] + sum(r * draws[:, j] for j, r in couplings)
-                columns.append((loc + scale * noise) * std + mean)
-        return torch.stack(columns, dim=1)
+            loc = out.totals[:, c, 0].float().reshape(shape)
+            scale = out.totals[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp().reshape(shape)
+            e = noise[..., c] + sum(r.reshape(shape) * noise[..., j] for j in range(c)
+                                    if (r := self._coupling(out, c, j)) is not None)
+            columns.append((loc + scale * e) * self.total_log_std[c] + self.total_log_mean[c])
+        return torch.stack(columns, dim=-1)
+
+    def _log_expected_totals(self, out: SparseOutput) -> torch.Tensor:
+        """log E[T_c] (B, 3) when T_c is not log-normal (the calorimeter basis), by a product
+        Gauss-Hermite rule over the three standard normals: exact for the log-normal tracks,
+        and for the calorimeter channels to far below the draws' spread."""
+        nodes, weights = np.polynomial.hermite_e.hermegauss(_EXPECTATION_NODES)
+        grid = torch.tensor(np.stack(np.meshgrid(nodes, nodes, nodes, indexing="ij"), -1).reshape(-1, 3),
+                            dtype=torch.float32, device=out.totals.device)
+        log_w = torch.tensor(np.log(np.einsum("i,j,k->ijk", weights, weights, weights).ravel() / (2 * math.pi) ** 1.5),
+                             dtype=torch.float32, device=out.totals.device)
+        noise = grid.expand(out.totals.shape[0], -1, -1)  # (B, nodes^3, 3)
+        log_totals = log_channel_totals(self._coordinates(out, noise), self.totals_basis)
+        return torch.logsumexp(log_totals + log_w[None, :, None], dim=1)
 
     @staticmethod
     def _scale_to(values: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from torch import nn
 from jetfast.data.format import MODEL_SIZE
 from jetfast.data.transforms import IntensityTransform
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.models.observation import COUPLED, SparseObservation, SparseOutput, params_per_channel
+from jetfast.models.observation import COUPLED, TOTALS_BASES, SparseObservation, SparseOutput, params_per_channel
 from jetfast.run import checkpoint_file, load_checkpoint
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
@@ -73,6 +73,10 @@ class VAEConfig:
     total_correlations: bool = False  # with channel_totals: the totals drawn with a full covariance
     total_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     total_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # with channel_totals: the coordinates of the totals' Gaussian (jetfast.models.observation.TOTALS_BASES)
+    # and pixel intensities as shares of their channel's total
+    totals_basis: str = "channels"
+    pixel_shares: bool = False
     # Conditioning on the generator-level jet (y, pt, m0): the training jets' mean and std of
     # the features (y, log pt, log(1 + m0)).
     conditioned: bool = False
@@ -97,6 +101,11 @@ class VAEConfig:
             raise InvalidArgument(f"recon must be one of {RECON_KINDS}; got {self.recon!r}")
         if self.intensity_components < 1:
             raise InvalidArgument(f"intensity_components must be >= 1; got {self.intensity_components}")
+        if self.totals_basis not in TOTALS_BASES:
+            raise InvalidArgument(f"totals_basis must be one of {TOTALS_BASES}; got {self.totals_basis!r}")
+        if self.pixel_shares and not (self.recon == "sparse" and self.channel_totals):
+            raise InvalidArgument("pixel_shares needs the sparse observation model with channel_totals: "
+                                  "the shares are scaled to the drawn totals")
         if self.beta < 0 or self.kl_warmup_steps < 0:
             raise InvalidArgument(f"beta and kl_warmup_steps must be >= 0; got {self.beta}, {self.kl_warmup_steps}")
 
@@ -185,7 +194,8 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(rev[-1], config.output_channels, 3, stride=2, padding=1, output_padding=1),
         )
         self.observation = SparseObservation(config.hit_log_mean, config.hit_log_std, config.intensity_components,
-                                             config.total_log_mean, config.total_log_std)
+                                             config.total_log_mean, config.total_log_std,
+                                             totals_basis=config.totals_basis, pixel_shares=config.pixel_shares)
         if config.recon == "sparse":
             self.observation.init_output_bias(self.decoder[-1].bias, config.hit_occupancy)
         self.totals = None

@@ -50,6 +50,8 @@ class VAETraining:
     intensity_components: int = 3
     channel_totals: bool = True
     total_correlations: bool = True
+    totals_basis: str = "calorimeter"
+    pixel_shares: bool = True
     conditioned: bool = True
     kl_warmup_epochs: float = 1.0
     augment: bool = True
@@ -100,7 +102,7 @@ class VAEStage(Stage):
                                   f"got {o.transform_jets}, {o.kl_warmup_epochs}")
         # The model's own checks (latent size, widths, beta, ...), before anything is created.
         VAEConfig(latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
-                  intensity_components=o.intensity_components)
+                  intensity_components=o.intensity_components, **self._totals_options())
         self.n_file = validate_jet_file(o.data, (IMAGE_KEY, *CONDITION_KEYS) if o.conditioned else (IMAGE_KEY,))
 
     def begin(self, run: RunDir, main: bool) -> None:
@@ -112,7 +114,8 @@ class VAEStage(Stage):
         self.split = make_split(self.n_used, fractions, seed=o.seed)
         images = _sample_images(o.data, self.split["train"], o.transform_jets, o.seed, o.loader_threads)
         self.transform = IntensityTransform.fit(images.numpy())
-        hits = hit_statistics(images)
+        totals = self._totals_options()
+        hits = hit_statistics(images, totals_basis=totals["totals_basis"], pixel_shares=totals["pixel_shares"])
         self.training_jets, condition = None, {}
         if o.conditioned:
             self.training_jets = _training_jets(o.data, self.split["train"])
@@ -122,9 +125,14 @@ class VAEStage(Stage):
         self.vae_config = VAEConfig(**condition, latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
                                     intensity_components=o.intensity_components, hit_occupancy=hits["occupancy"],
                                     hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"],
-                                    channel_totals=o.channel_totals, total_correlations=o.channel_totals and o.total_correlations,
-                                    total_log_mean=hits["total_log_mean"],
-                                    total_log_std=hits["total_log_std"])
+                                    total_log_mean=hits["total_log_mean"], total_log_std=hits["total_log_std"], **totals)
+
+    def _totals_options(self) -> dict:
+        """The VAEConfig fields of the channel totals; the totals' options mean nothing without them."""
+        o = self.options
+        with_totals = o.recon == "sparse" and o.channel_totals
+        return dict(channel_totals=o.channel_totals, total_correlations=with_totals and o.total_correlations,
+                    totals_basis=o.totals_basis if with_totals else "channels", pixel_shares=with_totals and o.pixel_shares)
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         o = self.options
