@@ -81,6 +81,9 @@ def check_ladder(out, metrics):
     assert rows["transformer"]["n"] == 40 and metrics["real"]["n_used"] == len(test)
     for row in rows.values():
         assert "auc" in row["c2st"] or "skipped" in row["c2st"], row["row"]
+        assert row["ratio"][row["worst_observable"]] == row["worst_ratio"] == max(row["ratio"].values())
+    section = (out / "report" / "report.md").read_text().split("## Fidelity ladder by observable")[1].split("\n## ")[0]
+    assert all(f"{i}. {name}" in section for i, name in enumerate(rows)) and "| frac_dr005 |" in section
 
     # Row 1 recomputed from the test jets' file rows alone: the same mean of every observable.
     model, transform, _ = load_vae(out / "run")

@@ -17,7 +17,9 @@ Every row is compared with the same held-out test jets (the run's ``split.npz``,
 Columns: the median and the worst Wasserstein distance over the noise floor
 (:func:`~jetfast.evaluate.metrics.distance_table`), the classifier two-sample AUC, and the
 Fréchet and kernel physics distances (:func:`~jetfast.evaluate.metrics.fpd`,
-:func:`~jetfast.evaluate.metrics.kpd`).
+:func:`~jetfast.evaluate.metrics.kpd`). Each row also keeps every observable's distance over
+the floor (``ratio``) and its mean over the real one (``mean_ratio``): the row where an
+observable's number jumps is the stage that loses it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def row_metrics(real: dict, other: dict, *, bootstrap: int, seed: int) -> dict:
         "median_ratio": float(np.median(list(ratios.values()))) if ratios else None,
         "worst_observable": worst,
         "worst_ratio": ratios.get(worst),
+        "ratio": ratios,
         "mean_ratio": {k: d["gen_mean"] / d["real_mean"] for k, d in table.items() if d["real_mean"]},
     }
     for name, test in (("c2st", lambda: classifier_two_sample_test(real_x, other_x, bootstrap=bootstrap, seed=seed)),

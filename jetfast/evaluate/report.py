@@ -115,6 +115,25 @@ def _ladder_rows(table: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _ladder_observables(table: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Observables x rows: W/floor and, in brackets, the row's mean over the real one."""
+    header = ["observable"] + [f"{i}. {r['row']}" for i, r in enumerate(table)]
+    names = [name for name in table[-1]["mean_ratio"] if any(name in r.get("ratio", {}) for r in table)]
+    rows = []
+    for name in names:
+        cells = [name]
+        for r in table:
+            ratio, mean = r.get("ratio", {}).get(name), r["mean_ratio"].get(name)
+            cells.append("—" if ratio is None else f"{fmt(ratio, 2)} ({fmt(mean, 3)})")
+        rows.append(cells)
+    return header, rows
+
+
+LADDER_OBSERVABLES_TEXT = (
+    "Every observable's W/floor in every row of the ladder, and in brackets the row's mean over the real mean: "
+    "the row where an observable's number jumps is the stage that loses it."
+)
+
 DISTANCE_HEADER = ["observable", "W(real, gen)", "W / σ_real", "W(half, gen)", "floor W(half, half)",
                    "ratio", "mean real", "mean gen"]
 
@@ -287,6 +306,8 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
     if "ladder" in m:
         sections.append({"heading": "Fidelity ladder", "text": [LADDER_TEXT], "table": (LADDER_HEADER, _ladder_rows(m["ladder"])),
                          "images": [images.get("ladder_jets")]})
+        sections.append({"heading": "Fidelity ladder by observable", "text": [LADDER_OBSERVABLES_TEXT],
+                         "table": _ladder_observables(m["ladder"])})
 
     c2st = m["c2st"]
     if "skipped" in c2st:
