@@ -7,6 +7,7 @@
 #include "common/cuda_info.h"
 #include "kmeans/kmeans_bind.h"
 #include "quantize/quantize_bind.h"
+#include "sampler/decode_blocks_bind.h"
 #ifdef JETFAST_WITH_PREFETCH
 #include "prefetch/prefetch_bind.h"
 #endif
@@ -26,6 +27,7 @@ PYBIND11_MODULE(_C, m) {
   jetfast::bind_quantize(m);
   jetfast::bind_kmeans(m);
   jetfast::bind_decode_attention(m);
+  jetfast::bind_decode_blocks(m);
 #ifdef JETFAST_WITH_PREFETCH
   jetfast::bind_prefetch(m);
 #endif

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jetfast._ext import HAS_NATIVE, _C
 from jetfast.errors import InvalidArgument, RunDirError
 from jetfast.kernels.linear import linear
 from jetfast.kernels.decode_attention import decode_attention_cpu
@@ -68,6 +69,11 @@ __all__ = [
 ]
 
 KINEMATICS = ("pt", "mass")  # the conditioning values of a kinematic model, in GeV
+# Below this many sequences a CPU decode step runs its blocks as one compiled call
+# (jetfast._C.DecodeBlocks): its matrix-vector products are bound by reading the weights, and
+# ~40 framework ops per step from Python cost more than they do. From here on the GEMMs have
+# rows enough for oneDNN (jetfast.kernels.linear) and the per-op cost is spread over them.
+FUSED_MAX_ROWS = 16
 
 
 def kinematic_features(values: torch.Tensor) -> torch.Tensor:
@@ -239,6 +245,8 @@ class GPT(nn.Module):
         self.condition_cache = None
         # Low-precision copies of the blocks' GEMM weights for cached decoding (see decode_weights).
         self._decode_weights = None
+        # The blocks as one compiled call for small CPU batches (see fused_blocks).
+        self._fused_blocks = None
         if config.kinematic:
             # Set by set_kinematics from the training jets: (log pT, log(1 + m)) mean and std, and the
             # range of (pT, m) in GeV, rows pT and mass, columns min and max.
@@ -439,8 +447,13 @@ class GPT(nn.Module):
             # The token at position pos is the code of sequence slot pos - 1.
             values = self.values[pos - 1, token.clamp_max(config.vocab_size - 1)]  # (B,)
             x = x + linear(values.unsqueeze(-1).to(x.dtype), self.value_proj.weight)
-        for block, weights in zip(self.blocks, self.decode_weights(caches.k_cache.dtype)):
-            x = block.decode_step(x, pos, weights)
+        fused = self.fused_blocks(x)
+        if fused is not None:
+            x = x.contiguous()  # a new tensor of this step: updated in place
+            fused.step(x.numpy(), pos, torch.get_num_threads())
+        else:
+            for block, weights in zip(self.blocks, self.decode_weights(caches.k_cache.dtype)):
+                x = block.decode_step(x, pos, weights)
         x = F.layer_norm(x, (config.d_model,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         weight = self.tok_emb.weight[: config.vocab_size] if self.head is None else self.head.weight
         logits = linear(x, weight)  # (B, vocab)
@@ -451,6 +464,41 @@ class GPT(nn.Module):
                 a = a + (features @ self.value_shift[pos : pos + 1].T).to(a.dtype)
             logits = logits + a * predicted + b * predicted.square()
         return logits
+
+    def fused_blocks(self, x: torch.Tensor):
+        """The blocks of a cached decode step as one compiled call (``jetfast._C.DecodeBlocks``, which
+        computes what :meth:`Block.decode_step` does, in fp32) where it serves: the residual stream
+        ``x`` (B, C) on the CPU with B < :data:`FUSED_MAX_ROWS`, fp32 caches, autograd off; else None.
+
+        It reads the parameters and caches in place (NumPy views), so optimizer steps are seen; it is
+        made again when a cache or a parameter is replaced. Called once per step: the check that it
+        is still valid is a few identity and pointer comparisons."""
+        caches = tuple(block.attn.kv_cache for block in self.blocks)
+        if not (HAS_NATIVE and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] < FUSED_MAX_ROWS
+                and not torch.is_grad_enabled() and caches[0] is not None and caches[0].k_cache.dtype == torch.float32):
+            return None
+        if self._fused_blocks is not None:
+            made_for, params, pointers, fused = self._fused_blocks
+            if made_for == caches and all(p.data_ptr() == q for p, q in zip(params, pointers)):
+                return fused
+        self._fused_blocks = None
+        if not all(c is not None and c.k_cache.dtype == torch.float32 for c in caches):
+            return None
+        params, tensors = [], []
+        for block, cache in zip(self.blocks, caches):
+            attn, mlp = block.attn, block.mlp
+            weights = [block.ln_1.weight, block.ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight,
+                       attn.proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.fc.weight, mlp.fc.bias,
+                       mlp.proj.weight, mlp.proj.bias]
+            params += weights
+            # the caches' storage, positions outermost (KVCache)
+            tensors.append(weights + [cache.k_cache.permute(2, 0, 1, 3), cache.v_cache.permute(2, 0, 1, 3)])
+        if not all(t is not None and t.is_contiguous() for ts in tensors for t in ts):
+            return None
+        eps = [(float(b.ln_1.eps), float(b.ln_2.eps)) for b in self.blocks]
+        fused = _C.DecodeBlocks([[t.detach().numpy() for t in ts] for ts in tensors], eps, self.config.n_heads)
+        self._fused_blocks = caches, params, [p.data_ptr() for p in params], fused
+        return fused
 
     def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache of (batch, heads, max_len, head_dim) in every layer."""
@@ -473,6 +521,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
         self.condition_cache = None
+        self._fused_blocks = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,55 @@
+#pragma once
+// The Transformer blocks of one cached decode step on the CPU, fused: for a few
+// sequences (the sampler at batch 1..15) the step is a chain of matrix-vector
+// products over 12.6 MB of weights (default model) with a few thousand other
+// FLOPs in between, and calling ~40 framework ops for it from Python costs more
+// than the arithmetic. Here a step is one call.
+//
+// Per block, on x (B, C), the residual stream, exactly as GPT's Block.decode_step:
+//
+//   h   = LayerNorm_1(x)
+//   qkv = h W_qkv^T + b_qkv                      (B, 3C); k, v written to the cache at pos
+//   y   = attention(q, K[:pos+1], V[:pos+1])     (decode_attention_cpu)
+//   x  += y W_proj^T + b_proj
+//   h   = LayerNorm_2(x)
+//   x  += GELU(h W_fc^T + b_fc) W_out^T + b_out   (exact erf GELU)
+//
+// Weights are nn.Linear's (out, in), row-major; caches are the model's storage,
+// positions outermost: (S_max, B, H, Dh), contiguous. Everything is float32.
+//
+// Floor at batch 1: every weight is read once per step, 12.6 MB for the default
+// model; from DRAM (~20 GB/s) 0.63 ms, from L3 (where 12.6 MB may stay between steps)
+// less.
+#include <cstdint>
+#include <vector>
+
+namespace jetfast {
+
+struct DecodeBlock {
+  const float *ln1_weight, *ln1_bias, *qkv_weight, *qkv_bias, *proj_weight, *proj_bias;
+  const float *ln2_weight, *ln2_bias, *fc_weight, *fc_bias, *out_weight, *out_bias;  // biases may be null
+  float *k_cache, *v_cache;  // (S_max, B, H, Dh)
+  float ln1_eps, ln2_eps;
+};
+
+struct DecodeShape {
+  int64_t batch, width, heads, head_dim, hidden, max_len;
+};
+
+// Floats of scratch decode_blocks_cpu needs.
+int64_t decode_blocks_scratch(const DecodeShape& shape);
+
+// Run every block on x (batch, width) in place for the token at position pos.
+void decode_blocks_cpu(const DecodeShape& shape, const std::vector<DecodeBlock>& blocks, float* x, int64_t pos,
+                       float* scratch, int num_threads);
+
+// y[b, r] (+)= bias[r] + sum_i w[r, i] x[b, i] for rows r in [row_begin, row_end); x is (batch, in),
+// y (batch, ldy). With accumulate the result is added to y, else it replaces it.
+void linear_rows_scalar(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
+                        int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate);
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
+                      int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate);
+#endif
+
+}  // namespace jetfast

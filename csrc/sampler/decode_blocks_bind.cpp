@@ -1,0 +1,104 @@
+// Python face of the fused CPU decode step: DecodeBlocks holds the blocks' weights
+// and caches (NumPy views of the model's tensors, kept alive here) and runs a step
+// per call. Every size is checked when it is made, so step() cannot read or write
+// out of bounds.
+#include "sampler/decode_blocks_bind.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "common/array_checks.h"
+#include "sampler/decode_blocks.h"
+
+namespace py = pybind11;
+
+namespace jetfast {
+namespace {
+
+const char* const kNames[] = {"ln_1.weight", "ln_1.bias", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+                              "ln_2.weight", "ln_2.bias", "fc.weight",  "fc.bias",  "out.weight",  "out.bias",
+                              "k_cache",     "v_cache"};
+
+class DecodeBlocks {
+ public:
+  DecodeBlocks(const std::vector<std::vector<py::array>>& blocks, const std::vector<std::pair<float, float>>& eps,
+               int64_t heads)
+      : arrays_(blocks) {
+    require(!blocks.empty(), "DecodeBlocks needs at least one block");
+    require(eps.size() == blocks.size(), "one (ln_1 eps, ln_2 eps) pair per block");
+    for (const auto& a : blocks)
+      require(a.size() == 14, "each block is 14 arrays: ln_1, qkv, proj, ln_2, fc, out (weight, bias) and the caches");
+    const py::array& k = blocks[0][12];
+    require(k.ndim() == 4, "k_cache must be the cache storage (S_max, B, H, Dh); got " + shape_of(k));
+    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0)};
+    require(heads == shape_.heads, "caches have " + std::to_string(shape_.heads) + " heads; the model " +
+                                       std::to_string(heads));
+    const int64_t C = shape_.width;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const auto& a = blocks[i];
+      for (int j = 0; j < 14; ++j) {
+        check_float32(a[j], kNames[j]);
+        require(a[j].flags() & py::array::c_style, std::string(kNames[j]) + " must be C-contiguous");
+      }
+      const int64_t hidden = a[8].ndim() == 2 ? a[8].shape(0) : -1;
+      if (i == 0) shape_.hidden = hidden;
+      auto expect = [&](int j, std::vector<int64_t> dims) {
+        bool ok = a[j].ndim() == static_cast<py::ssize_t>(dims.size());
+        for (size_t d = 0; ok && d < dims.size(); ++d) ok = a[j].shape(d) == dims[d];
+        std::string want = "(";
+        for (size_t d = 0; d < dims.size(); ++d) want += (d ? ", " : "") + std::to_string(dims[d]);
+        require(ok, std::string("block ") + std::to_string(i) + ": " + kNames[j] + " must be " + want +
+                        (dims.size() == 1 ? ",)" : ")") + "; got " + shape_of(a[j]));
+      };
+      expect(0, {C}), expect(1, {C}), expect(2, {3 * C, C}), expect(3, {3 * C}), expect(4, {C, C}), expect(5, {C});
+      expect(6, {C}), expect(7, {C}), expect(8, {shape_.hidden, C}), expect(9, {shape_.hidden});
+      expect(10, {C, shape_.hidden}), expect(11, {C});
+      expect(12, {shape_.max_len, shape_.batch, shape_.heads, shape_.head_dim});
+      expect(13, {shape_.max_len, shape_.batch, shape_.heads, shape_.head_dim});
+      for (int j : {12, 13}) require(a[j].writeable(), std::string(kNames[j]) + " must be writable");
+      auto p = [&](int j) { return static_cast<const float*>(a[j].data()); };
+      auto w = [&](int j) { return static_cast<float*>(const_cast<void*>(a[j].data())); };
+      blocks_.push_back({p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11), w(12), w(13),
+                         eps[i].first, eps[i].second});
+    }
+    scratch_.resize(decode_blocks_scratch(shape_));
+  }
+
+  void step(py::array& x, int64_t pos, int num_threads) {
+    check_float32(x, "x");
+    require(x.ndim() == 2 && x.shape(0) == shape_.batch && x.shape(1) == shape_.width &&
+                (x.flags() & py::array::c_style) && x.writeable(),
+            "x must be a writable C-contiguous (" + std::to_string(shape_.batch) + ", " +
+                std::to_string(shape_.width) + ") array; got " + shape_of(x));
+    require(0 <= pos && pos < shape_.max_len,
+            "position " + std::to_string(pos) + " is outside the cache of " + std::to_string(shape_.max_len));
+    float* data = static_cast<float*>(x.mutable_data());
+    py::gil_scoped_release release;
+    decode_blocks_cpu(shape_, blocks_, data, pos, scratch_.data(), num_threads);
+  }
+
+ private:
+  std::vector<std::vector<py::array>> arrays_;  // keeps the buffers alive
+  std::vector<DecodeBlock> blocks_;
+  DecodeShape shape_{};
+  std::vector<float> scratch_;
+};
+
+}  // namespace
+
+void bind_decode_blocks(py::module_& m) {
+  py::class_<DecodeBlocks>(m, "DecodeBlocks",
+                           "The Transformer blocks of a cached decode step, fused (float32, CPU).\n"
+                           "DecodeBlocks(blocks, eps, heads): per block 14 arrays (ln_1 weight, bias; qkv weight,\n"
+                           "bias; proj weight, bias; ln_2 weight, bias; fc weight, bias; out weight, bias; k and v\n"
+                           "cache storage (S_max, B, H, Dh)), one (ln_1 eps, ln_2 eps) pair per block.")
+      .def(py::init<const std::vector<std::vector<py::array>>&, const std::vector<std::pair<float, float>>&, int64_t>(),
+           py::arg("blocks"), py::arg("eps"), py::arg("heads"))
+      .def("step", &DecodeBlocks::step, py::arg("x"), py::arg("pos"), py::arg("num_threads"),
+           "Run every block on x (B, C) in place for the token at position pos (writing its keys and values).");
+}
+
+}  // namespace jetfast

@@ -1,0 +1,94 @@
+// The fused CPU decode step (see decode_blocks.h): one call runs every block.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "attention/decode_attention.h"
+#include "common/cpu_features.h"
+#include "common/parallel.h"
+#include "sampler/decode_blocks.h"
+
+namespace jetfast {
+namespace {
+
+// Rows of a weight matrix per thread at least: below ~64 KB of weights per thread
+// the fork and join cost more than the rows.
+constexpr int64_t kMinWeightsPerThread = 16384;
+
+void linear(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in, int64_t out,
+            bool accumulate, int num_threads) {
+  const bool vector = cpu_has_avx2_fma();
+  parallel_for(out, num_threads, std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(1, in)),
+               [&](int64_t begin, int64_t end) {
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+                 if (vector) return linear_rows_avx2(w, bias, x, y, batch, in, out, begin, end, accumulate);
+#endif
+                 linear_rows_scalar(w, bias, x, y, batch, in, out, begin, end, accumulate);
+               });
+  (void)vector;
+}
+
+// PyTorch's layer norm: biased variance, eps inside the square root.
+void layer_norm(const float* x, const float* weight, const float* bias, float eps, float* out, int64_t batch,
+                int64_t width) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = x + b * width;
+    double mean = 0.0, square = 0.0;
+    for (int64_t i = 0; i < width; ++i) mean += row[i];
+    mean /= static_cast<double>(width);
+    for (int64_t i = 0; i < width; ++i) square += (row[i] - mean) * (row[i] - mean);
+    const float inverse = static_cast<float>(1.0 / std::sqrt(square / static_cast<double>(width) + eps));
+    const float m = static_cast<float>(mean);
+    for (int64_t i = 0; i < width; ++i) out[b * width + i] = (row[i] - m) * inverse * weight[i] + bias[i];
+  }
+}
+
+}  // namespace
+
+void linear_rows_scalar(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
+                        int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* row = w + r * in;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* v = x + b * in;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < in; ++i) sum += row[i] * v[i];
+      const float value = sum + (bias ? bias[r] : 0.0f);
+      float& out = y[b * ldy + r];
+      out = accumulate ? out + value : value;
+    }
+  }
+}
+
+int64_t decode_blocks_scratch(const DecodeShape& s) { return s.batch * (s.width + 3 * s.width + s.width + s.hidden); }
+
+void decode_blocks_cpu(const DecodeShape& s, const std::vector<DecodeBlock>& blocks, float* x, int64_t pos,
+                       float* scratch, int num_threads) {
+  const int64_t B = s.batch, C = s.width;
+  float* h = scratch;               // (B, C) layer-norm output
+  float* qkv = h + B * C;           // (B, 3C)
+  float* attended = qkv + B * 3 * C;  // (B, C) = (B, H, Dh)
+  float* hidden = attended + B * C;   // (B, hidden)
+  const int64_t step = B * C;       // floats per position in the caches
+  for (const DecodeBlock& block : blocks) {
+    layer_norm(x, block.ln1_weight, block.ln1_bias, block.ln1_eps, h, B, C);
+    linear(block.qkv_weight, block.qkv_bias, h, qkv, B, C, 3 * C, false, num_threads);
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(block.k_cache + pos * step + b * C, qkv + b * 3 * C + C, C * sizeof(float));
+      std::memcpy(block.v_cache + pos * step + b * C, qkv + b * 3 * C + 2 * C, C * sizeof(float));
+    }
+    const DecodeAttentionProblem attention{qkv, 3 * C, s.head_dim,
+                                           block.k_cache, C, s.head_dim, step,
+                                           block.v_cache, C, s.head_dim, step,
+                                           B, s.heads, s.head_dim, pos + 1, attended};
+    decode_attention_cpu(attention, num_threads);
+    linear(block.proj_weight, block.proj_bias, attended, x, B, C, C, true, num_threads);
+    layer_norm(x, block.ln2_weight, block.ln2_bias, block.ln2_eps, h, B, C);
+    linear(block.fc_weight, block.fc_bias, h, hidden, B, C, s.hidden, false, num_threads);
+    for (int64_t i = 0; i < B * s.hidden; ++i)
+      hidden[i] = 0.5f * hidden[i] * (1.0f + std::erf(hidden[i] * static_cast<float>(M_SQRT1_2)));
+    linear(block.out_weight, block.out_bias, hidden, x, B, s.hidden, C, true, num_threads);
+  }
+}
+
+}  // namespace jetfast

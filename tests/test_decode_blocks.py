@@ -1,0 +1,122 @@
+"""The fused CPU decode step (jetfast._C.DecodeBlocks) against the PyTorch blocks it replaces:
+fresh random models of odd sizes, every position, batches 1..15, and inputs large enough to
+exercise the layer norms and the GELU's tails; bad arrays are Python errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jetfast._ext import require_native
+from jetfast.models.gpt import FUSED_MAX_ROWS, GPT, GPTConfig
+
+
+def _model(rng, d_model, heads, layers, seq_len=9, scale=1.0):
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    model = GPT(GPTConfig(vocab_size=11, seq_len=seq_len, d_model=d_model, n_heads=heads, n_layers=layers)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+def _blocks_in_pytorch(model, x, pos):
+    weights = model.decode_weights(torch.float32)
+    for block, w in zip(model.blocks, weights):
+        x = block.decode_step(x, pos, w)
+    return x
+
+
+def _copy_caches(model):
+    return [(b.attn.kv_cache.k_cache.clone(), b.attn.kv_cache.v_cache.clone()) for b in model.blocks]
+
+
+@pytest.mark.parametrize("d_model, heads, layers, batch", [(24, 3, 1, 1), (40, 5, 2, 3), (64, 4, 3, 7), (33, 3, 2, 15)])
+@torch.inference_mode()
+def test_fused_blocks_match_the_pytorch_blocks(d_model, heads, layers, batch, rng):
+    model = _model(rng, d_model, heads, layers, scale=3.0)  # large weights: activations far into the GELU's tails
+    model.setup_caches(batch)
+    fused = model.fused_blocks(torch.zeros(batch, d_model))
+    assert fused is not None
+    for pos in range(model.config.seq_len):
+        x = torch.from_numpy(rng.normal(0, 2, (batch, d_model)).astype(np.float32))
+        before = _copy_caches(model)
+        want = _blocks_in_pytorch(model, x.clone(), pos)
+        after = _copy_caches(model)
+        # the same step again through the fused call, from the caches as they were
+        for block, (k, v) in zip(model.blocks, before):
+            block.attn.kv_cache.k_cache.copy_(k)
+            block.attn.kv_cache.v_cache.copy_(v)
+        got = x.clone()
+        fused.step(got.numpy(), pos, torch.get_num_threads())
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * float(want.abs().max()))
+        for block, (k, v) in zip(model.blocks, after):  # the same keys and values were cached
+            torch.testing.assert_close(block.attn.kv_cache.k_cache[:, :, : pos + 1], k[:, :, : pos + 1], rtol=2e-5, atol=1e-5)
+            torch.testing.assert_close(block.attn.kv_cache.v_cache[:, :, : pos + 1], v[:, :, : pos + 1], rtol=2e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_decode_step_takes_the_fused_call_below_its_batch_limit(rng):
+    model = _model(rng, 32, 4, 2)
+    model.setup_caches(FUSED_MAX_ROWS - 1)
+    assert model.fused_blocks(torch.zeros(FUSED_MAX_ROWS - 1, 32)) is not None
+    model.setup_caches(FUSED_MAX_ROWS)
+    assert model.fused_blocks(torch.zeros(FUSED_MAX_ROWS, 32)) is None
+    model.setup_caches(3, dtype=torch.bfloat16)
+    assert model.fused_blocks(torch.zeros(3, 32)) is None
+    with torch.enable_grad():
+        model.setup_caches(3)
+        assert model.fused_blocks(torch.zeros(3, 32)) is None
+    # Made again for new caches; the same object while nothing is replaced.
+    model.setup_caches(2)
+    first = model.fused_blocks(torch.zeros(2, 32))
+    assert model.fused_blocks(torch.zeros(2, 32)) is first
+    model.setup_caches(2, max_len=5)
+    assert model.fused_blocks(torch.zeros(2, 32)) is not first
+
+
+@torch.inference_mode()
+def test_fused_decode_matches_the_full_forward(rng):
+    """Codes fed one at a time through the fused step give the logits of one full forward pass."""
+    model = _model(rng, 48, 4, 2, seq_len=12)
+    codes = torch.from_numpy(rng.integers(0, 11, (2, 11)))
+    idx = torch.cat([model.class_tokens(torch.tensor([0, 1]))[:, None], codes], dim=1)
+    want = model(idx)
+    model.setup_caches(2)
+    got = [model.decode_step(idx[:, 0], 0)] + [model.decode_step(idx[:, t], t) for t in range(1, 12)]
+    assert model.fused_blocks(torch.zeros(2, 48)) is not None
+    torch.testing.assert_close(torch.stack(got, dim=1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arrays_are_python_errors(rng):
+    _C = require_native()
+    model = _model(rng, 16, 2, 1)
+    model.setup_caches(2)
+    with torch.inference_mode():
+        fused = model.fused_blocks(torch.zeros(2, 16))
+        with pytest.raises(ValueError, match="x must be"):
+            fused.step(np.zeros((3, 16), np.float32), 0, 1)
+        with pytest.raises(TypeError, match="float32"):
+            fused.step(np.zeros((2, 16), np.float64), 0, 1)
+        with pytest.raises(ValueError, match="outside the cache"):
+            fused.step(np.zeros((2, 16), np.float32), 9, 1)
+        with pytest.raises(ValueError, match="outside the cache"):
+            fused.step(np.zeros((2, 16), np.float32), -1, 1)
+        block = model.blocks[0]
+        arrays = [t.detach().numpy() for t in (
+            block.ln_1.weight, block.ln_1.bias, block.attn.qkv.weight, block.attn.qkv.bias, block.attn.proj.weight,
+            block.attn.proj.bias, block.ln_2.weight, block.ln_2.bias, block.mlp.fc.weight, block.mlp.fc.bias,
+            block.mlp.proj.weight, block.mlp.proj.bias)]
+        caches = [block.attn.kv_cache.k_cache.permute(2, 0, 1, 3).numpy(), block.attn.kv_cache.v_cache.permute(2, 0, 1, 3).numpy()]
+        _C.DecodeBlocks([arrays + caches], [(1e-5, 1e-5)], 2)  # as the model makes it
+        with pytest.raises(ValueError, match="qkv.weight must be"):
+            _C.DecodeBlocks([arrays[:2] + [arrays[2][:-1]] + arrays[3:] + caches], [(1e-5, 1e-5)], 2)
+        with pytest.raises(ValueError, match="14 arrays"):
+            _C.DecodeBlocks([arrays + caches[:1]], [(1e-5, 1e-5)], 2)
+        with pytest.raises(ValueError, match="heads"):
+            _C.DecodeBlocks([arrays + caches], [(1e-5, 1e-5)], 4)
+        with pytest.raises(ValueError, match="C-contiguous"):
+            _C.DecodeBlocks([arrays[:2] + [arrays[2].T.copy().T] + arrays[3:] + caches], [(1e-5, 1e-5)], 2)
+        with pytest.raises(ValueError, match="eps"):
+            _C.DecodeBlocks([arrays + caches], [], 2)
