@@ -62,8 +62,8 @@ Pixel shares (``pixel_shares``). With totals, a sampled channel is scaled to its
 total, so only the pixels' relative sizes reach the jet; with ``pixel_shares`` the
 intensities are modelled as such, ``log(x / T_c)`` with T_c the channel total of the
 image, so that the jet-to-jet swing of the totals (which the totals head draws) is not
-counted again in every pixel. A pixel drawn wider than its share varies sits, after scaling,
-typically below its expected share (the median of a log-normal lies below its mean, and
+counted again in every pixel. A pixel drawn with a wider spread than its share has sits,
+after the scaling, typically below its expected share (the median of a log-normal lies below its mean, and
 the many small pixels of a jet add up to close to their mean): the cores of such jets come
 out soft.
 
