@@ -68,6 +68,9 @@ def test_decode_step_takes_the_fused_call_below_its_batch_limit(rng):
     with torch.enable_grad():
         model.setup_caches(3)
         assert model.fused_blocks(torch.zeros(3, 32)) is None
+    half = _model(rng, 32, 4, 2).to(torch.bfloat16)
+    half.setup_caches(3, dtype=torch.float32)  # bf16 weights, fp32 caches: not the fused call's
+    assert half.fused_blocks(torch.zeros(3, 32)) is None
     # Made again for new caches; the same object while nothing is replaced.
     model.setup_caches(2)
     first = model.fused_blocks(torch.zeros(2, 32))

@@ -493,8 +493,8 @@ class GPT(nn.Module):
             params += weights
             # the caches' storage, positions outermost (KVCache)
             tensors.append(weights + [cache.k_cache.permute(2, 0, 1, 3), cache.v_cache.permute(2, 0, 1, 3)])
-        if not all(t is not None and t.is_contiguous() for ts in tensors for t in ts):
-            return None
+        if not all(t is not None and t.dtype == torch.float32 and t.is_contiguous() for ts in tensors for t in ts):
+            return None  # e.g. a model cast to bf16 with fp32 caches: the PyTorch blocks serve it
         eps = [(float(b.ln_1.eps), float(b.ln_2.eps)) for b in self.blocks]
         fused = _C.DecodeBlocks([[t.detach().numpy() for t in ts] for ts in tensors], eps, self.config.n_heads)
         self._fused_blocks = caches, params, [p.data_ptr() for p in params], fused
