@@ -187,7 +187,7 @@ def test_sampled_channels_hold_the_drawn_totals(basis, rng, seed):
     model, out = _observation_and_output(rng, 6, 3, totals=True)
     model.totals_basis = basis
     jets = model.sample(out, seed=seed).double()
-    _, eps = model.noise(seed, 0, 6)
+    eps = model.noise(seed, 0, 6)[1][:, :3]
     loc, scale = out.totals[..., 0].double(), out.totals[..., 1].double().exp()
     v = ((loc + scale * eps.double()) * model.total_log_std.double() + model.total_log_mean.double()).numpy()
     if basis == "channels":
@@ -375,11 +375,13 @@ def test_correlated_totals_are_a_full_covariance_normal(basis, rng, seed):
     assert (np.abs(np.exp(expected) - np.exp(log_totals).mean(0)) < 4 * error).all()
 
 
-@pytest.mark.parametrize("basis, shares", [("channels", False), ("calorimeter", True)])
-def test_vae_with_correlated_totals_decodes_and_scores(basis, shares, rng, seed):
+@pytest.mark.parametrize("basis, shares, counts", [("channels", False, False), ("calorimeter", True, False),
+                                                   ("calorimeter", True, True)])
+def test_vae_with_correlated_totals_decodes_and_scores(basis, shares, counts, rng, seed):
     images = torch.from_numpy(_sparse_images(rng, 3))
     transform, config = _small_vae_config(images)
     config.total_correlations, config.totals_basis, config.pixel_shares = True, basis, shares
+    config.hit_counts = counts
     vae = VAE(config).eval()
     z = torch.randn(3, 8)
     out = vae.decode(z)
@@ -388,3 +390,63 @@ def test_vae_with_correlated_totals_decodes_and_scores(basis, shares, rng, seed)
     assert torch.equal(vae.images(z, transform, seed=seed), jets) and _tower_constant(jets[..., 2])
     terms = vae.loss(transform.to_model(images), *vae(transform.to_model(images)), images=images)
     assert all(torch.isfinite(v) for v in terms.values()) and "hcal_total" in terms
+    assert ("tracks_count" in terms) == counts and (out.counts is not None) == counts
+
+
+def test_count_head_is_a_discretised_log_normal(rng, seed):
+    """log P(N hits) against SciPy: N + 1 owns [N + 1/2, N + 3/2) of a log-normal, 0 hits everything
+    below 3/2; the probabilities of all counts add up to one; and a sampled jet has exactly the
+    number of hits that the same normal gives through the inverse, in every channel."""
+    b = 4
+    model = SparseObservation((0.0,) * 3, (1.0,) * 3, components=1, count_log_mean=(2.8, 4.7, 3.4),
+                              count_log_std=(0.4, 0.15, 0.3))
+    pixels = torch.from_numpy(rng.normal(0, 1, (b, 3 * model.params, 128, 128)).astype(np.float32))
+    pixels[:, 0 :: model.params] -= 4.0
+    counts = torch.from_numpy(rng.normal(0, 0.6, (b, 3, 2)).astype(np.float32))
+    out = SparseOutput(pixels, None, None, counts)
+    mean, std = model.count_log_mean.double().numpy(), model.count_log_std.double().numpy()
+    for c in range(3):
+        loc = mean[c] + counts[:, c, 0].double().numpy() * std[c]
+        sigma = np.exp(counts[:, c, 1].double().numpy()) * std[c]
+        n = torch.tensor([0, 1, 17, 400])
+        got = model._count_log_prob(out, c, n).double().numpy()
+        b_ = (np.log(n.numpy() + 1.5) - loc) / sigma
+        a_ = np.where(n.numpy() > 0, (np.log(n.numpy() + 0.5) - loc) / sigma, -np.inf)
+        # in double, each tail from its own side
+        with np.errstate(divide="ignore"):
+            want = np.log(np.where(a_ > 0, norm.sf(a_) - norm.sf(b_), norm.cdf(b_) - norm.cdf(a_)))
+        finite = np.isfinite(want)  # beyond double's range the reference underflows; ours stays finite
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-5)
+        assert np.isfinite(got).all() and (got[~finite] < -700).all()
+        every = torch.arange(0, 20000)
+        total = torch.stack([model._count_log_prob(SparseOutput(pixels[i:i + 1].expand(1, -1, -1, -1), None, None,
+                                                                counts[i:i + 1]), c, every).exp().sum() for i in range(b)])
+        np.testing.assert_allclose(total.double().numpy(), 1.0, atol=1e-3)
+    jets = model.sample(out, seed=seed)
+    normals = model.noise(seed, 0, b)[1][:, 3:].double()
+    want = np.floor(np.exp((counts[..., 0].double() + counts[..., 1].double().exp() * normals).numpy() * std + mean) - 0.5)
+    got = np.stack([(jets[..., 0] > 0).sum((1, 2)).numpy(), (jets[..., 1] > 0).sum((1, 2)).numpy(),
+                    (cells_to_towers(jets[..., 2]) > 0).sum((1, 2)).numpy()], axis=1)
+    np.testing.assert_array_equal(got, np.clip(want, 0, None))
+    assert torch.equal(model.sample(out, seed=seed), jets)
+
+
+def test_counted_hits_go_where_the_pixels_are_likely(rng, seed):
+    """With the count head, N hits are placed without replacement by the pixels' odds: a pixel of
+    much higher probability is (almost) always among them, one of zero probability never."""
+    model = SparseObservation((0.0,) * 3, (1.0,) * 3, components=1, count_log_mean=(np.log(6.0),) * 3,
+                              count_log_std=(1.0,) * 3)
+    b = 50
+    pixels = torch.zeros(b, 3 * model.params, 128, 128)
+    pixels[:, 0 :: model.params] = -30.0  # no chance at all
+    pixels[:, 0 :: model.params, 40:50, 40:50] = 0.0  # 100 even chances
+    pixels[:, 0 :: model.params, 45, 45] = 12.0  # a near-certain one
+    counts = torch.zeros(b, 3, 2)
+    counts[..., 1] = -6.0  # N + 1 = 6 every time: 5 hits
+    jets = model.sample(SparseOutput(pixels, None, None, counts), seed=seed)
+    tracks = jets[..., 0]
+    assert ((tracks > 0).sum((1, 2)) == 5).all()
+    assert (tracks[:, 44, 44] > 0).all()  # 128 -> 125 crop: model pixel 45 is image pixel 44
+    outside = torch.ones(125, 125, dtype=torch.bool)
+    outside[39:49, 39:49] = False
+    assert not (tracks[:, outside] > 0).any()

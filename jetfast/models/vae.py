@@ -77,6 +77,11 @@ class VAEConfig:
     # and pixel intensities as shares of their channel's total
     totals_basis: str = "channels"
     pixel_shares: bool = False
+    # with channel_totals: a head for each channel's number of hits (HCAL: towers), a discretised
+    # log-normal of 1 + hits in units of the training jets' mean and std of log(1 + hits)
+    hit_counts: bool = False
+    count_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    count_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Conditioning on the generator-level jet (y, pt, m0): the training jets' mean and std of
     # the features (y, log pt, log(1 + m0)).
     conditioned: bool = False
@@ -86,7 +91,7 @@ class VAEConfig:
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
         for name in ("hit_occupancy", "hit_log_mean", "hit_log_std", "total_log_mean", "total_log_std",
-                     "condition_mean", "condition_std"):
+                     "count_log_mean", "count_log_std", "condition_mean", "condition_std"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.latent_dim < 1:
             raise InvalidArgument(f"latent_dim must be >= 1; got {self.latent_dim}")
@@ -103,6 +108,9 @@ class VAEConfig:
             raise InvalidArgument(f"intensity_components must be >= 1; got {self.intensity_components}")
         if self.totals_basis not in TOTALS_BASES:
             raise InvalidArgument(f"totals_basis must be one of {TOTALS_BASES}; got {self.totals_basis!r}")
+        if self.hit_counts and not (self.recon == "sparse" and self.channel_totals):
+            raise InvalidArgument("hit_counts needs the sparse observation model with channel_totals: "
+                                  "the counts come from the totals' head")
         if self.pixel_shares and not (self.recon == "sparse" and self.channel_totals):
             raise InvalidArgument("pixel_shares needs the sparse observation model with channel_totals: "
                                   "the shares are scaled to the drawn totals")
@@ -195,7 +203,8 @@ class VAE(nn.Module):
         )
         self.observation = SparseObservation(config.hit_log_mean, config.hit_log_std, config.intensity_components,
                                              config.total_log_mean, config.total_log_std,
-                                             totals_basis=config.totals_basis, pixel_shares=config.pixel_shares)
+                                             totals_basis=config.totals_basis, pixel_shares=config.pixel_shares,
+                                             count_log_mean=config.count_log_mean, count_log_std=config.count_log_std)
         if config.recon == "sparse":
             self.observation.init_output_bias(self.decoder[-1].bias, config.hit_occupancy)
         self.totals = None
@@ -203,8 +212,9 @@ class VAE(nn.Module):
             # (loc, log scale) of each channel's standardised log total, from the latent directly:
             # a jet's energy is a global property, not a pixel's.
             couplings = len(COUPLED) if config.total_correlations else 0
+            counts = 2 * config.in_channels if config.hit_counts else 0
             self.totals = nn.Sequential(nn.Linear(config.latent_dim + extra, 256), nn.LeakyReLU(slope),
-                                        nn.Linear(256, 2 * config.in_channels + couplings))
+                                        nn.Linear(256, 2 * config.in_channels + couplings + counts))
         # Learned per-channel log-variance of the pixel likelihood (used by recon="gaussian_nll").
         self.log_sigma2 = nn.Parameter(torch.zeros(config.in_channels), requires_grad=config.recon == "gaussian_nll")
         # Start with a near-deterministic posterior: a large initial logvar would drown the
@@ -264,8 +274,11 @@ class VAE(nn.Module):
         if self.totals is None:
             return SparseOutput(pixels, None)
         heads = self.totals(z)
-        totals, couplings = heads.split([2 * cfg.in_channels, heads.shape[1] - 2 * cfg.in_channels], dim=1)
-        return SparseOutput(pixels, totals.reshape(-1, cfg.in_channels, 2), couplings if couplings.shape[1] else None)
+        counts = 2 * cfg.in_channels if cfg.hit_counts else 0
+        totals, couplings, counts = heads.split(
+            [2 * cfg.in_channels, heads.shape[1] - 2 * cfg.in_channels - counts, counts], dim=1)
+        return SparseOutput(pixels, totals.reshape(-1, cfg.in_channels, 2), couplings if couplings.shape[1] else None,
+                            counts.reshape(-1, cfg.in_channels, 2) if cfg.hit_counts else None)
 
     def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode."""

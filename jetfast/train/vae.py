@@ -52,6 +52,7 @@ class VAETraining:
     total_correlations: bool = True
     totals_basis: str = "calorimeter"
     pixel_shares: bool = True
+    hit_counts: bool = False
     conditioned: bool = True
     kl_warmup_epochs: float = 1.0
     augment: bool = True
@@ -125,14 +126,16 @@ class VAEStage(Stage):
         self.vae_config = VAEConfig(**condition, latent_dim=o.latent_dim, widths=o.widths, beta=o.beta, recon=o.recon,
                                     intensity_components=o.intensity_components, hit_occupancy=hits["occupancy"],
                                     hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"],
-                                    total_log_mean=hits["total_log_mean"], total_log_std=hits["total_log_std"], **totals)
+                                    total_log_mean=hits["total_log_mean"], total_log_std=hits["total_log_std"],
+                                    count_log_mean=hits["count_log_mean"], count_log_std=hits["count_log_std"], **totals)
 
     def _totals_options(self) -> dict:
         """The VAEConfig fields of the channel totals; the totals' options mean nothing without them."""
         o = self.options
         with_totals = o.recon == "sparse" and o.channel_totals
         return dict(channel_totals=o.channel_totals, total_correlations=with_totals and o.total_correlations,
-                    totals_basis=o.totals_basis if with_totals else "channels", pixel_shares=with_totals and o.pixel_shares)
+                    totals_basis=o.totals_basis if with_totals else "channels", pixel_shares=with_totals and o.pixel_shares,
+                    hit_counts=with_totals and o.hit_counts)
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         o = self.options
@@ -245,6 +248,7 @@ class VAEStage(Stage):
 
     def _terms(self) -> list[str]:
         parts = ("hits", "energy", "total") if self.vae_config.channel_totals else ("hits", "energy")
+        parts += ("count",) if self.vae_config.hit_counts else ()
         channels = [f"{c}_{part}" for c in CHANNEL_NAMES for part in parts]
         return ["loss", "recon", "kl", *(channels if self.vae_config.recon == "sparse" else [])]
 
