@@ -4,8 +4,9 @@ Every stage is the real command a user would run (``jetfast data generate``,
 ``train-vae``, ``fit-bins``, ``encode``, ``train-gpt``, ``generate``, ``evaluate``); the
 last two stages generate the held-out test jets one to one from their class, pT and mass
 (``generate --like``) and evaluate the detector response.
-Two presets size it: ``quick`` (the default) fits a 2-core CPU in about twelve minutes,
-``hour`` is the longer fidelity run (about an hour on 2 cores); every size is also an
+Two presets size it: ``quick`` (the default) fits 2 CPU cores in about twelve minutes where
+they have bf16 units (AVX512-BF16), about 28 where they have AVX2 only; ``hour`` is the longer
+fidelity run (about an hour on the former); every size is also an
 option of its own, so the same command scales to the full dataset on a GPU. A stage
 that finished is skipped when the demo is run again (``--restart`` starts over).
 """
@@ -39,7 +40,8 @@ def _gpt_size(text: str) -> tuple[int, int, int]:
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="demo directory (default ./demo)")
     parser.add_argument("--preset", choices=("quick", "hour"), default="quick",
-                        help="sizes: quick (default, ~12 min on 2 cores) or hour (the longer fidelity run, ~1 h); "
+                        help="sizes: quick (default; ~12 min on 2 cores with AVX512-BF16, ~28 on AVX2 only) or hour (the longer "
+                             "fidelity run, ~1 h on the former); "
                              + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in sizes.items())}"
                                          for name, sizes in PRESETS.items()))
     parser.add_argument("--jets", type=int, default=None, help="Pythia jets to simulate (default: the preset's)")
