@@ -13,6 +13,7 @@ from scipy.stats import norm
 
 from jetfast.models.observation import SparseObservation, SparseOutput, hit_statistics
 from jetfast.models.vae import VAE, VAEConfig
+from jetfast.errors import InvalidArgument
 from jetfast.data.transforms import IntensityTransform
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
@@ -391,6 +392,50 @@ def test_vae_with_correlated_totals_decodes_and_scores(basis, shares, counts, rn
     terms = vae.loss(transform.to_model(images), *vae(transform.to_model(images)), images=images)
     assert all(torch.isfinite(v) for v in terms.values()) and "hcal_total" in terms
     assert ("tracks_count" in terms) == counts and (out.counts is not None) == counts
+    # The state holds the count statistics exactly when the model has the head, so checkpoints
+    # written before the head existed load into a model without it, and the two kinds round-trip.
+    assert ("observation.count_log_mean" in vae.state_dict()) == counts
+    VAE(config).load_state_dict(vae.state_dict())
+
+
+def test_count_conditioned_decoder_places_hits_for_the_drawn_count(rng, seed):
+    """With ``count_conditioned`` the decoder is given the hits per channel: other counts move the
+    pixels but not the sums' heads; a sampled jet has exactly the hits drawn from the count head
+    with its own stream's normals (decoding it again alone gives it back);
+    the mean image decodes for the head's median; bad counts are refused."""
+    images = torch.from_numpy(_sparse_images(rng, 4))
+    transform, config = _small_vae_config(images)
+    stats = hit_statistics(images, totals_basis="calorimeter", pixel_shares=True)
+    config.total_correlations, config.totals_basis, config.pixel_shares = True, "calorimeter", True
+    config.hit_counts = config.count_conditioned = True
+    config.count_log_mean, config.count_log_std = tuple(stats["count_log_mean"]), tuple(stats["count_log_std"])
+    vae = VAE(config).eval()
+    with torch.no_grad():  # spread the decoder's counts and odds so that the test has something to see
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    z = torch.randn(4, 8)
+    few, many = torch.full((4, 3), 3), torch.full((4, 3), 300)
+    a, b = vae.decode(z, hits=few), vae.decode(z, hits=many)
+    assert not torch.equal(a.pixels, b.pixels) and torch.equal(a.totals, b.totals) and torch.equal(a.counts, b.counts)
+    assert torch.equal(vae.decode(z).pixels, vae.decode(z, hits=vae.observation.draw_counts(a)).pixels)
+
+    jets = vae.images(z, transform, seed=seed, start=5)
+    _, normals = vae.observation.noise(seed, 5, 4)
+    drawn = vae.observation.draw_counts(a, normals[:, 3:])
+    limits = torch.tensor([125 * 125, 125 * 125, 25 * 25])
+    assert torch.equal(SparseObservation.hit_numbers(jets), torch.minimum(drawn, limits))
+    alone = vae.images(z[2:3], transform, seed=seed, start=7)  # the GEMMs may round by batch size
+    assert torch.equal(alone > 0, jets[2:3] > 0) and torch.allclose(alone, jets[2:3], rtol=1e-5, atol=1e-6)
+    assert _tower_constant(jets[..., 2]) and torch.isfinite(vae.images(z, transform, mode="mean")).all()
+
+    x = transform.to_model(images)
+    out, _, _ = vae(x, None, SparseObservation.hit_numbers(images))
+    terms = vae.loss(x, out, torch.zeros(4, 8), torch.zeros(4, 8), images=images)
+    assert all(torch.isfinite(v) for v in terms.values()) and "ecal_count" in terms
+    with pytest.raises(ValueError, match="hits of shape"):
+        vae.decode(z, hits=torch.zeros(4, 2))
+    with pytest.raises(InvalidArgument, match="count_conditioned needs hit_counts"):
+        VAEConfig(channel_totals=True, count_conditioned=True)
 
 
 def test_count_head_is_a_discretised_log_normal(rng, seed):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from jetfast.data.transforms import IntensityTransform, crop_to_image
+from jetfast.models.observation import SparseObservation
 from jetfast.models.vae import VAE, VAEConfig, load_vae
 from jetfast.cli import main
 from jetfast.run import load_split
@@ -183,6 +184,28 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
     assert last.config == cfg
     with pytest.raises(FileNotFoundError, match="train-vae"):
         load_vae(trained_run, which="nope")
+
+
+def test_hit_counts_train_a_count_conditioned_decoder(jet_file, tmp_path):
+    """``--hit-counts``: the count head and a decoder given the counts, trained with each jet's own
+    (the logged validation loss is recomputed from them) and sampled with drawn ones."""
+    out = tmp_path / "run"
+    assert train(jet_file, out, "--epochs", 1, "--seed", 3, "--hit-counts") == 0
+    model, transform, cfg = load_vae(out)
+    assert cfg.hit_counts and cfg.count_conditioned
+    split = load_split(out)
+    with h5py.File(jet_file) as f:
+        images = torch.from_numpy(f["X_jets"][np.sort(split["val"])])
+        conditions = torch.from_numpy(np.stack([f[k][np.sort(split["val"])] for k in ("y", "pt", "m0")], 1))
+    x = transform.to_model(images)
+    with torch.no_grad():
+        terms = model.loss(x, *model(x, conditions, SparseObservation.hit_numbers(images)), beta=cfg.beta, images=images)
+        blind = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isclose(float(terms["loss"]), metrics[-1]["val_loss"], rel_tol=1e-4)
+    assert float(terms["loss"]) != float(blind["loss"])  # the counts reach the decoder
+    jets = model.images(torch.randn(3, cfg.latent_dim), transform, conditions[:3], seed=1)
+    assert jets.shape == (3, 125, 125, 3) and torch.isfinite(jets).all()
 
 
 def test_bf16_autocast_trains_and_is_recorded(jet_file, trained_run, tmp_path):

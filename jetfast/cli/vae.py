@@ -63,9 +63,9 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
                        help="sparse: model pixel intensities in GeV rather than as shares of their channel's total (the "
                             "totals' swing is then counted again in every pixel, and the jets' cores come out soft)")
     model.add_argument("--hit-counts", action="store_true",
-                       help="sparse: a head for each channel's number of hits, drawn first, the hits then placed by the "
-                            "pixels' odds (independent pixels give a Poisson-like count: too narrow, too little class "
-                            "dependence); off by default, as the added hits land at the jet's rim and broaden it")
+                       help="sparse: a head for each channel's number of hits, drawn first; the decoder is given the "
+                            "number and the hits are placed by the pixels' odds (independent pixels give a Poisson-like "
+                            "count: too narrow, too little class dependence)")
     model.add_argument("--no-conditioning", dest="conditioned", action="store_false",
                        help="do not show the encoder and decoder each jet's class, pT and mass (y, pt, m0 of the file): "
                             "the latents then have to carry them, and generation cannot be asked for a jet's pT")

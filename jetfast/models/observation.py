@@ -76,7 +76,12 @@ the integers (N + 1 owns [N + 1/2, N + 3/2); 0 hits all below 3/2), one more NLL
 (``<channel>_count``); a sampled jet draws N from it and places its N hits without replacement
 by the pixels' odds (the N largest of logit + Gumbel noise), so the pixel probabilities say
 where the hits go and the head how many there are. The mean image keeps the pixels' own
-probabilities.
+probabilities. Placed by probabilities learned without knowing N, a jet drawn with more hits
+than its probabilities add up to gets the extra ones where they are small: at the rim (its
+girth and mass come out too large). A VAE with ``count_conditioned`` (jetfast.models.vae)
+gives the decoder the number of hits as well, the real one in training and the drawn one
+(:meth:`SparseObservation.draw_counts`) in sampling, so where the hits sit is learned given
+how many there are.
 
 Decoding: :meth:`SparseObservation.sample` draws occupancies, components and intensities
 (and totals) from per-jet random streams (:mod:`jetfast.seeding`); :meth:`SparseObservation.mean`
@@ -201,7 +206,7 @@ class SparseObservation(nn.Module):
 
     def __init__(self, log_mean=(0.0, 0.0, 0.0), log_std=(1.0, 1.0, 1.0), components: int = 1,
                  total_log_mean=(0.0, 0.0, 0.0), total_log_std=(1.0, 1.0, 1.0), *, totals_basis: str = "channels",
-                 pixel_shares: bool = False, count_log_mean=(0.0, 0.0, 0.0), count_log_std=(1.0, 1.0, 1.0)):
+                 pixel_shares: bool = False, count_log_mean=None, count_log_std=None):
         super().__init__()
         if components < 1:
             raise ValueError(f"components must be >= 1; got {components}")
@@ -215,8 +220,9 @@ class SparseObservation(nn.Module):
         self.register_buffer("log_std", torch.tensor(log_std, dtype=torch.float32))
         self.register_buffer("total_log_mean", torch.tensor(total_log_mean, dtype=torch.float32))
         self.register_buffer("total_log_std", torch.tensor(total_log_std, dtype=torch.float32))
-        self.register_buffer("count_log_mean", torch.tensor(count_log_mean, dtype=torch.float32))
-        self.register_buffer("count_log_std", torch.tensor(count_log_std, dtype=torch.float32))
+        if count_log_mean is not None:  # only a model with a count head has them (and its checkpoints)
+            self.register_buffer("count_log_mean", torch.tensor(count_log_mean, dtype=torch.float32))
+            self.register_buffer("count_log_std", torch.tensor(count_log_std or (1.0,) * 3, dtype=torch.float32))
 
     def init_output_bias(self, bias: torch.Tensor, occupancy) -> None:
         """Start the decoder at the training data's occupancy, its components spread over the
@@ -349,10 +355,11 @@ class SparseObservation(nn.Module):
         shapes = ((IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE), (TOWERS, TOWERS))
         return [part.reshape(count, 3, *shape) for part, shape in zip(draws.split(sizes, dim=2), shapes)], totals
 
-    def sample(self, out: SparseOutput, seed: int, start: int = 0) -> torch.Tensor:
-        """Draw jets (B, 125, 125, 3) in GeV: jet i of the batch is jet ``start + i`` of ``seed``'s stream."""
+    def sample(self, out: SparseOutput, seed: int, start: int = 0, noise=None) -> torch.Tensor:
+        """Draw jets (B, 125, 125, 3) in GeV: jet i of the batch is jet ``start + i`` of ``seed``'s stream
+        (``noise``: that stream's :meth:`noise`, when the caller has drawn it already)."""
         channels = []
-        pixel_draws, normals = self.noise(seed, start, out.pixels.shape[0])
+        pixel_draws, normals = noise if noise is not None else self.noise(seed, start, out.pixels.shape[0])
         normals = normals.to(out.pixels.device)
         log_totals = None if out.totals is None else self._log_totals(out, normals[:, :NUM_CHANNELS])
         for c, (params, draws) in enumerate(zip(self.split(out.pixels), pixel_draws)):
@@ -379,12 +386,31 @@ class SparseObservation(nn.Module):
         then N pixels without replacement by their odds (the N largest of logit + Gumbel noise made
         from ``uniforms``): a jet's number of hits follows the head (its spread and how it depends on
         the latent and the condition), where they sit the pixels' probabilities."""
-        loc, scale = out.counts[:, c, 0].float(), out.counts[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp()
-        log_n1 = ((loc + scale * normals) * self.count_log_std[c] + self.count_log_mean[c]).clamp_max(20.0)
         keys = (logit - torch.log(-torch.log(uniforms))).flatten(1)  # Gumbel-top-N
-        n = torch.floor(log_n1.exp() - 0.5).clamp(0, keys.shape[1]).long()  # N + 1 in [N + 1/2, N + 3/2)
+        n = self.draw_counts(out, normals[:, None], channels=(c,))[:, 0].clamp_max(keys.shape[1])
         kth = keys.sort(dim=1, descending=True).values.gather(1, (n - 1).clamp_min(0)[:, None])
         return ((keys >= kth) & (n > 0)[:, None]).view_as(logit)
+
+    def draw_counts(self, out: SparseOutput, normals: torch.Tensor | None = None, channels=range(NUM_CHANNELS)) -> torch.Tensor:
+        """Hits per jet (B, len(channels)) from the count head: with standard normals ``normals`` (B,
+        len(channels)) a draw, without them the median. N + 1 owns [N + 1/2, N + 3/2) of the log-normal."""
+        columns = []
+        for i, c in enumerate(channels):
+            loc, scale = out.counts[:, c, 0].float(), out.counts[:, c, 1].float().clamp(*LOG_SCALE_RANGE).exp()
+            e = loc if normals is None else loc + scale * normals[:, i].to(loc.device)
+            log_n1 = (e * self.count_log_std[c] + self.count_log_mean[c]).clamp_max(20.0)
+            columns.append(torch.floor(log_n1.exp() - 0.5).clamp_min(0).long())
+        return torch.stack(columns, dim=1)
+
+    def count_features(self, hits: torch.Tensor) -> torch.Tensor:
+        """Hits per jet (B, 3) -> the standardised log(1 + hits) the decoder is given with
+        ``count_conditioned``."""
+        return (torch.log1p(hits.float()) - self.count_log_mean) / self.count_log_std
+
+    @classmethod
+    def hit_numbers(cls, images: torch.Tensor) -> torch.Tensor:
+        """(B, 125, 125, 3) GeV -> hits per jet and channel (B, 3) (HCAL: towers), as the count head counts them."""
+        return torch.stack([(values > 0).flatten(1).sum(1) for values in cls.targets(images)], dim=1)
 
     def _log_totals(self, out: SparseOutput, draws: torch.Tensor | None = None) -> torch.Tensor:
         """log of each channel's total in GeV (B, 3): drawn with standard normals ``draws`` (B, 3),

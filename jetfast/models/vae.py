@@ -41,7 +41,14 @@ from torch import nn
 from jetfast.data.format import MODEL_SIZE
 from jetfast.data.transforms import IntensityTransform
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.models.observation import COUPLED, TOTALS_BASES, SparseObservation, SparseOutput, params_per_channel
+from jetfast.models.observation import (
+    COUPLED,
+    NUM_CHANNELS,
+    TOTALS_BASES,
+    SparseObservation,
+    SparseOutput,
+    params_per_channel,
+)
 from jetfast.run import checkpoint_file, load_checkpoint
 from jetfast.sim.detector import cells_to_towers, towers_to_cells
 
@@ -82,6 +89,9 @@ class VAEConfig:
     hit_counts: bool = False
     count_log_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     count_log_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # with hit_counts: the decoder is also given each channel's number of hits (the jet's own in
+    # training, drawn from the count head in sampling), so it places the hits given how many
+    count_conditioned: bool = False
     # Conditioning on the generator-level jet (y, pt, m0): the training jets' mean and std of
     # the features (y, log pt, log(1 + m0)).
     conditioned: bool = False
@@ -111,6 +121,8 @@ class VAEConfig:
         if self.hit_counts and not (self.recon == "sparse" and self.channel_totals):
             raise InvalidArgument("hit_counts needs the sparse observation model with channel_totals: "
                                   "the counts come from the totals' head")
+        if self.count_conditioned and not self.hit_counts:
+            raise InvalidArgument("count_conditioned needs hit_counts: the decoder is given the counts the head draws")
         if self.pixel_shares and not (self.recon == "sparse" and self.channel_totals):
             raise InvalidArgument("pixel_shares needs the sparse observation model with channel_totals: "
                                   "the shares are scaled to the drawn totals")
@@ -194,7 +206,8 @@ class VAE(nn.Module):
         extra = config.condition_size
         self.to_mu = nn.Linear(flat + extra, config.latent_dim)
         self.to_logvar = nn.Linear(flat + extra, config.latent_dim)
-        self.from_latent = nn.Linear(config.latent_dim + extra, flat)
+        counted = NUM_CHANNELS if config.count_conditioned else 0
+        self.from_latent = nn.Linear(config.latent_dim + extra + counted, flat)
         rev = widths[::-1]
         self.decoder = nn.Sequential(
             *[_up(a, b, slope) for a, b in zip(rev[:-1], rev[1:])],
@@ -204,7 +217,8 @@ class VAE(nn.Module):
         self.observation = SparseObservation(config.hit_log_mean, config.hit_log_std, config.intensity_components,
                                              config.total_log_mean, config.total_log_std,
                                              totals_basis=config.totals_basis, pixel_shares=config.pixel_shares,
-                                             count_log_mean=config.count_log_mean, count_log_std=config.count_log_std)
+                                             count_log_mean=config.count_log_mean if config.hit_counts else None,
+                                             count_log_std=config.count_log_std if config.hit_counts else None)
         if config.recon == "sparse":
             self.observation.init_output_bias(self.decoder[-1].bias, config.hit_occupancy)
         self.totals = None
@@ -257,37 +271,54 @@ class VAE(nn.Module):
         h = self._with_conditions(h.flatten(1), conditions, "encode")  # (B, 256*8*8 [+ 3]), NCHW order
         return self.to_mu(h), self.to_logvar(h).clamp(-30.0, 20.0)
 
-    def decode(self, z: torch.Tensor, conditions: torch.Tensor | None = None) -> SparseOutput | torch.Tensor:
+    def decode(self, z: torch.Tensor, conditions: torch.Tensor | None = None,
+               hits: torch.Tensor | None = None) -> SparseOutput | torch.Tensor:
         """(B, latent_dim) (and the jets' (B, 3) conditions when the VAE is conditioned) -> the
         decoder output: for the sparse observation model a
         :class:`~jetfast.models.observation.SparseOutput` (pixel parameters (B, C, 128, 128) and
-        channel totals (B, 3, 2) or None), else the mean image in transformed units (B, 3, 128, 128)."""
+        channel totals (B, 3, 2) or None), else the mean image in transformed units (B, 3, 128, 128).
+        A ``count_conditioned`` VAE places the pixels for ``hits`` (B, 3) hits per channel (HCAL:
+        towers); without them, for the count head's median."""
         cfg = self.config
         if z.ndim != 2 or z.shape[1] != cfg.latent_dim:
             raise ValueError(f"VAE.decode expects (B, {cfg.latent_dim}); got {tuple(z.shape)}")
         side = cfg.bottleneck_size
         z = self._with_conditions(z, conditions, "decode")
-        h = self.from_latent(z).view(-1, cfg.widths[-1], side, side)  # (B, 256, 8, 8)
+        heads = self._heads(z) if cfg.recon == "sparse" and self.totals is not None else SparseOutput(None, None)
+        h = z
+        if cfg.count_conditioned:
+            if hits is None:
+                hits = self.observation.draw_counts(heads)
+            elif hits.shape != (z.shape[0], NUM_CHANNELS):
+                raise ValueError(f"VAE.decode expects hits of shape ({z.shape[0]}, {NUM_CHANNELS}); got {tuple(hits.shape)}")
+            h = torch.cat([z, self.observation.count_features(hits.to(z.device)).to(z.dtype)], dim=1)
+        h = self.from_latent(h).view(-1, cfg.widths[-1], side, side)  # (B, 256, 8, 8)
         pixels = self.decoder(h.contiguous(memory_format=torch.channels_last))
         if cfg.recon != "sparse":
             return pixels
-        if self.totals is None:
-            return SparseOutput(pixels, None)
+        return heads._replace(pixels=pixels)
+
+    def _heads(self, z: torch.Tensor) -> SparseOutput:
+        """The heads of the jet's sums from the latent joined to the conditions: a SparseOutput
+        without pixels (totals, couplings, counts)."""
+        cfg = self.config
         heads = self.totals(z)
         counts = 2 * cfg.in_channels if cfg.hit_counts else 0
         totals, couplings, counts = heads.split(
             [2 * cfg.in_channels, heads.shape[1] - 2 * cfg.in_channels - counts, counts], dim=1)
-        return SparseOutput(pixels, totals.reshape(-1, cfg.in_channels, 2), couplings if couplings.shape[1] else None,
+        return SparseOutput(None, totals.reshape(-1, cfg.in_channels, 2), couplings if couplings.shape[1] else None,
                             counts.reshape(-1, cfg.in_channels, 2) if cfg.hit_counts else None)
 
-    def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode."""
+    def forward(self, x: torch.Tensor, conditions: torch.Tensor | None = None,
+                hits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (decoder output, mu, logvar); samples z in training mode, uses z = mu in eval mode.
+        A ``count_conditioned`` VAE is trained with the jets' own ``hits`` (B, 3) (see :meth:`decode`)."""
         mu, logvar = self.encode(x, conditions)
         if self.training:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
             z = mu
-        return self.decode(z, conditions), mu, logvar
+        return self.decode(z, conditions, hits), mu, logvar
 
     def beta_at(self, step: int) -> float:
         """KL weight at optimiser step ``step``: linear warm-up to ``config.beta``."""
@@ -337,12 +368,19 @@ class VAE(nn.Module):
             raise InvalidArgument(f"decoding mode must be one of {DECODE_MODES}; got {mode!r}")
         if precision not in DECODE_PRECISIONS:
             raise InvalidArgument(f"decoding precision must be one of {DECODE_PRECISIONS}; got {precision!r}")
+        noise, hits = None, None
+        if mode == "sample" and self.config.count_conditioned:
+            # The counts first (from the jet's own stream, as the sampling below draws them), then
+            # the pixels for them.
+            noise = self.observation.noise(seed, start, z.shape[0])
+            heads = self._heads(self._with_conditions(z, conditions, "decode"))
+            hits = self.observation.draw_counts(heads, noise[1][:, NUM_CHANNELS:])
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = self.decode(z, conditions)
+            out = self.decode(z, conditions, hits)
         if precision == "bf16":
             out = SparseOutput(*(None if t is None else t.float() for t in out)) if isinstance(out, SparseOutput) else out.float()
         if self.config.recon == "sparse":
-            return self.observation.sample(out, seed, start) if mode == "sample" else self.observation.mean(out)
+            return self.observation.sample(out, seed, start, noise) if mode == "sample" else self.observation.mean(out)
         images = transform.to_images(out.float())
         images[..., 2] = towers_to_cells(cells_to_towers(images[..., 2]))
         return images

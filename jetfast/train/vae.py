@@ -24,7 +24,7 @@ from jetfast.data.loader import JetLoader
 from jetfast.data.format import IMAGE_KEY, IMAGE_SIZE
 from jetfast.data.transforms import PAD_BEFORE, IntensityTransform, crop_to_image
 from jetfast.errors import InvalidArgument, JetFileError, RunDirError
-from jetfast.models.observation import CHANNEL_NAMES, hit_statistics
+from jetfast.models.observation import CHANNEL_NAMES, SparseObservation, hit_statistics
 from jetfast.models.vae import (CONDITION_KEYS, VAE, VAEConfig, batch_conditions, condition_features, loader_keys,
                                 read_conditions)
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
@@ -135,7 +135,7 @@ class VAEStage(Stage):
         with_totals = o.recon == "sparse" and o.channel_totals
         return dict(channel_totals=o.channel_totals, total_correlations=with_totals and o.total_correlations,
                     totals_basis=o.totals_basis if with_totals else "channels", pixel_shares=with_totals and o.pixel_shares,
-                    hit_counts=with_totals and o.hit_counts)
+                    hit_counts=with_totals and o.hit_counts, count_conditioned=with_totals and o.hit_counts)
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         o = self.options
@@ -199,11 +199,15 @@ class VAEStage(Stage):
         conditions = None if conditions is None else conditions.to(self.device)
         return self.transform.forward(physical), crop_to_image(physical), conditions
 
+    def _hits(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The jets' hits per channel, which a count-conditioned decoder is trained with."""
+        return SparseObservation.hit_numbers(images) if self.vae_config.count_conditioned else None
+
     def step(self, net, batch, step: int):
         # Mirrors drawn from (seed, step): a resumed run draws the same ones.
         x, images, conditions = self._inputs(batch, self.options.seed * 1_000_003 + step if self.options.augment else None)
         self.beta = self.model.beta_at(step)
-        return self.model.loss(x, *net(x, conditions), self.beta, images=images), x.shape[0]
+        return self.model.loss(x, *net(x, conditions, self._hits(images)), self.beta, images=images), x.shape[0]
 
     def validate(self, model: VAE):
         # Validation always weighs the KL with the full beta: the objective being selected on
@@ -213,7 +217,7 @@ class VAEStage(Stage):
         with torch.no_grad():
             for batch in self.val_loader:
                 x, images, conditions = self._inputs(batch)
-                terms = model.loss(x, *model(x, conditions), self.vae_config.beta, images=images)
+                terms = model.loss(x, *model(x, conditions, self._hits(images)), self.vae_config.beta, images=images)
                 n = x.shape[0]
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * n
