@@ -4,6 +4,8 @@ exercise the layer norms and the GELU's tails; bad arrays are Python errors."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -21,8 +23,8 @@ def _model(rng, d_model, heads, layers, seq_len=9, scale=1.0):
     return model
 
 
-def _blocks_in_pytorch(model, x, pos):
-    weights = model.decode_weights(torch.float32)
+def _blocks_in_pytorch(model, x, pos, dtype=torch.float32):
+    weights = model.decode_weights(dtype)
     for block, w in zip(model.blocks, weights):
         x = block.decode_step(x, pos, w)
     return x
@@ -56,6 +58,59 @@ def test_fused_blocks_match_the_pytorch_blocks(d_model, heads, layers, batch, rn
             torch.testing.assert_close(block.attn.kv_cache.v_cache[:, :, : pos + 1], v[:, :, : pos + 1], rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not require_native().decode_blocks_bf16, reason="bf16 fused blocks need AVX2 + FMA")
+@pytest.mark.parametrize("d_model, heads, layers, batch", [(24, 3, 1, 1), (64, 4, 3, 7), (48, 2, 2, 15)])
+def test_fused_bf16_blocks_match_fp32_arithmetic_on_bf16_weights(d_model, heads, layers, batch, rng):
+    """bf16 caches and weights: the fused step is the fp32 computation on the bf16-rounded weights,
+    with each cached key and value rounded to bf16 (to nearest even, as torch rounds). Checked
+    against that computation in float64 from the same rounded operands, at every position, and
+    against the PyTorch bf16 blocks (which also round the layer inputs) within bf16's precision."""
+    model = _model(rng, d_model, heads, layers, scale=2.0)  # made outside inference mode, as a sampler's is
+    with torch.inference_mode():
+        _fused_bf16_steps(model, d_model, heads, batch, rng)
+
+
+def _fused_bf16_steps(model, d_model, heads, batch, rng):
+    model.setup_caches(batch, dtype=torch.bfloat16)
+    fused = model.fused_blocks(torch.zeros(batch, d_model))
+    assert fused is not None
+    weights = model.decode_weights(torch.bfloat16)
+    for pos in range(model.config.seq_len):
+        x = torch.from_numpy(rng.normal(0, 2, (batch, d_model)).astype(np.float32))
+        before = _copy_caches(model)
+        # Reference: float64 on the same bf16 weights and caches, fp32 biases and layer norms.
+        want = x.double()
+        expected_caches = []
+        for block, w, (k, v) in zip(model.blocks, weights, before):
+            qkv_w, _, proj_w, _, fc_w, _, out_w, _ = (t.double() for t in w)
+            attn = block.attn
+            h = torch.nn.functional.layer_norm(want, (d_model,), block.ln_1.weight.double(), block.ln_1.bias.double(), block.ln_1.eps)
+            qkv = (h @ qkv_w.T + attn.qkv.bias.double()).view(batch, 3, heads, d_model // heads)
+            k, v = k.clone(), v.clone()
+            k[:, :, pos], v[:, :, pos] = qkv[:, 1].to(torch.bfloat16), qkv[:, 2].to(torch.bfloat16)
+            expected_caches.append((k, v))
+            scores = torch.einsum("bhd,bhsd->bhs", qkv[:, 0], k[:, :, : pos + 1].double()) / math.sqrt(d_model // heads)
+            y = torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v[:, :, : pos + 1].double()).reshape(batch, d_model)
+            want = want + y @ proj_w.T + attn.proj.bias.double()
+            h = torch.nn.functional.layer_norm(want, (d_model,), block.ln_2.weight.double(), block.ln_2.bias.double(), block.ln_2.eps)
+            hidden = torch.nn.functional.gelu(h @ fc_w.T + block.mlp.fc.bias.double())
+            want = want + hidden @ out_w.T + block.mlp.proj.bias.double()
+        pytorch = _blocks_in_pytorch(model, x.clone(), pos, torch.bfloat16)  # writes the caches: restore them
+        for block, (k, v) in zip(model.blocks, before):
+            block.attn.kv_cache.k_cache.copy_(k)
+            block.attn.kv_cache.v_cache.copy_(v)
+        got = x.clone()
+        fused.step(got.numpy(), pos, torch.get_num_threads())
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(got, pytorch, rtol=0.05, atol=0.05 * scale)  # bf16-rounded layer inputs there
+        for block, (k, v) in zip(model.blocks, expected_caches):
+            # a key that lands next to a rounding boundary may round either way: at most one bf16 step
+            for cache, expected in ((block.attn.kv_cache.k_cache, k), (block.attn.kv_cache.v_cache, v)):
+                torch.testing.assert_close(cache[:, :, : pos + 1].float(), expected[:, :, : pos + 1].float(),
+                                           rtol=2 ** -7, atol=1e-6)
+
+
 @torch.inference_mode()
 def test_decode_step_takes_the_fused_call_below_its_batch_limit(rng):
     model = _model(rng, 32, 4, 2)
@@ -63,8 +118,8 @@ def test_decode_step_takes_the_fused_call_below_its_batch_limit(rng):
     assert model.fused_blocks(torch.zeros(FUSED_MAX_ROWS - 1, 32)) is not None
     model.setup_caches(FUSED_MAX_ROWS)
     assert model.fused_blocks(torch.zeros(FUSED_MAX_ROWS, 32)) is None
-    model.setup_caches(3, dtype=torch.bfloat16)
-    assert model.fused_blocks(torch.zeros(3, 32)) is None
+    model.setup_caches(3, dtype=torch.bfloat16)  # bf16 weights and caches: where the CPU has AVX2
+    assert (model.fused_blocks(torch.zeros(3, 32)) is not None) == require_native().decode_blocks_bf16
     with torch.enable_grad():
         model.setup_caches(3)
         assert model.fused_blocks(torch.zeros(3, 32)) is None
@@ -123,3 +178,6 @@ def test_bad_arrays_are_python_errors(rng):
             _C.DecodeBlocks([arrays[:2] + [arrays[2].T.copy().T] + arrays[3:] + caches], [(1e-5, 1e-5)], 2)
         with pytest.raises(ValueError, match="eps"):
             _C.DecodeBlocks([arrays + caches], [], 2)
+        if _C.decode_blocks_bf16:  # bf16 wants the bits of the weights and caches, not floats
+            with pytest.raises(TypeError, match="qkv.weight must be bfloat16 bits"):
+                _C.DecodeBlocks([arrays + caches], [(1e-5, 1e-5)], 2, bf16=True)

@@ -27,6 +27,10 @@ struct DecodeAttentionProblem {
   int64_t v_stride_b, v_stride_h, v_stride_s;
   int64_t batch, heads, head_dim, length;
   float* out;  // contiguous (batch, heads, head_dim)
+  // Caches of bfloat16 values (uint16) in place of k_cache and v_cache (null), with the same
+  // strides: the AVX2 kernel only (attend_rows_avx2), which widens them to float32 as it reads.
+  const uint16_t* k_cache_bf16 = nullptr;
+  const uint16_t* v_cache_bf16 = nullptr;
 };
 
 void decode_attention_cpu(const DecodeAttentionProblem& problem, int num_threads);
@@ -36,6 +40,10 @@ void decode_attention_cpu(const DecodeAttentionProblem& problem, int num_threads
 // the row count n rounded up to 16; `acc` holds n * head_dim.
 void attend_rows_scalar(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores,
                         float* acc);
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+// AVX2 + FMA versions for head_dim a multiple of 8, up to 256 (CPUs without AVX-512).
+void attend_rows_avx2(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores, float* acc);
+#endif
 #if defined(JETFAST_HAVE_AVX512_KERNELS)
 // AVX-512 versions for head_dim a multiple of 16, up to 256.
 void attend_rows_avx512(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores,

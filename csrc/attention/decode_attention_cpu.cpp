@@ -65,7 +65,10 @@ void decode_attention_cpu(const DecodeAttentionProblem& p, int num_threads) {
   const int64_t block = rows_contiguous
                             ? kStreamsPerBlock
                             : std::clamp<int64_t>(kScratchFloats / (p.length + p.head_dim) / 16 * 16, 16, kMaxRowsPerBlock);
-  const bool vector = cpu_has_avx512() && p.head_dim % 16 == 0 && p.head_dim <= 256;
+  // bfloat16 caches: the AVX2 kernel only (the caller checks cpu_has_avx2_fma()).
+  const bool bf16 = p.k_cache_bf16 != nullptr;
+  const bool vector = !bf16 && cpu_has_avx512() && p.head_dim % 16 == 0 && p.head_dim <= 256;
+  const bool vector_avx2 = bf16 || (!vector && cpu_has_avx2_fma() && p.head_dim % 8 == 0 && p.head_dim <= 256);
   parallel_for(rows, num_threads, 64, [&](int64_t begin, int64_t end) {
     const int64_t most = std::min(block, end - begin);
     std::vector<float> scores(padded(most) * p.length);
@@ -78,10 +81,16 @@ void decode_attention_cpu(const DecodeAttentionProblem& p, int num_threads) {
         continue;
       }
 #endif
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+      if (vector_avx2) {
+        attend_rows_avx2(p, first, last, scores.data(), acc.data());
+        continue;
+      }
+#endif
       attend_rows_scalar(p, first, last, scores.data(), acc.data());
     }
   });
-  (void)vector;
+  (void)vector, (void)vector_avx2;
 }
 
 }  // namespace jetfast

@@ -1,56 +1,63 @@
 // AVX2 + FMA matrix-vector rows for the fused decode step (compiled with -mavx2
-// -mfma, called only when the CPU has both: common/cpu_features.h).
+// -mfma, called only when the CPU has both: common/cpu_features.h). Weights are
+// float32 or bfloat16 (uint16, widened as they are loaded); sums are float32.
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
+#include "common/avx2_vectors.h"
 #include "sampler/decode_blocks.h"
 
 namespace jetfast {
 namespace {
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 // Four independent accumulators hide the FMA latency; the weights stream through once.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <class W>
+inline float dot(const W* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(load8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(load8(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(load8(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
   }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), s0);
   float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += scalar(a[i]) * b[i];
   return sum;
 }
 
 // Four rows of weights against one sequence: four streams from memory at once (one stream
 // alone does not reach the memory bandwidth of a core), each x load used four times.
-inline void dot4(const float* w, int64_t in, const float* x, float* out) {
+template <class W>
+inline void dot4(const W* w, int64_t in, const float* x, float* out) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= in; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), v, s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + in + i), v, s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * in + i), v, s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * in + i), v, s3);
+    s0 = _mm256_fmadd_ps(load8(w + i), v, s0);
+    s1 = _mm256_fmadd_ps(load8(w + in + i), v, s1);
+    s2 = _mm256_fmadd_ps(load8(w + 2 * in + i), v, s2);
+    s3 = _mm256_fmadd_ps(load8(w + 3 * in + i), v, s3);
   }
   out[0] = horizontal_sum(s0), out[1] = horizontal_sum(s1), out[2] = horizontal_sum(s2), out[3] = horizontal_sum(s3);
   for (; i < in; ++i)
-    for (int j = 0; j < 4; ++j) out[j] += w[j * in + i] * x[i];
+    for (int j = 0; j < 4; ++j) out[j] += scalar(w[j * in + i]) * x[i];
 }
 
-}  // namespace
-
-void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
-                      int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate) {
+template <class W>
+void rows(const W* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in, int64_t ldy,
+          int64_t row_begin, int64_t row_end, bool accumulate) {
   int64_t r = row_begin;
   for (; r + 4 <= row_end; r += 4) {
     for (int64_t b = 0; b < batch; ++b) {  // the four rows are read from memory once, then from L1
@@ -64,13 +71,24 @@ void linear_rows_avx2(const float* w, const float* bias, const float* x, float* 
     }
   }
   for (; r < row_end; ++r) {
-    const float* row = w + r * in;
     for (int64_t b = 0; b < batch; ++b) {
-      const float value = dot(row, x + b * in, in) + (bias ? bias[r] : 0.0f);
+      const float value = dot(w + r * in, x + b * in, in) + (bias ? bias[r] : 0.0f);
       float& out = y[b * ldy + r];
       out = accumulate ? out + value : value;
     }
   }
+}
+
+}  // namespace
+
+void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
+                      int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate) {
+  rows(w, bias, x, y, batch, in, ldy, row_begin, row_end, accumulate);
+}
+
+void linear_rows_avx2_bf16(const uint16_t* w, const float* bias, const float* x, float* y, int64_t batch,
+                           int64_t in, int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate) {
+  rows(w, bias, x, y, batch, in, ldy, row_begin, row_end, accumulate);
 }
 
 }  // namespace jetfast

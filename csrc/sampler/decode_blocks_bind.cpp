@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/array_checks.h"
+#include "common/cpu_features.h"
 #include "sampler/decode_blocks.h"
 
 namespace py = pybind11;
@@ -22,25 +23,44 @@ const char* const kNames[] = {"ln_1.weight", "ln_1.bias", "qkv.weight", "qkv.bia
                               "ln_2.weight", "ln_2.bias", "fc.weight",  "fc.bias",  "out.weight",  "out.bias",
                               "k_cache",     "v_cache"};
 
+// The arrays that are bfloat16 with bf16: the four weight matrices and the two caches.
+bool is_low_precision(int j) { return j == 2 || j == 4 || j == 8 || j == 10 || j == 12 || j == 13; }
+
+// NumPy has no bfloat16: such arrays come as their bits, 16-bit integers (torch's .view(torch.int16)).
+void check_bf16_bits(const py::array& a, const char* name) {
+  if ((a.dtype().kind() != 'i' && a.dtype().kind() != 'u') || a.itemsize() != 2)
+    throw py::type_error(std::string(name) + " must be bfloat16 bits (int16); got " + std::string(py::str(a.dtype())));
+}
+
 class DecodeBlocks {
  public:
   DecodeBlocks(const std::vector<std::vector<py::array>>& blocks, const std::vector<std::pair<float, float>>& eps,
-               int64_t heads)
+               int64_t heads, bool bf16)
       : arrays_(blocks) {
+    require(!bf16 || cpu_has_avx2_fma(), "bfloat16 weights need a CPU with AVX2 and FMA (and a build with their kernels)");
     require(!blocks.empty(), "DecodeBlocks needs at least one block");
     require(eps.size() == blocks.size(), "one (ln_1 eps, ln_2 eps) pair per block");
     for (const auto& a : blocks)
       require(a.size() == 14, "each block is 14 arrays: ln_1, qkv, proj, ln_2, fc, out (weight, bias) and the caches");
     const py::array& k = blocks[0][12];
     require(k.ndim() == 4, "k_cache must be the cache storage (S_max, B, H, Dh); got " + shape_of(k));
-    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0)};
+    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0), bf16};
+    require(!bf16 || shape_.head_dim % 8 == 0,
+            "bfloat16 caches need a head size that is a multiple of 8; got " + std::to_string(shape_.head_dim));
+    require(!bf16 || shape_.head_dim / 8 <= 4 || shape_.head_dim / 8 == 6 || shape_.head_dim / 8 == 8 ||
+                shape_.head_dim / 8 == 12 || shape_.head_dim / 8 == 16 || shape_.head_dim / 8 == 32,
+            "bfloat16 caches need a head size of 8, 16, 24, 32, 48, 64, 96, 128 or 256; got " +
+                std::to_string(shape_.head_dim));
     require(heads == shape_.heads, "caches have " + std::to_string(shape_.heads) + " heads; the model " +
                                        std::to_string(heads));
     const int64_t C = shape_.width;
     for (size_t i = 0; i < blocks.size(); ++i) {
       const auto& a = blocks[i];
       for (int j = 0; j < 14; ++j) {
-        check_float32(a[j], kNames[j]);
+        if (bf16 && is_low_precision(j))
+          check_bf16_bits(a[j], kNames[j]);
+        else
+          check_float32(a[j], kNames[j]);
         require(a[j].flags() & py::array::c_style, std::string(kNames[j]) + " must be C-contiguous");
       }
       const int64_t hidden = a[8].ndim() == 2 ? a[8].shape(0) : -1;
@@ -60,9 +80,9 @@ class DecodeBlocks {
       expect(13, {shape_.max_len, shape_.batch, shape_.heads, shape_.head_dim});
       for (int j : {12, 13}) require(a[j].writeable(), std::string(kNames[j]) + " must be writable");
       auto p = [&](int j) { return static_cast<const float*>(a[j].data()); };
-      auto w = [&](int j) { return static_cast<float*>(const_cast<void*>(a[j].data())); };
-      blocks_.push_back({p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11), w(12), w(13),
-                         eps[i].first, eps[i].second});
+      auto w = [&](int j) { return const_cast<void*>(a[j].data()); };
+      blocks_.push_back({p(0), p(1), a[2].data(), p(3), a[4].data(), p(5), p(6), p(7), a[8].data(), p(9), a[10].data(),
+                         p(11), w(12), w(13), eps[i].first, eps[i].second});
     }
     scratch_.resize(decode_blocks_scratch(shape_));
   }
@@ -90,13 +110,16 @@ class DecodeBlocks {
 }  // namespace
 
 void bind_decode_blocks(py::module_& m) {
+  m.attr("decode_blocks_bf16") = py::bool_(cpu_has_avx2_fma());  // DecodeBlocks takes bf16=True here
   py::class_<DecodeBlocks>(m, "DecodeBlocks",
-                           "The Transformer blocks of a cached decode step, fused (float32, CPU).\n"
-                           "DecodeBlocks(blocks, eps, heads): per block 14 arrays (ln_1 weight, bias; qkv weight,\n"
-                           "bias; proj weight, bias; ln_2 weight, bias; fc weight, bias; out weight, bias; k and v\n"
-                           "cache storage (S_max, B, H, Dh)), one (ln_1 eps, ln_2 eps) pair per block.")
-      .def(py::init<const std::vector<std::vector<py::array>>&, const std::vector<std::pair<float, float>>&, int64_t>(),
-           py::arg("blocks"), py::arg("eps"), py::arg("heads"))
+                           "The Transformer blocks of a cached decode step, fused (CPU).\n"
+                           "DecodeBlocks(blocks, eps, heads, bf16=False): per block 14 arrays (ln_1 weight, bias; qkv\n"
+                           "weight, bias; proj weight, bias; ln_2 weight, bias; fc weight, bias; out weight, bias; k\n"
+                           "and v cache storage (S_max, B, H, Dh)), one (ln_1 eps, ln_2 eps) pair per block. float32,\n"
+                           "or with bf16 the four weights and the caches bfloat16, given as int16 bits.")
+      .def(py::init<const std::vector<std::vector<py::array>>&, const std::vector<std::pair<float, float>>&, int64_t,
+                    bool>(),
+           py::arg("blocks"), py::arg("eps"), py::arg("heads"), py::arg("bf16") = false)
       .def("step", &DecodeBlocks::step, py::arg("x"), py::arg("pos"), py::arg("num_threads"),
            "Run every block on x (B, C) in place for the token at position pos (writing its keys and values).");
 }

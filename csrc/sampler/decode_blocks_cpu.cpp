@@ -15,17 +15,42 @@ namespace {
 // the fork and join cost more than the rows.
 constexpr int64_t kMinWeightsPerThread = 16384;
 
-void linear(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in, int64_t out,
-            bool accumulate, int num_threads) {
+// bf16 weights are read by the AVX2 kernel only (DecodeBlocks refuses them without it).
+void linear(const void* w, bool bf16, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
+            int64_t out, bool accumulate, int num_threads) {
   const bool vector = cpu_has_avx2_fma();
   parallel_for(out, num_threads, std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(1, in)),
                [&](int64_t begin, int64_t end) {
 #if defined(JETFAST_HAVE_AVX2_KERNELS)
-                 if (vector) return linear_rows_avx2(w, bias, x, y, batch, in, out, begin, end, accumulate);
+                 if (bf16)
+                   return linear_rows_avx2_bf16(static_cast<const uint16_t*>(w), bias, x, y, batch, in, out, begin,
+                                                end, accumulate);
+                 if (vector)
+                   return linear_rows_avx2(static_cast<const float*>(w), bias, x, y, batch, in, out, begin, end,
+                                           accumulate);
 #endif
-                 linear_rows_scalar(w, bias, x, y, batch, in, out, begin, end, accumulate);
+                 linear_rows_scalar(static_cast<const float*>(w), bias, x, y, batch, in, out, begin, end, accumulate);
                });
   (void)vector;
+}
+
+// float32 -> bfloat16, rounded to nearest even as PyTorch rounds; NaN stays a (quiet) NaN.
+uint16_t to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// A step's key or value row (C floats) into the cache at `dst`.
+void cache_row(void* dst, const float* src, int64_t count, bool bf16) {
+  if (!bf16) {
+    std::memcpy(dst, src, count * sizeof(float));
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < count; ++i) out[i] = to_bf16(src[i]);
 }
 
 // PyTorch's layer norm: biased variance, eps inside the square root.
@@ -69,25 +94,32 @@ void decode_blocks_cpu(const DecodeShape& s, const std::vector<DecodeBlock>& blo
   float* qkv = h + B * C;           // (B, 3C)
   float* attended = qkv + B * 3 * C;  // (B, C) = (B, H, Dh)
   float* hidden = attended + B * C;   // (B, hidden)
-  const int64_t step = B * C;       // floats per position in the caches
+  const int64_t step = B * C;       // elements per position in the caches
+  const int64_t element = s.bf16 ? sizeof(uint16_t) : sizeof(float);
   for (const DecodeBlock& block : blocks) {
     layer_norm(x, block.ln1_weight, block.ln1_bias, block.ln1_eps, h, B, C);
-    linear(block.qkv_weight, block.qkv_bias, h, qkv, B, C, 3 * C, false, num_threads);
+    linear(block.qkv_weight, s.bf16, block.qkv_bias, h, qkv, B, C, 3 * C, false, num_threads);
+    char* k_cache = static_cast<char*>(block.k_cache);
+    char* v_cache = static_cast<char*>(block.v_cache);
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(block.k_cache + pos * step + b * C, qkv + b * 3 * C + C, C * sizeof(float));
-      std::memcpy(block.v_cache + pos * step + b * C, qkv + b * 3 * C + 2 * C, C * sizeof(float));
+      cache_row(k_cache + (pos * step + b * C) * element, qkv + b * 3 * C + C, C, s.bf16);
+      cache_row(v_cache + (pos * step + b * C) * element, qkv + b * 3 * C + 2 * C, C, s.bf16);
     }
-    const DecodeAttentionProblem attention{qkv, 3 * C, s.head_dim,
-                                           block.k_cache, C, s.head_dim, step,
-                                           block.v_cache, C, s.head_dim, step,
-                                           B, s.heads, s.head_dim, pos + 1, attended};
+    DecodeAttentionProblem attention{qkv, 3 * C, s.head_dim,
+                                     s.bf16 ? nullptr : static_cast<const float*>(block.k_cache), C, s.head_dim, step,
+                                     s.bf16 ? nullptr : static_cast<const float*>(block.v_cache), C, s.head_dim, step,
+                                     B, s.heads, s.head_dim, pos + 1, attended};
+    if (s.bf16) {
+      attention.k_cache_bf16 = static_cast<const uint16_t*>(block.k_cache);
+      attention.v_cache_bf16 = static_cast<const uint16_t*>(block.v_cache);
+    }
     decode_attention_cpu(attention, num_threads);
-    linear(block.proj_weight, block.proj_bias, attended, x, B, C, C, true, num_threads);
+    linear(block.proj_weight, s.bf16, block.proj_bias, attended, x, B, C, C, true, num_threads);
     layer_norm(x, block.ln2_weight, block.ln2_bias, block.ln2_eps, h, B, C);
-    linear(block.fc_weight, block.fc_bias, h, hidden, B, C, s.hidden, false, num_threads);
+    linear(block.fc_weight, s.bf16, block.fc_bias, h, hidden, B, C, s.hidden, false, num_threads);
     for (int64_t i = 0; i < B * s.hidden; ++i)
       hidden[i] = 0.5f * hidden[i] * (1.0f + std::erf(hidden[i] * static_cast<float>(M_SQRT1_2)));
-    linear(block.out_weight, block.out_bias, hidden, x, B, s.hidden, C, true, num_threads);
+    linear(block.out_weight, s.bf16, block.out_bias, hidden, x, B, s.hidden, C, true, num_threads);
   }
 }
 

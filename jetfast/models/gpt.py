@@ -412,7 +412,8 @@ class GPT(nn.Module):
         if blocks[0][0].dtype == dtype:
             return blocks
         params = [p for weights in blocks for p in weights]
-        key = (dtype, params[0].device, tuple((p.data_ptr(), p._version) for p in params))
+        # (inference tensors, e.g. of a model made under torch.inference_mode, have no version counter)
+        key = (dtype, params[0].device, tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in params))
         if self._decode_weights is None or self._decode_weights[0] != key:
             with torch.no_grad():
                 copies = [tuple(p.detach().to(dtype) for p in weights) for weights in blocks]
@@ -428,7 +429,8 @@ class GPT(nn.Module):
         and sets the condition of the rows (with ``kinematics``). The caches' dtype sets the GEMMs'
         precision: in bf16 the layer inputs are cast to bf16 before each GEMM and the KV cache is bf16,
         while layer norms, the residual stream, the softmax (inside the attention) and the output head
-        stay fp32. In fp32 the result is :meth:`forward`'s.
+        stay fp32 (the fused CPU step of small batches, :meth:`fused_blocks`, keeps the layer inputs
+        fp32 as well and widens the bf16 weights). In fp32 the result is :meth:`forward`'s.
         """
         config = self.config
         caches = self.blocks[0].attn.kv_cache
@@ -467,36 +469,47 @@ class GPT(nn.Module):
 
     def fused_blocks(self, x: torch.Tensor):
         """The blocks of a cached decode step as one compiled call (``jetfast._C.DecodeBlocks``, which
-        computes what :meth:`Block.decode_step` does, in fp32) where it serves: the residual stream
-        ``x`` (B, C) on the CPU with B < :data:`FUSED_MAX_ROWS`, fp32 caches, autograd off; else None.
+        computes what :meth:`Block.decode_step` does) where it serves: the residual stream ``x`` (B, C)
+        fp32 on the CPU with B < :data:`FUSED_MAX_ROWS`, autograd off, fp32 parameters, and fp32
+        caches, or bf16 caches on a CPU with AVX2 (then the GEMM weights are :meth:`decode_weights`'
+        bf16 copies, widened to fp32 in the kernel, which also sums in fp32); else None.
 
         It reads the parameters and caches in place (NumPy views), so optimizer steps are seen; it is
-        made again when a cache or a parameter is replaced. Called once per step: the check that it
-        is still valid is a few identity and pointer comparisons."""
+        made again when a cache, a parameter or a bf16 copy is replaced. Called once per step: the
+        check that it is still valid is a few identity and pointer comparisons."""
         caches = tuple(block.attn.kv_cache for block in self.blocks)
         if not (HAS_NATIVE and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] < FUSED_MAX_ROWS
-                and not torch.is_grad_enabled() and caches[0] is not None and caches[0].k_cache.dtype == torch.float32):
+                and not torch.is_grad_enabled() and caches[0] is not None):
             return None
+        dtype = caches[0].k_cache.dtype
+        if not (dtype == torch.float32 or (dtype == torch.bfloat16 and _C.decode_blocks_bf16)):
+            return None
+        if self.blocks[0].attn.qkv.weight.dtype != torch.float32:
+            return None  # e.g. a model cast to bf16: the PyTorch blocks serve it
+        matrices = [w[i] for w in self.decode_weights(dtype) for i in (0, 2, 4, 6)]  # the parameters in fp32
         if self._fused_blocks is not None:
             made_for, params, pointers, fused = self._fused_blocks
             if made_for == caches and all(p.data_ptr() == q for p, q in zip(params, pointers)):
                 return fused
         self._fused_blocks = None
-        if not all(c is not None and c.k_cache.dtype == torch.float32 for c in caches):
+        if not all(c is not None and c.k_cache.dtype == dtype for c in caches):
             return None
         params, tensors = [], []
-        for block, cache in zip(self.blocks, caches):
+        for layer, (block, cache) in enumerate(zip(self.blocks, caches)):
             attn, mlp = block.attn, block.mlp
-            weights = [block.ln_1.weight, block.ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight,
-                       attn.proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.fc.weight, mlp.fc.bias,
-                       mlp.proj.weight, mlp.proj.bias]
+            qkv, proj, fc, out = matrices[4 * layer : 4 * layer + 4]
+            weights = [block.ln_1.weight, block.ln_1.bias, qkv, attn.qkv.bias, proj, attn.proj.bias, block.ln_2.weight,
+                       block.ln_2.bias, fc, mlp.fc.bias, out, mlp.proj.bias]
             params += weights
             # the caches' storage, positions outermost (KVCache)
             tensors.append(weights + [cache.k_cache.permute(2, 0, 1, 3), cache.v_cache.permute(2, 0, 1, 3)])
-        if not all(t is not None and t.dtype == torch.float32 and t.is_contiguous() for ts in tensors for t in ts):
-            return None  # e.g. a model cast to bf16 with fp32 caches: the PyTorch blocks serve it
+        if not all(t is not None and t.dtype in (torch.float32, dtype) and t.is_contiguous() for ts in tensors for t in ts):
+            return None
         eps = [(float(b.ln_1.eps), float(b.ln_2.eps)) for b in self.blocks]
-        fused = _C.DecodeBlocks([[t.detach().numpy() for t in ts] for ts in tensors], eps, self.config.n_heads)
+        # NumPy has no bf16: such tensors go as their bits
+        arrays = [[(t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy() for t in ts]
+                  for ts in tensors]
+        fused = _C.DecodeBlocks(arrays, eps, self.config.n_heads, bf16=dtype == torch.bfloat16)
         self._fused_blocks = caches, params, [p.data_ptr() for p in params], fused
         return fused
 
