@@ -11,7 +11,7 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from jetfast.models.observation import SparseObservation, SparseOutput, hit_statistics
+from jetfast.models.observation import SparseObservation, SparseOutput, count_shift, hit_statistics
 from jetfast.models.vae import VAE, VAEConfig
 from jetfast.errors import InvalidArgument
 from jetfast.data.transforms import IntensityTransform
@@ -407,7 +407,7 @@ def test_count_conditioned_decoder_places_hits_for_the_drawn_count(rng, seed):
     transform, config = _small_vae_config(images)
     stats = hit_statistics(images, totals_basis="calorimeter", pixel_shares=True)
     config.total_correlations, config.totals_basis, config.pixel_shares = True, "calorimeter", True
-    config.hit_counts = config.count_conditioned = True
+    config.hit_counts = config.count_conditioned = config.count_calibrated = True
     config.count_log_mean, config.count_log_std = tuple(stats["count_log_mean"]), tuple(stats["count_log_std"])
     vae = VAE(config).eval()
     with torch.no_grad():  # spread the decoder's counts and odds so that the test has something to see
@@ -474,6 +474,47 @@ def test_count_head_is_a_discretised_log_normal(rng, seed):
                     (cells_to_towers(jets[..., 2]) > 0).sum((1, 2)).numpy()], axis=1)
     np.testing.assert_array_equal(got, np.clip(want, 0, None))
     assert torch.equal(model.sample(out, seed=seed), jets)
+
+
+def test_count_shift_calibrates_the_occupancy_to_the_count(rng):
+    """count_shift: sum sigmoid(logit + t) = n for logits spread over 30 units and counts from 1 to
+    all but one pixel; its gradient is the implicit function's (checked against float64 finite
+    differences of the solution)."""
+    logit = torch.from_numpy(rng.normal(-6, 5, (5, 7, 9))).float()
+    n = torch.tensor([1, 4, 20, 62, 31])
+    t = count_shift(logit, n)
+    np.testing.assert_allclose(torch.sigmoid(logit + t[:, None, None]).double().sum((1, 2)).numpy(), n.numpy(), rtol=1e-4)
+    x = logit.double().requires_grad_()
+    shift = count_shift(x, n)
+    (grad,) = torch.autograd.grad(shift[2], x)
+    p = torch.sigmoid(x.detach()[2] + shift.detach()[2])
+    np.testing.assert_allclose(grad[2].numpy(), (-p * (1 - p) / (p * (1 - p)).sum()).numpy(), rtol=1e-6, atol=1e-12)
+    assert (grad[[0, 1, 3, 4]] == 0).all()  # one jet's shift depends on its own logits only
+    bumped = x.detach().clone()
+    bumped[2, 3, 4] += 1e-4
+    numeric = (count_shift(bumped, n)[2] - shift.detach()[2]) / 1e-4
+    assert float(numeric) == pytest.approx(float(grad[2, 3, 4]), rel=1e-3)
+
+
+def test_counted_hits_keep_the_pixels_probabilities(seed):
+    """N hits drawn for pixels whose probabilities add up to N hit each pixel with about its own
+    probability (Pareto order sampling): 10 core pixels at p = 0.5 and 2,000 at p = 0.0025 share
+    10 hits about evenly, as independent draws would (ranking by the odds with Gumbel noise gives
+    the core 5.8 of them)."""
+    model = SparseObservation((0.0,) * 3, (1.0,) * 3, components=1, count_log_mean=(np.log(11.0),) * 3,
+                              count_log_std=(1.0,) * 3)
+    b = 600
+    pixels = torch.full((b, 3 * model.params, 128, 128), -30.0)
+    core, rim = (slice(60, 62), slice(60, 65)), (slice(10, 50), slice(10, 60))  # 10 and 2,000 pixels
+    pixels[:, 0 :: model.params, core[0], core[1]] = 0.0
+    pixels[:, 0 :: model.params, rim[0], rim[1]] = math.log(0.0025 / 0.9975)
+    counts = torch.zeros(b, 3, 2)
+    counts[..., 1] = -6.0  # N + 1 = 11 every time: 10 hits
+    jets = model.sample(SparseOutput(pixels, None, None, counts), seed=seed)
+    hits = jets[..., 0] > 0  # model pixel i is image pixel i - 1 (the 128 -> 125 crop)
+    assert (hits.sum((1, 2)) == 10).all()
+    in_core = hits[:, 59:61, 59:64].sum((1, 2)).double()
+    assert abs(float(in_core.mean()) - 5.0) < 4 * float(in_core.std()) / math.sqrt(b)
 
 
 def test_counted_hits_go_where_the_pixels_are_likely(rng, seed):
