@@ -192,7 +192,7 @@ def test_hit_counts_train_a_count_conditioned_decoder(jet_file, tmp_path):
     out = tmp_path / "run"
     assert train(jet_file, out, "--epochs", 1, "--seed", 3, "--hit-counts") == 0
     model, transform, cfg = load_vae(out)
-    assert cfg.hit_counts and cfg.count_conditioned
+    assert cfg.hit_counts and cfg.count_conditioned and cfg.count_calibrated
     split = load_split(out)
     with h5py.File(jet_file) as f:
         images = torch.from_numpy(f["X_jets"][np.sort(split["val"])])

@@ -92,6 +92,9 @@ class VAEConfig:
     # with hit_counts: the decoder is also given each channel's number of hits (the jet's own in
     # training, drawn from the count head in sampling), so it places the hits given how many
     count_conditioned: bool = False
+    # with hit_counts: the occupancy is trained as it is sampled, shifted (one shift of all logits)
+    # to the jet's number of hits (jetfast.models.observation.count_shift)
+    count_calibrated: bool = False
     # Conditioning on the generator-level jet (y, pt, m0): the training jets' mean and std of
     # the features (y, log pt, log(1 + m0)).
     conditioned: bool = False
@@ -121,6 +124,8 @@ class VAEConfig:
         if self.hit_counts and not (self.recon == "sparse" and self.channel_totals):
             raise InvalidArgument("hit_counts needs the sparse observation model with channel_totals: "
                                   "the counts come from the totals' head")
+        if self.count_calibrated and not self.hit_counts:
+            raise InvalidArgument("count_calibrated needs hit_counts: the occupancy is calibrated to the counts")
         if self.count_conditioned and not self.hit_counts:
             raise InvalidArgument("count_conditioned needs hit_counts: the decoder is given the counts the head draws")
         if self.pixel_shares and not (self.recon == "sparse" and self.channel_totals):
@@ -218,7 +223,8 @@ class VAE(nn.Module):
                                              config.total_log_mean, config.total_log_std,
                                              totals_basis=config.totals_basis, pixel_shares=config.pixel_shares,
                                              count_log_mean=config.count_log_mean if config.hit_counts else None,
-                                             count_log_std=config.count_log_std if config.hit_counts else None)
+                                             count_log_std=config.count_log_std if config.hit_counts else None,
+                                             count_calibrated=config.count_calibrated)
         if config.recon == "sparse":
             self.observation.init_output_bias(self.decoder[-1].bias, config.hit_occupancy)
         self.totals = None

@@ -135,7 +135,8 @@ class VAEStage(Stage):
         with_totals = o.recon == "sparse" and o.channel_totals
         return dict(channel_totals=o.channel_totals, total_correlations=with_totals and o.total_correlations,
                     totals_basis=o.totals_basis if with_totals else "channels", pixel_shares=with_totals and o.pixel_shares,
-                    hit_counts=with_totals and o.hit_counts, count_conditioned=with_totals and o.hit_counts)
+                    hit_counts=with_totals and o.hit_counts, count_conditioned=with_totals and o.hit_counts,
+                    count_calibrated=with_totals and o.hit_counts)
 
     def resume(self, run: RunDir, state: dict, config: dict) -> None:
         o = self.options
