@@ -176,9 +176,12 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
         np.testing.assert_array_equal(model.training_jets.numpy(),
                                       np.stack([f[k][np.sort(split["train"])] for k in ("y", "pt", "m0")], 1))
     x = transform.to_model(images)
-    with torch.no_grad():
-        terms = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
+    with torch.no_grad():  # the decoder places each jet's own number of hits (hit counts, the default)
+        terms = model.loss(x, *model(x, conditions, SparseObservation.hit_numbers(images)), beta=cfg.beta, images=images)
+        blind = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
     assert math.isclose(float(terms["loss"]), metrics[best_epoch]["val_loss"], rel_tol=1e-4)
+    assert cfg.hit_counts and cfg.count_conditioned and cfg.count_calibrated
+    assert float(terms["loss"]) != float(blind["loss"])  # the counts reach the decoder
 
     last, _, _ = load_vae(trained_run / "checkpoints" / "last.pt", which="ignored-for-files")
     assert last.config == cfg
@@ -186,24 +189,23 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
         load_vae(trained_run, which="nope")
 
 
-def test_hit_counts_train_a_count_conditioned_decoder(jet_file, tmp_path):
-    """``--hit-counts``: the count head and a decoder given the counts, trained with each jet's own
-    (the logged validation loss is recomputed from them) and sampled with drawn ones."""
+def test_no_hit_counts_trains_the_independent_pixels(jet_file, tmp_path):
+    """``--no-hit-counts``: no count head, pixels hit independently; the logged validation loss is
+    recomputed without counts, and the model samples jets."""
     out = tmp_path / "run"
-    assert train(jet_file, out, "--epochs", 1, "--seed", 3, "--hit-counts") == 0
+    assert train(jet_file, out, "--epochs", 1, "--seed", 3, "--no-hit-counts") == 0
     model, transform, cfg = load_vae(out)
-    assert cfg.hit_counts and cfg.count_conditioned and cfg.count_calibrated
+    assert not (cfg.hit_counts or cfg.count_conditioned or cfg.count_calibrated)
+    assert "observation.count_log_mean" not in model.state_dict()
     split = load_split(out)
     with h5py.File(jet_file) as f:
         images = torch.from_numpy(f["X_jets"][np.sort(split["val"])])
         conditions = torch.from_numpy(np.stack([f[k][np.sort(split["val"])] for k in ("y", "pt", "m0")], 1))
     x = transform.to_model(images)
     with torch.no_grad():
-        terms = model.loss(x, *model(x, conditions, SparseObservation.hit_numbers(images)), beta=cfg.beta, images=images)
-        blind = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
+        terms = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert math.isclose(float(terms["loss"]), metrics[-1]["val_loss"], rel_tol=1e-4)
-    assert float(terms["loss"]) != float(blind["loss"])  # the counts reach the decoder
+    assert math.isclose(float(terms["loss"]), metrics[-1]["val_loss"], rel_tol=1e-4) and "tracks_count" not in terms
     jets = model.images(torch.randn(3, cfg.latent_dim), transform, conditions[:3], seed=1)
     assert jets.shape == (3, 125, 125, 3) and torch.isfinite(jets).all()
 

@@ -62,10 +62,10 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-pixel-shares", dest="pixel_shares", action="store_false",
                        help="sparse: model pixel intensities in GeV rather than as shares of their channel's total (the "
                             "totals' swing is then counted again in every pixel, and the jets' cores come out soft)")
-    model.add_argument("--hit-counts", action="store_true",
-                       help="sparse: a head for each channel's number of hits, drawn first; the decoder is given the "
-                            "number and the hits are placed by the pixels' odds (independent pixels give a Poisson-like "
-                            "count: too narrow, too little class dependence)")
+    model.add_argument("--no-hit-counts", dest="hit_counts", action="store_false",
+                       help="sparse: no head for each channel's number of hits; by default a jet draws its number of "
+                            "hits first and the decoder places that many (pixels hit independently give a Poisson-like "
+                            "count: too narrow, with half the quark/gluon difference)")
     model.add_argument("--no-conditioning", dest="conditioned", action="store_false",
                        help="do not show the encoder and decoder each jet's class, pT and mass (y, pt, m0 of the file): "
                             "the latents then have to carry them, and generation cannot be asked for a jet's pT")

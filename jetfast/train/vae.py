@@ -52,7 +52,7 @@ class VAETraining:
     total_correlations: bool = True
     totals_basis: str = "calorimeter"
     pixel_shares: bool = True
-    hit_counts: bool = False
+    hit_counts: bool = True
     conditioned: bool = True
     kl_warmup_epochs: float = 1.0
     augment: bool = True
