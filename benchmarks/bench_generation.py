@@ -1,7 +1,8 @@
 """End-to-end generation on the CPU: 10,000 jets, sampling + decoding + writing.
 
 The pipeline at the default sizes (Transformer d_model 256, 4 layers, 8 heads over
-128 codes of 256 bins, reading the codes' values; the default VAE decoder and its sampled
+128 codes of 256 bins, reading the codes' values; the VAE decoder train-vae builds by default,
+conditioned on the jets, with the heads of the channel totals and hit counts, and its sampled
 decode of the sparse observation model), with untrained weights: the cost
 of every stage is the same as for a trained run, only the pictures differ.
 
@@ -19,7 +20,8 @@ import torch
 from jetfast.data.transforms import IntensityTransform
 from jetfast.generation.writer import StageTimes, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
-from jetfast.models.vae import VAE, VAEConfig
+from jetfast.models.observation import hit_statistics
+from jetfast.models.vae import VAE, VAEConfig, condition_features
 from jetfast.run import save_checkpoint
 from tests.jetfiles import jet_images
 
@@ -30,11 +32,23 @@ N_JETS = 10_000
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    vae_config = VAEConfig()
-    images, _ = jet_images(64)
+    images, labels = jet_images(64)
     transform = IntensityTransform.fit(images)
+    # The decoder train-vae builds by default: conditioned on the jets, with the heads of the
+    # channel totals (calorimeter coordinates, pixel shares) and of the hit counts.
+    rng = np.random.default_rng(0)
+    jets = torch.from_numpy(np.stack([labels, rng.uniform(70, 200, 64), rng.uniform(5, 80, 64)], 1).astype(np.float32))
+    features = condition_features(jets).double()
+    hits = hit_statistics(torch.from_numpy(images), totals_basis="calorimeter", pixel_shares=True)
+    vae_config = VAEConfig(channel_totals=True, total_correlations=True, totals_basis="calorimeter", pixel_shares=True,
+                           hit_counts=True, count_conditioned=True, count_calibrated=True, conditioned=True,
+                           condition_mean=features.mean(0).tolist(), condition_std=features.std(0).tolist(),
+                           hit_occupancy=hits["occupancy"], hit_log_mean=hits["log_mean"], hit_log_std=hits["log_std"],
+                           total_log_mean=hits["total_log_mean"], total_log_std=hits["total_log_std"],
+                           count_log_mean=hits["count_log_mean"], count_log_std=hits["count_log_std"])
     save_checkpoint(
-        {"model": VAE(vae_config).state_dict(), "vae_config": vae_config.to_dict(), "transform": transform.to_dict()},
+        {"model": VAE(vae_config).state_dict(), "vae_config": vae_config.to_dict(), "transform": transform.to_dict(),
+         "training_jets": jets},
         run / "checkpoints" / "best.pt",
     )
     centers = np.sort(np.random.default_rng(0).normal(size=(vae_config.latent_dim, 256)).astype(np.float32), axis=1)
