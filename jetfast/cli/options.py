@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except a switch's: "--no-pixel-shares (default: True)" would
+    read as if pixel shares were off by default."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0:  # store_true / store_false / help
+            return action.help
+        return super()._get_help_string(action)
+
+
 def torch_device(text: str) -> str:
     """``--device``: a torch device this machine has, checked when the options are parsed."""
     import torch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jetfast.cli.options import execution_arguments
+from jetfast.cli.options import DefaultsHelpFormatter, execution_arguments
 
 TRAIN_VAE_EPILOG = """\
 Data parallel on several processes (gloo on CPUs, NCCL on GPUs):
@@ -25,7 +25,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter
     parser.epilog = TRAIN_VAE_EPILOG
     io = parser.add_argument_group("input and output")
     io.add_argument("--data", required=True, help="HDF5 jet file: X_jets (N,125,125,3) and y (N,)")
@@ -96,7 +96,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
 
 
 def evaluate_vae_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `jetfast train-vae` run directory")
     parser.add_argument("--data", default=None, help="the jet file the run was trained on (default: the one in config.json)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval)")
