@@ -82,6 +82,10 @@ def check_ladder(out, metrics):
     for row in rows.values():
         assert "auc" in row["c2st"] or "skipped" in row["c2st"], row["row"]
         assert row["ratio"][row["worst_observable"]] == row["worst_ratio"] == max(row["ratio"].values())
+    if "auc_real" in metrics["quark_gluon"]:  # each row scored by the one classifier trained on real jets
+        assert rows["real"]["quark_gluon"]["auc"] == metrics["quark_gluon"]["auc_real"]
+        assert rows["transformer"]["quark_gluon"]["auc"] == metrics["quark_gluon"]["auc_gen"]
+        assert all("auc" in rows[k]["quark_gluon"] or "skipped" in rows[k]["quark_gluon"] for k in rows)
     section = (out / "report" / "report.md").read_text().split("## Fidelity ladder by observable")[1].split("\n## ")[0]
     assert all(f"{i}. {name}" in section for i, name in enumerate(rows)) and "| frac_dr005 |" in section
 

@@ -208,6 +208,21 @@ def test_quark_gluon_transfer_needs_both_classes(rng):
         metrics.quark_gluon_transfer(x, y, x, np.ones(600), bootstrap=10)
 
 
+def test_quark_gluon_transfer_scores_other_sets_with_the_same_classifier(rng):
+    x = rng.normal(size=(600, 3))
+    y = (np.arange(600) % 2).astype(np.int8)
+    x[y == 1, 0] += 3.0
+    washed = rng.normal(size=(400, 3))  # no class information left: AUC near 0.5
+    swapped = x.copy()
+    swapped[:, 0] = np.where(y == 1, x[:, 0] - 3.0, x[:, 0] + 3.0)  # the classes exchanged: AUC near 0
+    result = metrics.quark_gluon_transfer(
+        x, y, x, y, bootstrap=10,
+        others={"washed": (washed, np.arange(400) % 2), "swapped": (swapped, y), "one class": (x, np.ones(600))})
+    others = result["auc_others"]
+    assert abs(others["washed"]["auc"] - 0.5) < 0.1 and others["swapped"]["auc"] < 0.2
+    assert others["washed"]["auc_err"] > 0 and "skipped" in others["one class"]
+
+
 # -- Fréchet and kernel physics distances -----------------------------------------------------------
 def _frechet_by_eigenvalues(mean_a, cov_a, mean_b, cov_b):
     """Tr((A B)^(1/2)) = sum of sqrt(eigenvalues of A^(1/2) B A^(1/2)), a symmetric route."""

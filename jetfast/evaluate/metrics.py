@@ -298,11 +298,15 @@ def quark_gluon_transfer(
     max_train: int = 50_000,
     bootstrap: int = 100,
     seed: int = 0,
+    others: dict | None = None,
 ) -> dict:
     """Train a quark/gluon classifier on real jets; AUC on held-out real jets and on generated jets.
 
     Labels are the file's ``y`` (in jetfast's files 1 = quark, 0 = gluon); the AUC does not
     depend on which value means quark as long as both files use the same convention.
+    ``others`` (name -> (features, labels)) are scored by the same classifier, e.g. the rows of the
+    fidelity ladder, so the stage that washes the classes out shows: ``auc_others[name]`` is
+    ``{"auc", "auc_err"}``, or ``{"skipped": why}`` for a set without both classes.
     """
     from sklearn.model_selection import train_test_split
 
@@ -327,6 +331,17 @@ def quark_gluon_transfer(
         real_scores, gen_scores = model.predict_proba(x_test)[:, 1], model.predict_proba(gen_features)[:, 1]
     auc_real, auc_real_err = _auc_with_error(y_test, real_scores, bootstrap, rng)
     auc_gen, auc_gen_err = _auc_with_error(gen_labels, gen_scores, bootstrap, rng)
+    scored = {}
+    for name, (features, labels) in (others or {}).items():
+        labels = np.asarray(labels).astype(np.int8)
+        counts = np.bincount(labels, minlength=2)[:2]
+        if len(np.unique(labels)) != 2 or counts.min() < MIN_JETS_PER_SIDE // 2:
+            scored[name] = {"skipped": f"needs >= {MIN_JETS_PER_SIDE // 2} jets of each class"}
+            continue
+        with _one_thread():
+            scores = model.predict_proba(features)[:, 1]
+        auc, auc_err = _auc_with_error(labels, scores, bootstrap, rng)
+        scored[name] = {"auc": auc, "auc_err": auc_err}
     return {
         "auc_real": auc_real,
         "auc_real_err": auc_real_err,
@@ -335,6 +350,7 @@ def quark_gluon_transfer(
         "n_train": int(len(x_train)),
         "n_real_test": int(len(x_test)),
         "n_gen": int(len(gen_features)),
+        "auc_others": scored,
         "classifier": "HistGradientBoostingClassifier on the per-jet observables, trained on real jets",
     }
 

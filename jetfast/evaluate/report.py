@@ -88,13 +88,15 @@ def _distance_rows(table: dict) -> list[list[str]]:
     ]
 
 
-LADDER_HEADER = ["row", "jets", "median W/floor", "worst W/floor", "classifier AUC", "FPD", "KPD"]
+LADDER_HEADER = ["row", "jets", "median W/floor", "worst W/floor", "classifier AUC", "FPD", "KPD", "quark/gluon AUC"]
 LADDER_TEXT = (
     "Each row is compared with the same held-out test jets by the same observables: the median and the worst "
     "Wasserstein distance over the noise floor (1 = as close as two real samples), the ROC AUC of a classifier "
     "telling the row's jets from real ones (0.5 = indistinguishable), and the Fréchet and kernel physics "
     "distances of JetNet over the observables (0 for identical distributions; the real row shows their noise at "
-    "half the jets). Where a row is worse than the one above, that stage loses fidelity."
+    "half the jets), and the quark/gluon AUC of a classifier trained on real jets, on the row's jets labelled "
+    "with the class they stand for (row 0: held-out real jets; — where the row has no class). Where a row is "
+    "worse than the one above, that stage loses fidelity."
 )
 
 
@@ -102,15 +104,28 @@ def _measure(entry: dict) -> str:
     return "—" if "skipped" in entry else plus_minus(entry["value"], entry["err"])
 
 
+def _ladder_quark_gluon(table: list[dict], qg: dict) -> None:
+    """Each ladder row's quark/gluon AUC under the classifier trained on real jets: row 0 is its AUC on
+    held-out real jets, the others their jets labelled with the class they were encoded or drawn for."""
+    for r in table:
+        if r["row"] == "real":
+            r["quark_gluon"] = {"auc": qg["auc_real"], "auc_err": qg["auc_real_err"]}
+        elif r["row"] == "transformer":
+            r["quark_gluon"] = {"auc": qg["auc_gen"], "auc_err": qg["auc_gen_err"]}
+        elif r["row"] in qg["auc_others"]:
+            r["quark_gluon"] = qg["auc_others"][r["row"]]
+
+
 def _ladder_rows(table: list[dict]) -> list[list[str]]:
     rows = []
     for i, r in enumerate(table):
-        c2st = r["c2st"]
+        c2st, qg = r["c2st"], r.get("quark_gluon", {"skipped": "no labels"})
         rows.append([
             f"{i}. {r['what']}", str(r["n"]), fmt(r["median_ratio"], 2),
             f"{fmt(r['worst_ratio'], 2)} ({r['worst_observable']})" if r["worst_observable"] else "—",
             "—" if "skipped" in c2st else plus_minus(c2st["auc"], c2st["auc_err"]),
             _measure(r["fpd"]), _measure(r["kpd"]),
+            "—" if "skipped" in qg else plus_minus(qg["auc"], qg["auc_err"]),
         ])
     return rows
 
@@ -254,8 +269,11 @@ def evaluate(
             metrics["c2st_cnn"] = {"skipped": str(exc)}
     if with_classes:
         try:
+            others = {name: (features_matrix(sample.observables), sample.labels)
+                      for name, sample in rows.items() if sample.labels is not None}
             metrics["quark_gluon"] = quark_gluon_transfer(real_x, real.labels, gen_x, gen.labels,
-                                                          bootstrap=bootstrap, seed=seed)
+                                                          bootstrap=bootstrap, seed=seed, others=others)
+            _ladder_quark_gluon(metrics.get("ladder", []), metrics["quark_gluon"])
         except TooFewJets as exc:
             metrics["quark_gluon"] = {"skipped": str(exc)}
     else:

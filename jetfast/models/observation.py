@@ -205,13 +205,15 @@ def hit_statistics(images, *, totals_basis: str = "channels", pixel_shares: bool
     return stats
 
 
-def count_shift(logit: torch.Tensor, n: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+def count_shift(logit: torch.Tensor, n: torch.Tensor, iterations: int = 30, tolerance: float = 1e-6) -> torch.Tensor:
     """The shift t (B,) of all logits (B, H, W) of a jet for which sum sigmoid(logit + t) = n (B,):
     the occupancy calibrated to n hits (0 < n < H W; elsewhere t is that of n clamped into range).
 
     Newton's method on log sum sigmoid(logit + t) - log n, close to linear in t (slope 1 while the
-    probabilities are small), without gradients; then one more step with them, whose gradient is
-    the implicit function's, -sigmoid'(logit_i + t) / sum sigmoid', at the solution."""
+    probabilities are small), without gradients, until every jet's residual is below ``tolerance``
+    (it converges quadratically: ~4 steps, where a fixed 30 took a third of a training step); then
+    one more step with them, whose gradient is the implicit function's, -sigmoid'(logit_i + t) /
+    sum sigmoid', at the solution."""
     size = logit[0].numel()
     target = torch.log(n.double().clamp(0.5, size - 0.5))
     flat = logit.flatten(1)
@@ -226,6 +228,8 @@ def count_shift(logit: torch.Tensor, n: torch.Tensor, iterations: int = 30) -> t
         t = torch.zeros(len(flat), dtype=torch.float64, device=flat.device)
         for _ in range(iterations):
             g, slope = residual(t, x)
+            if len(g) == 0 or float(g.abs().max()) < tolerance:
+                break
             t = t - (g / slope.clamp_min(1e-12)).clamp(-10.0, 10.0)
     g, slope = residual(t.detach(), flat.double())
     return (t.detach() - g / slope.clamp_min(1e-12)).to(logit.dtype)
