@@ -288,6 +288,11 @@ def classifier_two_sample_test(
     }
 
 
+def _both_classes(labels: np.ndarray) -> bool:
+    """Whether int labels hold exactly the classes 0 and 1, with enough jets of each for an AUC."""
+    return len(np.unique(labels)) == 2 and np.bincount(labels, minlength=2)[:2].min() >= MIN_JETS_PER_SIDE // 2
+
+
 def quark_gluon_transfer(
     real_features: np.ndarray,
     real_labels: np.ndarray,
@@ -313,8 +318,7 @@ def quark_gluon_transfer(
     real_labels = np.asarray(real_labels).astype(np.int8)
     gen_labels = np.asarray(gen_labels).astype(np.int8)
     for what, labels in (("real", real_labels), ("generated", gen_labels)):
-        counts = np.bincount(labels, minlength=2)[:2]
-        if len(np.unique(labels)) != 2 or counts.min() < MIN_JETS_PER_SIDE // 2:
+        if not _both_classes(labels):
             raise TooFewJets(
                 f"the quark/gluon test needs >= {MIN_JETS_PER_SIDE // 2} {what} jets of each class; "
                 f"got class counts {dict(zip(*np.unique(labels, return_counts=True)))}"
@@ -334,8 +338,7 @@ def quark_gluon_transfer(
     scored = {}
     for name, (features, labels) in (others or {}).items():
         labels = np.asarray(labels).astype(np.int8)
-        counts = np.bincount(labels, minlength=2)[:2]
-        if len(np.unique(labels)) != 2 or counts.min() < MIN_JETS_PER_SIDE // 2:
+        if not _both_classes(labels):
             scored[name] = {"skipped": f"needs >= {MIN_JETS_PER_SIDE // 2} jets of each class"}
             continue
         with _one_thread():
