@@ -83,6 +83,10 @@ def check_ladder(out, metrics):
         assert "auc" in row["c2st"] or "skipped" in row["c2st"], row["row"]
         assert row["ratio"][row["worst_observable"]] == row["worst_ratio"] == max(row["ratio"].values())
     if "auc_real" in metrics["quark_gluon"]:  # each row scored by the one classifier trained on real jets
+        # ... the run's training jets, scored on every test jet
+        train = load_split(out / "run")["train"]
+        assert metrics["quark_gluon"]["trained_on"] == "given" and metrics["quark_gluon"]["n_train"] == min(len(train), 5000)
+        assert metrics["quark_gluon"]["n_real_test"] == len(test)
         assert rows["real"]["quark_gluon"]["auc"] == metrics["quark_gluon"]["auc_real"]
         assert rows["transformer"]["quark_gluon"]["auc"] == metrics["quark_gluon"]["auc_gen"]
         assert all("auc" in rows[k]["quark_gluon"] or "skipped" in rows[k]["quark_gluon"] for k in rows)

@@ -223,6 +223,24 @@ def test_quark_gluon_transfer_scores_other_sets_with_the_same_classifier(rng):
     assert others["washed"]["auc_err"] > 0 and "skipped" in others["one class"]
 
 
+def test_quark_gluon_transfer_trains_on_the_given_jets_and_scores_every_real_jet(rng):
+    """With ``train``, the classifier learns from those jets alone and is scored on all real jets; a
+    training set whose classes are swapped gives a classifier that inverts the real jets' classes."""
+    x = rng.normal(size=(600, 3))
+    y = (np.arange(600) % 2).astype(np.int8)
+    x[y == 1, 0] += 3.0
+    train_x = rng.normal(size=(1000, 3))
+    train_y = (np.arange(1000) % 2).astype(np.int8)
+    train_x[train_y == 1, 0] += 3.0
+    result = metrics.quark_gluon_transfer(x, y, x[:400], y[:400], bootstrap=10, train=(train_x, train_y))
+    assert result["n_train"] == 1000 and result["n_real_test"] == 600 and result["trained_on"] == "given"
+    assert result["auc_real"] > 0.9
+    swapped = metrics.quark_gluon_transfer(x, y, x, y, bootstrap=10, train=(train_x, 1 - train_y))
+    assert swapped["auc_real"] < 0.1 and swapped["n_real_test"] == 600
+    with pytest.raises(metrics.TooFewJets, match="training jets of each class"):
+        metrics.quark_gluon_transfer(x, y, x, y, bootstrap=10, train=(train_x, np.ones(1000)))
+
+
 # -- Fréchet and kernel physics distances -----------------------------------------------------------
 def _frechet_by_eigenvalues(mean_a, cov_a, mean_b, cov_b):
     """Tr((A B)^(1/2)) = sum of sqrt(eigenvalues of A^(1/2) B A^(1/2)), a symmetric route."""

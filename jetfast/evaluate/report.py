@@ -88,14 +88,15 @@ def _distance_rows(table: dict) -> list[list[str]]:
     ]
 
 
+QUARK_GLUON_TRAIN_JETS = 5_000  # the run's training jets the quark/gluon classifier learns from, at most
 LADDER_HEADER = ["row", "jets", "median W/floor", "worst W/floor", "classifier AUC", "FPD", "KPD", "quark/gluon AUC"]
 LADDER_TEXT = (
     "Each row is compared with the same held-out test jets by the same observables: the median and the worst "
     "Wasserstein distance over the noise floor (1 = as close as two real samples), the ROC AUC of a classifier "
     "telling the row's jets from real ones (0.5 = indistinguishable), and the Fréchet and kernel physics "
     "distances of JetNet over the observables (0 for identical distributions; the real row shows their noise at "
-    "half the jets), and the quark/gluon AUC of a classifier trained on real jets, on the row's jets labelled "
-    "with the class they stand for (row 0: held-out real jets; — where the row has no class). Where a row is "
+    "half the jets), and the quark/gluon AUC of a classifier trained on the run's real training jets, on the row's "
+    "jets labelled with the class they stand for (row 0: all the test jets; — where the row has no class). Where a row is "
     "worse than the one above, that stage loses fidelity."
 )
 
@@ -114,6 +115,21 @@ def _ladder_quark_gluon(table: list[dict], qg: dict) -> None:
             r["quark_gluon"] = {"auc": qg["auc_gen"], "auc_err": qg["auc_gen_err"]}
         elif r["row"] in qg["auc_others"]:
             r["quark_gluon"] = qg["auc_others"][r["row"]]
+
+
+def _quark_gluon_training_jets(run_dir, real_path, thresholds, seed: int, chunk_jets: int, progress: bool):
+    """(features, labels) of up to :data:`QUARK_GLUON_TRAIN_JETS` of the run's training jets, which
+    the quark/gluon classifier learns from: thousands of jets rather than half of the test jets, so
+    its AUCs differ by what the scored jets hold, not by how the classifier came out. None when the
+    split has no training jets."""
+    from jetfast.run import load_split
+
+    rows = load_split(run_dir).get("train")
+    if rows is None or len(rows) == 0:
+        return None
+    jets = read_jets(real_path, np.sort(rows), max_jets=QUARK_GLUON_TRAIN_JETS, thresholds=thresholds, seed=seed + 2,
+                     chunk_jets=chunk_jets, progress=progress, desc="training jets (quark/gluon classifier)")
+    return (features_matrix(jets.observables), jets.labels) if jets.labels is not None else None
 
 
 def _ladder_rows(table: list[dict]) -> list[list[str]]:
@@ -271,8 +287,9 @@ def evaluate(
         try:
             others = {name: (features_matrix(sample.observables), sample.labels)
                       for name, sample in rows.items() if sample.labels is not None}
-            metrics["quark_gluon"] = quark_gluon_transfer(real_x, real.labels, gen_x, gen.labels,
-                                                          bootstrap=bootstrap, seed=seed, others=others)
+            train = _quark_gluon_training_jets(run_dir, real_path, thresholds, seed, chunk_jets, progress) if rows else None
+            metrics["quark_gluon"] = quark_gluon_transfer(real_x, real.labels, gen_x, gen.labels, bootstrap=bootstrap,
+                                                          seed=seed, others=others, train=train)
             _ladder_quark_gluon(metrics.get("ladder", []), metrics["quark_gluon"])
         except TooFewJets as exc:
             metrics["quark_gluon"] = {"skipped": str(exc)}
@@ -356,7 +373,9 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         qg_text = [
             f"Quark/gluon AUC on held-out real jets: **{plus_minus(qg['auc_real'], qg['auc_real_err'])}**; "
             f"on generated jets (labelled with the class asked for): **{plus_minus(qg['auc_gen'], qg['auc_gen_err'])}**.",
-            f"The classifier is trained on {qg['n_train']} real jets. Similar AUCs mean the generated jets "
+            f"The classifier is trained on {qg['n_train']} real jets ("
+            + ("the run's training jets" if qg.get("trained_on") == "given" else "half of the real jets, scored on the other half")
+            + "). Similar AUCs mean the generated jets "
             "carry the class information of real ones; a lower generated AUC means the classes were washed out.",
         ]
     sections.append({"heading": "Quark/gluon classifier trained on real jets", "text": qg_text})
