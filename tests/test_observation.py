@@ -536,3 +536,68 @@ def test_counted_hits_go_where_the_pixels_are_likely(rng, seed):
     outside = torch.ones(125, 125, dtype=torch.bool)
     outside[39:49, 39:49] = False
     assert not (tracks[:, outside] > 0).any()
+
+
+def _one_core_and_soft_hits(b: int, soft: int = 50):
+    """Tracks of ``b`` jets hit at one core pixel (share: log-normal of sigma 1, mean 0.5) and at
+    ``soft`` pixels of tight share (sigma 0.1, mean 0.5 / soft each): the expected shares add up to 1."""
+    params = 3  # hit logit, loc, log scale
+    out = torch.zeros(b, 3 * params, 128, 128)
+    out[:, 0::params] = -30.0  # nothing hit ...
+    pixels = [(62, 62)] + [(10 + 2 * (i // 10), 10 + 2 * (i % 10)) for i in range(soft)]
+    for k, (row, col) in enumerate(pixels):
+        sigma, mean = (1.0, 0.5) if k == 0 else (0.1, 0.5 / soft)
+        out[:, 0, row + 1, col + 1] = 30.0  # ... but these Tracks pixels (the model's layout is padded by one)
+        out[:, 1, row + 1, col + 1] = math.log(mean) - sigma**2 / 2
+        out[:, 2, row + 1, col + 1] = math.log(sigma)
+    return SparseOutput(out, torch.zeros(b, 3, 2)), pixels
+
+
+def test_drawn_shares_are_conditioned_on_adding_up_to_one(seed):
+    """With pixel shares, a sampled jet's shares are its independent draws conditioned on adding up
+    to 1: the soft hits keep their expected share (scaling the draws by their sum would inflate it
+    by E[1/S], here ~8%), the uncertain core takes up the difference, and the channel holds its total."""
+    b, soft = 400, 50
+    out, pixels = _one_core_and_soft_hits(b, soft)
+    rows, cols = map(list, zip(*pixels))
+    shares = {}
+    for conditioned in (True, False):
+        model = SparseObservation(pixel_shares=conditioned)
+        jets = model.sample(out, seed=seed)[..., 0].double()
+        assert (jets[:, rows, cols] > 0).all()  # every hit stays a hit
+        shares[conditioned] = jets[:, rows, cols] / jets.sum(dim=(1, 2))[:, None]
+    soft_mean = shares[True][:, 1:].mean()
+    # expected 0.01; the draws' spread leaves ~0.1% standard error on this mean
+    assert abs(float(soft_mean) / (0.5 / soft) - 1) < 0.01, float(soft_mean)
+    assert float(shares[False][:, 1:].mean()) / (0.5 / soft) > 1.04  # the bias this removes
+    # Each soft hit moves by its variance's share of the residual, ~1e-4 of it: its share keeps its own
+    # spread (a sigma of 0.1: std 0.001), where scaling by the sum adds the core's through 1/S.
+    assert abs(float(shares[True][:, 1:].std()) / (0.1 * 0.5 / soft) - 1) < 0.1
+    assert float(shares[False][:, 1:].std()) > 2 * float(shares[True][:, 1:].std())
+
+
+def test_shares_adding_to_one_against_numpy(rng):
+    """The first-order conditioning against a direct float64 computation: the mixture's share
+    variance from its moments, the residual spread in proportion, the floor, and no hits, no change."""
+    k, b = 3, 4
+    model = SparseObservation(log_mean=(-3.0, -4.0, -2.5), log_std=(1.2, 0.9, 1.1), components=k, pixel_shares=True)
+    log_weight = torch.log_softmax(torch.from_numpy(rng.normal(0, 1, (b, k, 9, 11))).float(), dim=1)
+    loc = torch.from_numpy(rng.normal(0, 1, (b, k, 9, 11))).float()
+    log_scale = torch.from_numpy(rng.normal(-0.5, 0.5, (b, k, 9, 11))).float()
+    hit = torch.from_numpy(rng.random((b, 9, 11)) < 0.3)
+    hit[3] = False  # a jet without hits
+    shares = torch.where(hit, torch.from_numpy(rng.lognormal(-3, 1, (b, 9, 11))).float(), 0.0)
+    got = model._shares_adding_to_one(shares, hit, log_weight, loc, log_scale, 1).double().numpy()
+
+    w, mu = np.exp(log_weight.double().numpy()), loc.double().numpy() * 0.9 - 4.0
+    sigma = np.exp(log_scale.double().numpy()) * 0.9
+    m1 = (w * np.exp(mu + sigma**2 / 2)).sum(1)
+    m2 = (w * np.exp(2 * mu + 2 * sigma**2)).sum(1)
+    var = np.where(hit.numpy(), m2 - m1**2, 0.0)
+    s = shares.double().numpy()
+    residual = 1 - s.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = s + np.nan_to_num(var / var.sum(axis=(1, 2), keepdims=True)) * residual[:, None, None]
+    want = np.where(hit.numpy(), np.maximum(want, 0.05 * s), 0.0)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+    assert (got[3] == 0).all() and ((got > 0) == hit.numpy()).all()
