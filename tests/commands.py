@@ -37,3 +37,18 @@ def listing(directory) -> dict[str, int]:
             path = os.path.join(root, name)
             found[os.path.relpath(path, directory)] = os.path.getsize(path)
     return found
+
+
+def interrupt_after_first_epoch(patch) -> None:
+    """Make a training run stop with Ctrl-C as it saves its second epoch's checkpoint (``patch``: a
+    ``monkeypatch`` or its context), leaving the first epoch's checkpoint to resume from."""
+    from jetfast.run import RunDir
+
+    real_save = RunDir.save_checkpoint
+
+    def interrupted(self, state, which="last"):
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+        return real_save(self, state, which)
+
+    patch.setattr(RunDir, "save_checkpoint", interrupted)

@@ -15,7 +15,7 @@ import torch
 from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
 from jetfast.generation.sampler import sample
 from jetfast.cli import main
-from tests.commands import assert_refused, listing, run
+from tests.commands import assert_refused, interrupt_after_first_epoch, listing, run
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
@@ -308,22 +308,14 @@ def test_train_gpt_with_code_values_reads_the_widest_dimension_first(tmp_path, s
 def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):
     """A run stopped after an epoch and resumed ends with the metrics and weights of an uninterrupted
     run: the checkpoint holds the learning-rate schedule's state and the resumed run starts from it."""
-    from jetfast.run import RunDir
     from jetfast.train.gpt import train_gpt
 
     write_codes_file(tmp_path / "codes.h5", n=300)
     tiny = dict(d_model=32, n_heads=2, n_layers=2, batch_size=64, lr=3e-3, dropout=0.1, no_progress=True, num_threads=1)
     straight = train_gpt(tmp_path, out=tmp_path / "straight", epochs=3, **tiny)
 
-    real_save = RunDir.save_checkpoint
-
-    def interrupted_after_first_epoch(self, state, which="last"):
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-        return real_save(self, state, which)
-
     with monkeypatch.context() as patch:
-        patch.setattr(RunDir, "save_checkpoint", interrupted_after_first_epoch)
+        interrupt_after_first_epoch(patch)
         with pytest.raises(KeyboardInterrupt):
             train_gpt(tmp_path, out=tmp_path / "resumed", epochs=3, **tiny)
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)

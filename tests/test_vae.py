@@ -20,7 +20,7 @@ from jetfast.models.observation import SparseObservation
 from jetfast.models.vae import VAE, VAEConfig, load_vae
 from jetfast.cli import main
 from jetfast.run import load_split
-from tests.commands import assert_refused, listing, run
+from tests.commands import assert_refused, interrupt_after_first_epoch, listing, run
 from tests.jetfiles import damage_chunk, jet_images, write_jet_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +158,11 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
     assert [m["epoch"] for m in metrics] == [0, 1]
     for key in ("train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl", "lr", "time_s", "images_per_s"):
         assert all(math.isfinite(m[key]) for m in metrics), key
+    # The default schedule: a cosine from --lr (1e-3) at the first step to 0.02 x --lr after the last.
+    steps = metrics[-1]["step"]
+    for m in metrics:
+        assert m["lr"] == pytest.approx(1e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * m["step"] / steps))))
+    assert config["training"]["lr_schedule"].startswith("cosine")
     for name in ("README.txt", "split.npz", "plots/loss.png", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (trained_run / name).is_file(), name
     split = load_split(trained_run)
@@ -210,6 +215,20 @@ def test_no_hit_counts_trains_the_independent_pixels(jet_file, tmp_path):
     assert jets.shape == (3, 125, 125, 3) and torch.isfinite(jets).all()
 
 
+def test_plateau_schedule_and_runs_from_before_the_cosine_resume_with_theirs(jet_file, tmp_path):
+    """``--lr-schedule plateau`` keeps --lr until the validation loss stalls; a run whose config
+    predates the option (no ``lr_schedule``) resumes with the plateau schedule its checkpoint holds."""
+    out = tmp_path / "run"
+    assert train(jet_file, out, "--epochs", 1, "--seed", 3, "--lr-schedule", "plateau") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["lr_schedule"].startswith("ReduceLROnPlateau")
+    del config["args"]["lr_schedule"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert train(jet_file, out, "--epochs", 2, "--seed", 3, "--resume") == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == [1e-3, 1e-3]
+
+
 def test_bf16_autocast_trains_and_is_recorded(jet_file, trained_run, tmp_path):
     """bf16 autocast (weights and losses stay fp32) learns like fp32 and says so in its metrics."""
     out = tmp_path / "run"
@@ -223,9 +242,13 @@ def test_bf16_autocast_trains_and_is_recorded(jet_file, trained_run, tmp_path):
     assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
 
 
-def test_resume_matches_uninterrupted(jet_file, trained_run, tmp_path):
+def test_resume_matches_uninterrupted(jet_file, trained_run, tmp_path, monkeypatch):
+    """Interrupted after its first epoch and resumed, a run ends as the uninterrupted one: the same
+    losses, learning rates (the cosine schedule's state is in the checkpoint) and weights."""
     out = tmp_path / "run"
-    assert train(jet_file, out, "--epochs", 1, "--seed", 3) == 0
+    with monkeypatch.context() as patch:
+        interrupt_after_first_epoch(patch)
+        assert train(jet_file, out, "--epochs", 2, "--seed", 3) == 130
     assert train(jet_file, out, "--epochs", 2, "--seed", 3, "--resume") == 0
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     straight = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -342,6 +365,7 @@ REFUSED_TRAINING = {
     "lr nan": (["--lr", "nan"], "a finite --lr > 0; got 1, 8, nan"),
     "max-jets 0": (["--max-jets", "0"], "--max-jets must be >= 1"),
     "weight-decay -1": (["--weight-decay", "-1"], "--weight-decay >= 0"),
+    "min-lr-ratio 2": (["--min-lr-ratio", "2"], "--min-lr-ratio in [0, 1]"),
 }
 
 

@@ -80,7 +80,11 @@ def train_vae_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
     opt.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW when > 0, else Adam)")
     opt.add_argument("--grad-clip", type=float, default=5.0, help="clip the global gradient norm (0: off)")
-    opt.add_argument("--lr-patience", type=int, default=2, help="epochs without val improvement before halving the lr")
+    opt.add_argument("--lr-schedule", choices=("cosine", "plateau"), default="cosine",
+                     help="cosine: decay the lr per step along a cosine to --min-lr-ratio x --lr at the last epoch; "
+                          "plateau: halve it after --lr-patience epochs without val improvement")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.02, help="final lr of the cosine decay, relative to --lr")
+    opt.add_argument("--lr-patience", type=int, default=2, help="plateau schedule: epochs without val improvement before halving the lr")
     opt.add_argument("--patience", type=int, default=6, help="epochs without val improvement before stopping (0: never)")
 
     run = execution_arguments(parser, seed_help="seed for the split, initialisation, shuffling and sampling")

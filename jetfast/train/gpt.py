@@ -29,7 +29,7 @@ from jetfast.errors import CodesFileError, InvalidArgument
 from jetfast.latent.codes import TEST, TRAIN, VAL, read_codes
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.run import GPT_README, RunDir
-from jetfast.train.loop import Stage, fit
+from jetfast.train.loop import Stage, fit, warmup_cosine
 
 @dataclass
 class GPTTraining:
@@ -285,18 +285,6 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
             else:
                 no_decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """lr multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def sequences(model_config, codes, labels, p_uncond: float = 0.0):

@@ -13,7 +13,7 @@ are reported. :func:`fit` does the rest the same way for every stage:
   :func:`autocast_context`); a NaN/inf loss on any rank stops every rank at that step (``TrainingDiverged``,
   the last good checkpoint kept), then backward, gradient clipping (a non-finite norm
   stops too) and the optimizer step; a per-step schedule steps with it;
-* each epoch: validation, a ``ReduceLROnPlateau`` schedule stepped on the validation loss,
+* each epoch: validation, a ``ReduceLROnPlateau`` schedule (if the stage has one) stepped on the validation loss,
   early stopping, ``checkpoints/last.pt`` (and ``best.pt``) holding model, optimizer,
   scheduler, early stopping, RNG states, epoch and step, one metrics line with every term
   the stage logs, and ``plots/loss.png``.
@@ -274,6 +274,18 @@ def fit(stage: Stage) -> RunDir:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """lr multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def bf16_is_native(device: torch.device) -> bool:

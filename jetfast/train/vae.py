@@ -28,7 +28,7 @@ from jetfast.models.observation import CHANNEL_NAMES, SparseObservation, hit_sta
 from jetfast.models.vae import (CONDITION_KEYS, VAE, VAEConfig, batch_conditions, condition_features, loader_keys,
                                 read_conditions)
 from jetfast.run import VAE_README, RunDir, load_split, make_split, save_split
-from jetfast.train.loop import Stage, fit
+from jetfast.train.loop import Stage, fit, warmup_cosine
 
 @dataclass
 class VAETraining:
@@ -61,6 +61,8 @@ class VAETraining:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.02
     lr_patience: int = 2
     patience: int = 6
     seed: int = 0
@@ -85,7 +87,8 @@ class VAEStage(Stage):
     zeros stay exact), each training jet mirrored in eta and/or phi at random (``augment``:
     both are symmetries of jet images centred on the axis, and they map the HCAL tower grid
     onto itself), the loss terms of :meth:`VAE.loss` (KL weight ramped in),
-    ReduceLROnPlateau on the validation loss."""
+    the learning rate decayed along a cosine over the run (or halved on plateaus of the
+    validation loss)."""
 
     name = "train-vae"
     readme = VAE_README
@@ -98,6 +101,9 @@ class VAEStage(Stage):
         if not (0 <= o.val_fraction and 0 <= o.test_fraction and o.val_fraction + o.test_fraction < 1):
             raise InvalidArgument(f"--val-fraction and --test-fraction must be >= 0 and leave jets to train on "
                                   f"(sum < 1); got {o.val_fraction} and {o.test_fraction}")
+        if o.lr_schedule not in ("cosine", "plateau") or not 0 <= o.min_lr_ratio <= 1:
+            raise InvalidArgument(f"need --lr-schedule cosine or plateau and --min-lr-ratio in [0, 1]; "
+                                  f"got {o.lr_schedule!r}, {o.min_lr_ratio}")
         if o.transform_jets < 1 or not 0 <= o.kl_warmup_epochs < math.inf:
             raise InvalidArgument(f"need --transform-jets >= 1 and a finite --kl-warmup-epochs >= 0; "
                                   f"got {o.transform_jets}, {o.kl_warmup_epochs}")
@@ -143,6 +149,8 @@ class VAEStage(Stage):
         if os.path.abspath(o.data) != config["data"]:
             print(f"jetfast train-vae: note: resuming with --data {o.data}; the run was started on {config['data']}",
                   file=sys.stderr)
+        if "lr_schedule" not in config["args"]:
+            o.lr_schedule = "plateau"  # runs from before the cosine schedule: their saved scheduler's kind
         self.split = load_split(run)
         self.n_used = config["n_jets_used"]
         if self.n_used > self.n_file:
@@ -173,7 +181,14 @@ class VAEStage(Stage):
         return optimizer(params, lr=o.lr, weight_decay=o.weight_decay)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, step: int):
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=self.options.lr_patience)
+        o = self.options
+        if o.lr_schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=o.lr_patience)
+        # A cosine decay over the run ends it at a small step size: at a constant 1e-3 the last
+        # epochs' weights wander, and runs with the same loss placed a jet's energy differently.
+        # On resume the schedule follows the (possibly longer) new run from the saved step.
+        schedule = warmup_cosine(0, o.epochs * self.steps_per_epoch, o.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=step - 1)
 
     def checkpoint_extras(self) -> dict:
         extras = {"vae_config": self.vae_config.to_dict(), "transform": self.transform.to_dict()}
@@ -282,7 +297,8 @@ class VAEStage(Stage):
                 "lr": o.lr,
                 "weight_decay": o.weight_decay,
                 "grad_clip": o.grad_clip,
-                "lr_schedule": f"ReduceLROnPlateau(val_loss, factor=0.5, patience={o.lr_patience})",
+                "lr_schedule": (f"ReduceLROnPlateau(val_loss, factor=0.5, patience={o.lr_patience})" if o.lr_schedule == "plateau"
+                                else f"cosine decay per step to {o.min_lr_ratio} x lr at the last epoch"),
                 "early_stopping_patience": o.patience,
                 "kl_warmup_epochs": o.kl_warmup_epochs,
                 "augment": "random eta and phi mirroring" if o.augment else None,
