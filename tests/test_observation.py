@@ -538,6 +538,27 @@ def test_counted_hits_go_where_the_pixels_are_likely(rng, seed):
     assert not (tracks[:, outside] > 0).any()
 
 
+@pytest.mark.parametrize("counted", [False, True])
+def test_a_uniform_of_exactly_zero_hits_no_impossible_pixel(counted):
+    """torch.rand draws exactly 0 once in 2^24 values: jet 133 of seed 2 has one as the hit uniform of
+    Tracks pixel (56, 97). Its logit is -inf, so as a Pareto key it would put a hit there whatever
+    the pixel's probability."""
+    model = SparseObservation((0.0,) * 3, (1.0,) * 3, components=1, count_log_mean=(np.log(6.0),) * 3,
+                              count_log_std=(1.0,) * 3)
+    (tracks_draws, _, _), _ = model.noise(seed=2, start=133, count=1)
+    assert tracks_draws[0, 0].min() > 0  # the stream's 0, lifted to half a step of its grid
+    pixels = torch.zeros(1, 3 * model.params, 128, 128)
+    pixels[:, 0 :: model.params] = -30.0
+    pixels[:, 0 :: model.params, 10:20, 10:20] = 0.0
+    counts = None
+    if counted:
+        counts = torch.zeros(1, 3, 2)
+        counts[..., 1] = -6.0  # 5 hits
+    tracks = model.sample(SparseOutput(pixels, None, None, counts), seed=2, start=133)[0, ..., 0]
+    assert tracks[56, 97] == 0
+    assert tracks[9:19, 9:19].count_nonzero() == (5 if counted else tracks.count_nonzero())
+
+
 def _one_core_and_soft_hits(b: int, soft: int = 50):
     """Tracks of ``b`` jets hit at one core pixel (share: log-normal of sigma 1, mean 0.5) and at
     ``soft`` pixels of tight share (sigma 0.1, mean 0.5 / soft each): the expected shares add up to 1."""
