@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from jetfast._ext import HAS_NATIVE, _C
 from jetfast.kernels.decode_attention import decode_attention
 from tests.references import (
     assert_attention_close,
@@ -81,6 +82,43 @@ def test_compiled_cpu_kernel_matches_fp64_reference(layout, batch, heads, max_le
     out = decode_attention(q, k_cache, v_cache, length)
     assert torch.isfinite(out).all(), f"seed {seed}: the poisoned cache tail was read"
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
+
+
+@pytest.mark.skipif(not (HAS_NATIVE and _C.decode_attention_bf16), reason="needs the compiled AVX2 kernels")
+@pytest.mark.parametrize("layout", ["contiguous", "position_major"])
+@pytest.mark.parametrize(
+    "batch, heads, max_len, head_dim, length",
+    [(3, 5, 131, 16, 1), (7, 10, 40, 32, 39), (1, 1, 300, 48, 257), (2, 3, 64, 256, 64), (5, 3, 33, 96, 17),
+     (100, 6, 24, 8, 22), (60, 5, 1001, 24, 999)],
+)
+def test_compiled_cpu_kernel_reads_bf16_caches(monkeypatch, layout, batch, heads, max_len, head_dim, length, seed):
+    """bf16 caches are read by the kernel in fp32 arithmetic (not copied to fp32 first, which cost
+    5x the fp32 step at batch 512): the output is the fp64 attention of the same bf16 numbers,
+    rounded once to bf16."""
+    import jetfast.kernels.decode_attention as module
+
+    q, k_cache, v_cache = attention_inputs(batch, heads, max_len, head_dim, length, torch.bfloat16, seed)
+    expected = attention_reference(q, k_cache, v_cache, length)
+    if layout == "position_major":
+        k_cache, v_cache = position_major(k_cache), position_major(v_cache)
+    monkeypatch.setattr(module, "_attend", None)  # the copying fallback must not run
+    out = decode_attention(q, k_cache, v_cache, length)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), f"seed {seed}: the poisoned cache tail was read"
+    bound = torch.finfo(torch.bfloat16).eps * expected.abs() + 1e-5 * max(1.0, expected.abs().max().item())
+    assert ((out.double() - expected).abs() <= bound).all(), f"seed {seed}"
+
+
+@pytest.mark.skipif(not (HAS_NATIVE and _C.decode_attention_bf16), reason="needs the compiled AVX2 kernels")
+def test_compiled_cpu_kernel_refuses_what_it_cannot_read():
+    q = torch.randn(2, 3, 20)
+    out = torch.empty(2, 3, 20)
+    bits = torch.zeros(2, 3, 9, 20, dtype=torch.bfloat16).view(torch.int16).numpy()
+    with pytest.raises(ValueError, match="head size"):
+        _C.decode_attention_cpu(q.numpy(), bits, bits, 4, out.numpy(), 1)
+    with pytest.raises(TypeError, match="v_cache must be bfloat16"):
+        _C.decode_attention_cpu(q.numpy(), bits, torch.zeros(2, 3, 9, 20).numpy(), 4, out.numpy(), 1)
+    with pytest.raises(TypeError, match="bfloat16 bits"):
+        _C.decode_attention_cpu(q.numpy(), bits.view("float16"), bits.view("float16"), 4, out.numpy(), 1)
 
 
 def test_compiled_cpu_kernel_on_peaked_and_flat_scores():

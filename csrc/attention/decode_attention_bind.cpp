@@ -9,6 +9,7 @@
 
 #include "attention/decode_attention.h"
 #include "common/array_checks.h"
+#include "common/cpu_features.h"
 
 namespace py = pybind11;
 
@@ -18,9 +19,17 @@ namespace {
 void decode_attention_numpy(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t length,
                             py::array& out, int num_threads) {
   check_float32(q, "q");
-  check_float32(k_cache, "k_cache");
-  check_float32(v_cache, "v_cache");
   check_float32(out, "out");
+  // Caches of float32, or of bfloat16 (as int16 bits), widened to float32 as they are read.
+  const bool bf16 = k_cache.itemsize() == 2;
+  if (bf16) {
+    check_bf16_bits(k_cache, "k_cache");
+    check_bf16_bits(v_cache, "v_cache");
+    require(cpu_has_avx2_fma(), "bfloat16 caches need a CPU with AVX2 and FMA (and a build with their kernels)");
+  } else {
+    check_float32(k_cache, "k_cache");
+    check_float32(v_cache, "v_cache");
+  }
   require(k_cache.ndim() == 4, "k_cache must be (B, H, S_max, Dh); got shape " + shape_of(k_cache));
   require(v_cache.ndim() == 4, "v_cache must be (B, H, S_max, Dh); got shape " + shape_of(v_cache));
   const int64_t batch = k_cache.shape(0), heads = k_cache.shape(1), max_len = k_cache.shape(2),
@@ -32,31 +41,40 @@ void decode_attention_numpy(const py::array& q, const py::array& k_cache, const 
           "q must be (B, H, Dh) = (" + std::to_string(batch) + ", " + std::to_string(heads) + ", " +
               std::to_string(head_dim) + "); got " + shape_of(q));
   for (const py::array* a : {&q, &k_cache, &v_cache}) {
-    bool ok = a->strides(a->ndim() - 1) == 4;
-    for (int i = 0; i + 1 < a->ndim(); ++i) ok = ok && a->strides(i) >= 0 && a->strides(i) % 4 == 0;
+    const int64_t item = a->itemsize();
+    bool ok = a->strides(a->ndim() - 1) == item;
+    for (int i = 0; i + 1 < a->ndim(); ++i) ok = ok && a->strides(i) >= 0 && a->strides(i) % item == 0;
     require(ok, "q, k_cache and v_cache must be contiguous along Dh, with non-negative strides");
   }
+  require(!bf16 || (head_dim % 8 == 0 && (head_dim / 8 <= 4 || head_dim / 8 == 6 || head_dim / 8 == 8 ||
+                                          head_dim / 8 == 12 || head_dim / 8 == 16 || head_dim / 8 == 32)),
+          "bfloat16 caches need a head size of 8, 16, 24, 32, 48, 64, 96, 128 or 256; got " + std::to_string(head_dim));
   require(out.ndim() == 3 && (out.flags() & py::array::c_style) && out.writeable() && out.shape(0) == batch &&
               out.shape(1) == heads && out.shape(2) == head_dim,
           "out must be a writable C-contiguous array of shape " + shape_of(q));
   require(1 <= length && length <= max_len,
           "need 1 <= length <= S_max=" + std::to_string(max_len) + "; got " + std::to_string(length));
+  const int64_t k_item = k_cache.itemsize(), v_item = v_cache.itemsize();
   DecodeAttentionProblem problem{static_cast<const float*>(q.data()),
                                  q.strides(0) / 4,
                                  q.strides(1) / 4,
-                                 static_cast<const float*>(k_cache.data()),
-                                 k_cache.strides(0) / 4,
-                                 k_cache.strides(1) / 4,
-                                 k_cache.strides(2) / 4,
-                                 static_cast<const float*>(v_cache.data()),
-                                 v_cache.strides(0) / 4,
-                                 v_cache.strides(1) / 4,
-                                 v_cache.strides(2) / 4,
+                                 bf16 ? nullptr : static_cast<const float*>(k_cache.data()),
+                                 k_cache.strides(0) / k_item,
+                                 k_cache.strides(1) / k_item,
+                                 k_cache.strides(2) / k_item,
+                                 bf16 ? nullptr : static_cast<const float*>(v_cache.data()),
+                                 v_cache.strides(0) / v_item,
+                                 v_cache.strides(1) / v_item,
+                                 v_cache.strides(2) / v_item,
                                  batch,
                                  heads,
                                  head_dim,
                                  length,
                                  static_cast<float*>(out.mutable_data())};
+  if (bf16) {
+    problem.k_cache_bf16 = static_cast<const uint16_t*>(k_cache.data());
+    problem.v_cache_bf16 = static_cast<const uint16_t*>(v_cache.data());
+  }
   py::gil_scoped_release release;
   decode_attention_cpu(problem, num_threads);
 }
@@ -64,9 +82,11 @@ void decode_attention_numpy(const py::array& q, const py::array& k_cache, const 
 }  // namespace
 
 void bind_decode_attention(py::module_& m) {
+  m.attr("decode_attention_bf16") = py::bool_(cpu_has_avx2_fma());  // decode_attention_cpu takes bf16 caches here
   m.def("decode_attention_cpu", &decode_attention_numpy, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("length"), py::arg("out"), py::arg("num_threads"),
         "out[b, h] = softmax(q[b, h] . k_cache[b, h, :length]^T / sqrt(Dh)) . v_cache[b, h, :length], float32.\n"
+        "Caches float32, or bfloat16 given as int16 bits (where decode_attention_bf16 is True), read as float32.\n"
         "q (B, H, Dh) and caches (B, H, S_max, Dh) contiguous along Dh, any other strides; out (B, H, Dh)\n"
         "C-contiguous. Fast layouts: caches contiguous, or views of (S_max, B, H, Dh) storage.");
 }

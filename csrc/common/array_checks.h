@@ -25,4 +25,12 @@ inline void check_float32(const pybind11::array& a, const char* name) {
     throw pybind11::type_error(std::string(name) + " must be float32; got " + std::string(pybind11::str(a.dtype())));
 }
 
+// Raise TypeError unless `a` holds bfloat16 values: NumPy has no bfloat16, so such arrays come as
+// their bits, 16-bit integers (torch's .view(torch.int16)).
+inline void check_bf16_bits(const pybind11::array& a, const char* name) {
+  if ((a.dtype().kind() != 'i' && a.dtype().kind() != 'u') || a.itemsize() != 2)
+    throw pybind11::type_error(std::string(name) + " must be bfloat16 bits (int16); got " +
+                               std::string(pybind11::str(a.dtype())));
+}
+
 }  // namespace jetfast

@@ -26,12 +26,6 @@ const char* const kNames[] = {"ln_1.weight", "ln_1.bias", "qkv.weight", "qkv.bia
 // The arrays that are bfloat16 with bf16: the four weight matrices and the two caches.
 bool is_low_precision(int j) { return j == 2 || j == 4 || j == 8 || j == 10 || j == 12 || j == 13; }
 
-// NumPy has no bfloat16: such arrays come as their bits, 16-bit integers (torch's .view(torch.int16)).
-void check_bf16_bits(const py::array& a, const char* name) {
-  if ((a.dtype().kind() != 'i' && a.dtype().kind() != 'u') || a.itemsize() != 2)
-    throw py::type_error(std::string(name) + " must be bfloat16 bits (int16); got " + std::string(py::str(a.dtype())));
-}
-
 class DecodeBlocks {
  public:
   DecodeBlocks(const std::vector<std::vector<py::array>>& blocks, const std::vector<std::pair<float, float>>& eps,
