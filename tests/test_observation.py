@@ -162,6 +162,34 @@ def test_sampled_jets_depend_on_seed_and_index_only(k, totals, rng, seed):
 
 
 @pytest.mark.parametrize("k", [1, 3])
+def test_sampled_jets_are_each_pixels_own_draws(k, rng, seed):
+    """Every pixel against a direct float64 computation from its jet's stream: hit if its uniform is
+    below p, the first component whose cumulative weight exceeds the second uniform, the log-normal
+    of that component at the normal; HCAL per tower, spread over its cells."""
+    from jetfast.models.observation import MAX_LOG_VALUE
+
+    model, out = _observation_and_output(rng, 3, k)
+    jets = model.sample(out, seed=seed, start=4).double().numpy()
+    draws, _ = model.noise(seed, 4, 3)
+    for c, ((logit, log_w, loc, log_scale), noise) in enumerate(zip(_numpy_params(out.pixels.numpy(), k), draws)):
+        u_hit, u_component, normal = noise.double().numpy().transpose(1, 0, 2, 3)
+        hit = u_hit < 1 / (1 + np.exp(-logit))
+        component = np.minimum((np.cumsum(np.exp(log_w), axis=1) <= u_component[:, None]).sum(1), k - 1)[:, None]
+        chosen = [np.take_along_axis(t, component, axis=1)[:, 0] for t in (loc, log_scale)]
+        log_value = (chosen[0] + np.exp(chosen[1]) * normal) * float(model.log_std[c]) + float(model.log_mean[c])
+        want = np.where(hit, np.exp(np.minimum(log_value, MAX_LOG_VALUE)), 0.0)
+        if c == 2:
+            want = towers_to_cells(want)
+        got = jets[..., c]
+        assert ((got > 0) == (want > 0)).all()
+        np.testing.assert_allclose(got, want, rtol=2e-5)
+    # A bf16 decoder output is read as its values widened: the same jets.
+    low = out.pixels.bfloat16()
+    torch.testing.assert_close(model.sample(SparseOutput(low, None), seed=seed, start=4),
+                               model.sample(SparseOutput(low.float(), None), seed=seed, start=4), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
 def test_sampled_occupancy_and_intensity_follow_the_model(k, rng, seed):
     """Draws agree with the probabilities and the mixture they come from: the hit rate, and the
     probability integral transform of every drawn log-intensity is uniform."""
@@ -608,7 +636,11 @@ def test_shares_adding_to_one_against_numpy(rng):
     hit = torch.from_numpy(rng.random((b, 9, 11)) < 0.3)
     hit[3] = False  # a jet without hits
     shares = torch.where(hit, torch.from_numpy(rng.lognormal(-3, 1, (b, 9, 11))).float(), 0.0)
-    got = model._shares_adding_to_one(shares, hit, log_weight, loc, log_scale, 1).double().numpy()
+    jet, row, col = hit.nonzero(as_tuple=True)
+    mixture = (t[jet, :, row, col] for t in (log_weight, loc, log_scale))
+    got = torch.zeros(b, 9, 11, dtype=torch.float64)
+    got[jet, row, col] = model._shares_adding_to_one(shares[jet, row, col], jet, b, *mixture, 1).double()
+    got = got.numpy()
 
     w, mu = np.exp(log_weight.double().numpy()), loc.double().numpy() * 0.9 - 4.0
     sigma = np.exp(log_scale.double().numpy()) * 0.9

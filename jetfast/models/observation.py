@@ -287,9 +287,10 @@ class SparseObservation(nn.Module):
             if k > 1:
                 bias[:, 1 + k : 1 + 2 * k] = torch.linspace(-1.0, 1.0, k)
 
-    def split(self, out: torch.Tensor) -> list[torch.Tensor]:
+    def split(self, out: torch.Tensor, fp32_towers: bool = False) -> list[torch.Tensor]:
         """Decoder pixel output (B, 3P, 128, 128) -> parameters [tracks (B, P, 125, 125), ecal (B, P, 125, 125),
-        hcal (B, P, 25, 25)], P = :func:`params_per_channel` along dim 1."""
+        hcal (B, P, 25, 25)], P = :func:`params_per_channel` along dim 1; with ``fp32_towers`` a bf16
+        output's towers are averaged in fp32 (as if the output had been widened first)."""
         end = PAD_BEFORE + IMAGE_SIZE
         # Views only, pixel-major as the channels-last decoder writes them (a channel-major
         # copy of the whole output would cost as much as a convolution), and unbind rather than
@@ -297,8 +298,12 @@ class SparseObservation(nn.Module):
         # tensor the size of the output.
         out = out.permute(0, 2, 3, 1)[:, PAD_BEFORE:end, PAD_BEFORE:end]  # undo the 125 -> 128 padding
         channels = out.reshape(out.shape[0], IMAGE_SIZE, IMAGE_SIZE, NUM_CHANNELS, self.params).unbind(3)
-        tracks, ecal, hcal = (c.permute(0, 3, 1, 2) for c in channels)
-        return [tracks, ecal, F.avg_pool2d(hcal, TOWER)]
+        tracks, ecal, hcal = channels
+        # The towers' mean over their cells, reduced in the pixel-major layout: avg_pool2d of the
+        # channel-major view first copied it, strided, at ~1 ms per jet.
+        towers = hcal.reshape(hcal.shape[0], TOWERS, TOWER, TOWERS, TOWER, self.params)
+        towers = towers.mean((2, 4), dtype=torch.float32 if fp32_towers else None)
+        return [tracks.permute(0, 3, 1, 2), ecal.permute(0, 3, 1, 2), towers.permute(0, 3, 1, 2)]
 
     @staticmethod
     def targets(images: torch.Tensor) -> list[torch.Tensor]:
@@ -424,48 +429,50 @@ class SparseObservation(nn.Module):
         pixel_draws, normals = noise if noise is not None else self.noise(seed, start, out.pixels.shape[0])
         normals = normals.to(out.pixels.device)
         log_totals = None if out.totals is None else self._log_totals(out, normals[:, :NUM_CHANNELS])
-        for c, (params, draws) in enumerate(zip(self.split(out.pixels), pixel_draws)):
-            logit, log_weight, loc, log_scale = self._unpack(params)
+        for c, (params, draws) in enumerate(zip(self.split(out.pixels, fp32_towers=True), pixel_draws)):
+            logit = params[:, 0].float()
             draws = draws.to(out.pixels.device)
             if out.counts is None:
                 hit = draws[:, 0] < torch.sigmoid(logit)
             else:
                 hit = self._hits_of_count(out, c, logit, draws[:, 0], normals[:, NUM_CHANNELS + c])
+            # The intensities of the hits only (~1% of the pixels): the mixture at every pixel took
+            # most of a decode's time. Each hit reads its own pixel's draws, so the jets are the same.
+            jet, row, col = hit.nonzero(as_tuple=True)
+            log_weight, loc, log_scale = self._mixture(params[jet, 1:, row, col])  # (N_hits, K) each
             # The component: the first whose cumulative weight exceeds the uniform.
-            below = (torch.cumsum(log_weight.exp(), dim=1) <= draws[:, 1:2]).sum(1, keepdim=True)
+            below = (torch.cumsum(log_weight.exp(), dim=1) <= draws[jet, 1, row, col][:, None]).sum(1, keepdim=True)
             k = below.clamp_max(self.components - 1)
             chosen_loc, chosen_scale = loc.gather(1, k)[:, 0], log_scale.gather(1, k)[:, 0].exp()
-            log_value = (chosen_loc + chosen_scale * draws[:, 2]) * self.log_std[c] + self.log_mean[c]
-            values = torch.where(hit, torch.exp(log_value.clamp_max(MAX_LOG_VALUE)), 0.0)
+            log_value = (chosen_loc + chosen_scale * draws[jet, 2, row, col]) * self.log_std[c] + self.log_mean[c]
+            drawn = torch.exp(log_value.clamp_max(MAX_LOG_VALUE))
             if self.pixel_shares and log_totals is not None:
-                values = self._shares_adding_to_one(values, hit, log_weight, loc, log_scale, c)
+                drawn = self._shares_adding_to_one(drawn, jet, len(logit), log_weight, loc, log_scale, c)
+            values = torch.zeros_like(logit)
+            values[jet, row, col] = drawn
             if log_totals is not None:
                 values = self._scale_to(values, log_totals[:, c].to(values.device).exp())
             channels.append(values)
         return self._assemble(channels)
 
-    def _shares_adding_to_one(self, shares: torch.Tensor, hit: torch.Tensor, log_weight: torch.Tensor, loc: torch.Tensor,
-                              log_scale: torch.Tensor, c: int) -> torch.Tensor:
-        """Shares (B, H, W) drawn independently for the ``hit`` pixels of channel c, conditioned to first
-        order on adding up to 1 (see the module docstring): ``s_i + (v_i / sum_j v_j) (1 - S)``, S the
-        sum of the draws and v_i the variance of pixel i's share under its mixture. A pixel the update
-        would take below :data:`SHARE_FLOOR` of its draw keeps that much (it stays a hit); the
-        caller's scaling to the total takes up the rest."""
-        # Only the hits (~1% of the pixels) take part: the moments at every pixel would cost ~4 ms per jet.
-        jet, row, col = hit.nonzero(as_tuple=True)
-        mixture = [t[jet, :, row, col] for t in (log_weight, loc, log_scale)]  # (N_hits, K) each
+    def _shares_adding_to_one(self, shares: torch.Tensor, jet: torch.Tensor, jets: int, log_weight: torch.Tensor,
+                              loc: torch.Tensor, log_scale: torch.Tensor, c: int) -> torch.Tensor:
+        """Shares (N,) drawn independently for the hits of channel c, hit i in jet ``jet[i]`` of
+        ``jets``, each under its mixture (N, K), conditioned to first order on adding up to 1 per jet
+        (see the module docstring): ``s_i + (v_i / sum_j v_j) (1 - S)``, S the jet's sum of the draws
+        and v_i the variance of hit i's share under its mixture. A hit the update would take below
+        :data:`SHARE_FLOOR` of its draw keeps that much (it stays a hit); the caller's scaling to the
+        total takes up the rest."""
         # log v = log E[s^2] + log(1 - E[s]^2 / E[s^2]), in logs throughout: a wide pixel's moments overflow float32.
-        log_m1, log_m2 = self._log_moment(*mixture, c, 1), self._log_moment(*mixture, c, 2)
+        log_m1 = self._log_moment(log_weight, loc, log_scale, c, 1)
+        log_m2 = self._log_moment(log_weight, loc, log_scale, c, 2)
         log_var = log_m2 + torch.log1p(-torch.exp((2 * log_m1 - log_m2).clamp_max(-1e-6)))
         # v_i / sum_j v_j per jet, as a softmax over each jet's hits
-        top = torch.full((len(shares),), -math.inf, device=shares.device).scatter_reduce_(0, jet, log_var, "amax")
+        top = torch.full((jets,), -math.inf, device=shares.device).scatter_reduce_(0, jet, log_var, "amax")
         weight = torch.exp(log_var - top[jet])
-        weight = weight / torch.zeros(len(shares), device=shares.device).index_add_(0, jet, weight)[jet]
-        drawn = shares[jet, row, col]
-        residual = 1.0 - shares.flatten(1).sum(1)
-        conditioned = torch.zeros_like(shares)
-        conditioned[jet, row, col] = torch.maximum(drawn + weight * residual[jet], SHARE_FLOOR * drawn)
-        return conditioned
+        weight = weight / torch.zeros(jets, device=shares.device).index_add_(0, jet, weight)[jet]
+        residual = 1.0 - torch.zeros(jets, device=shares.device).index_add_(0, jet, shares)
+        return torch.maximum(shares + weight * residual[jet], SHARE_FLOOR * shares)
 
     def _log_moment(self, log_weight: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor, c: int,
                     order: int) -> torch.Tensor:
@@ -564,7 +571,7 @@ class SparseObservation(nn.Module):
         (with totals, scaled to the expected total of each channel)."""
         channels = []
         log_totals = None if out.totals is None else self._log_totals(out)
-        for c, params in enumerate(self.split(out.pixels)):
+        for c, params in enumerate(self.split(out.pixels, fp32_towers=True)):
             logit, log_weight, loc, log_scale = self._unpack(params)
             if out.counts is not None and self.count_calibrated:  # the occupancy of the head's median count
                 logit = logit + count_shift(logit, self.draw_counts(out, channels=(c,))[:, 0])[:, None, None]

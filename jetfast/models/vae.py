@@ -384,7 +384,12 @@ class VAE(nn.Module):
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = self.decode(z, conditions, hits)
         if precision == "bf16":
-            out = SparseOutput(*(None if t is None else t.float() for t in out)) if isinstance(out, SparseOutput) else out.float()
+            if isinstance(out, SparseOutput):
+                # The pixels stay bf16: the observation model widens what it reads (the hit logits, the
+                # hits' intensities), where a copy of the whole output took a quarter of a decode.
+                out = SparseOutput(out.pixels, *(None if t is None else t.float() for t in out[1:]))
+            else:
+                out = out.float()
         if self.config.recon == "sparse":
             return self.observation.sample(out, seed, start, noise) if mode == "sample" else self.observation.mean(out)
         images = transform.to_images(out.float())
