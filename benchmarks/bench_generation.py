@@ -1,4 +1,5 @@
-"""End-to-end generation on the CPU: 10,000 jets, sampling + decoding + writing.
+"""End-to-end generation on the CPU, sampling + decoding + writing: ms per jet with blocks of 1,
+100 and 10,000 jets (the CaloChallenge's batch sizes) and generate's blocks of 500 on 10,000 jets.
 
 The pipeline at the default sizes (Transformer d_model 256, 4 layers, 8 heads over
 128 codes of 256 bins, reading the codes' values; the VAE decoder train-vae builds by default,
@@ -13,6 +14,7 @@ Floor, per jet: sampling ~0.86 GFLOP (see bench_sample.py), decoding ~0.5 GFLOP
 fp32 rate where the CPU has bf16 units); the pixel draws and the file stay fp32.
 """
 
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from jetfast.data.transforms import IntensityTransform
-from jetfast.generation.writer import StageTimes, generate_file
+from jetfast.generation.writer import JetGenerator, StageTimes, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.observation import hit_statistics
 from jetfast.models.vae import VAE, VAEConfig, condition_features
@@ -64,16 +66,30 @@ def run_dir(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def generator(run_dir):
+    return JetGenerator(run_dir)  # loaded once: the runs time generation, not loading the run
+
+
+# (batch, jets): the CaloChallenge's batch sizes 1, 100 and 10,000, and generate's blocks of 500
+# (the default sizes' figure, N_JETS jets).
+CASES = [(1, 20), (100, 1_000), (500, N_JETS), (10_000, N_JETS)]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_generate_10k_jets(benchmark, record, run_dir, tmp_path, precision):
+@pytest.mark.parametrize("batch, jets", CASES, ids=[f"batch{batch}" for batch, _ in CASES])
+def test_generate_ms_per_jet(benchmark, record, run_dir, generator, tmp_path, batch, jets, precision):
+    """The whole path of ``jetfast generate`` (sample, dequantize, decode, draw, write LZF HDF5) with
+    blocks of ``batch`` jets; the small batches after one warm-up round."""
     times = StageTimes()
     outputs = iter(range(100))
 
     def generate():
-        return generate_file(run_dir, N_JETS, tmp_path / f"gen{next(outputs)}.h5", batch_size=500, seed=0,
-                             precision=precision, progress=False, times=times)
+        return generate_file(run_dir, jets, tmp_path / f"gen{next(outputs)}.h5", batch_size=batch, seed=0,
+                             precision=precision, progress=False, times=times, generator=generator)
 
-    benchmark.pedantic(generate, rounds=1, warmup_rounds=0)
+    benchmark.pedantic(generate, rounds=1 if jets >= N_JETS else 3, warmup_rounds=0 if jets >= N_JETS else 1)
     seconds = benchmark.stats.stats.min
     shares = times.shares()
-    record(jets_per_s=N_JETS / seconds, **{f"{stage}_share": round(share, 3) for stage, share in shares.items()})
+    record(batch=batch, ms_per_jet=1e3 * seconds / jets, jets_per_s=jets / seconds, load_average=os.getloadavg()[0],
+           **{f"{stage}_share": round(share, 3) for stage, share in shares.items()})

@@ -17,6 +17,7 @@ import torch
 
 from jetfast.data.transforms import IntensityTransform
 from jetfast.errors import InvalidArgument
+from jetfast.generation import writer
 from jetfast.generation.writer import JetGenerator, generate_file
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.models.vae import VAE, VAEConfig
@@ -50,7 +51,7 @@ def read(path):
         return {key: f[key][()] for key in ("X_jets", "y", "pt", "m0")}
 
 
-def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path):
+def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path, monkeypatch):
     out = generate_file(run_dir, 70, tmp_path / "gen.h5", batch_size=32, seed=3, progress=False)
     with h5py.File(out, "r") as f:
         assert f["X_jets"].shape == (70, 125, 125, 3) and f["X_jets"].dtype == np.float32
@@ -68,6 +69,13 @@ def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path):
     # Same seed, another block size: the same jets (codes and pixels depend on (seed, block, jet)).
     again = read(generate_file(run_dir, 70, tmp_path / "again.h5", batch_size=32, seed=3, progress=False))
     np.testing.assert_array_equal(again["X_jets"], images)
+    # Decoded a few jets at a time (a block of 10,000 jets is decoded in slices): the same jets, up to
+    # the convolutions' rounding, which depends on how many jets they see at once.
+    monkeypatch.setattr(writer, "DECODE_BATCH", 5)
+    sliced = read(generate_file(run_dir, 70, tmp_path / "sliced.h5", batch_size=32, seed=3, progress=False))
+    np.testing.assert_array_equal(sliced["X_jets"] > 0, images > 0)
+    np.testing.assert_allclose(sliced["X_jets"], images, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
     other = read(generate_file(run_dir, 70, tmp_path / "other.h5", batch_size=32, seed=4, progress=False))
     assert not np.array_equal(other["X_jets"], images)
     # The expected image instead of a draw: smooth and positive everywhere, still in towers.

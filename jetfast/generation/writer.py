@@ -49,6 +49,7 @@ from jetfast.ops import dequantize
 from jetfast.run import RunDir, check_output_file
 
 CHUNK_JETS = 32  # HDF5 chunk along N, as the input files
+DECODE_BATCH = 500  # jets decoded at once: ~1 GB of decoder output
 KEYS = (IMAGE_KEY, *SCALAR_KEYS)  # every output; pt_gen and m0_gen when they were requested
 KINEMATICS_MEANING = ("pt, m0: the jet pT and mass computed from the generated image (GeV); pt_gen, m0_gen "
                       "(when present): the generator-level pT and mass the jet was made for, asked or drawn from the training jets (GeV)")
@@ -132,8 +133,13 @@ class JetGenerator:
                 raise InvalidArgument("a VAE conditioned on the jets decodes whole jets: complete the request first "
                                       "(JetGenerator.complete)")
             conditions = torch.from_numpy(np.stack([labels.numpy(), pt, mass], axis=1).astype(np.float32)).to(self.device)
-        images = self.vae.images(latents, self.transform, conditions, mode=decode, seed=seed,
-                                 precision=precision).float().cpu().numpy()
+        # Decoded a slice at a time: a decoder output of 10,000 jets would take ~20 GB. Jet i is drawn
+        # from the stream of (seed, i) whatever the slice, so the jets are the same.
+        images = np.empty((len(latents), IMAGE_SIZE, IMAGE_SIZE, len(CHANNELS)), np.float32)
+        for first in range(0, len(latents), DECODE_BATCH):
+            rows = slice(first, first + DECODE_BATCH)
+            images[rows] = self.vae.images(latents[rows], self.transform, None if conditions is None else conditions[rows],
+                                           mode=decode, seed=seed, start=first, precision=precision).float().cpu().numpy()
         times.add("decode", time.perf_counter() - start)
         return images
 
