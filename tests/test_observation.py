@@ -181,8 +181,9 @@ def test_sampled_jets_are_each_pixels_own_draws(k, rng, seed):
         if c == 2:
             want = towers_to_cells(want)
         got = jets[..., c]
-        assert ((got > 0) == (want > 0)).all()
-        np.testing.assert_allclose(got, want, rtol=2e-5)
+        # A hit drawn far down the log-normal (1e-54 GeV) is 0 in float32: compare in the jets' precision.
+        assert ((got > 0) == (want.astype(np.float32) > 0)).all()
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-30)
     # A bf16 decoder output is read as its values widened: the same jets.
     low = out.pixels.bfloat16()
     torch.testing.assert_close(model.sample(SparseOutput(low, None), seed=seed, start=4),
