@@ -29,6 +29,7 @@ from tests.references import (
 
 REPO = Path(__file__).resolve().parents[1]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+needs_bf16_kernel = pytest.mark.skipif(not (HAS_NATIVE and _C.decode_attention_bf16), reason="needs the compiled AVX2 kernels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_compiled_cpu_kernel_matches_fp64_reference(layout, batch, heads, max_le
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
 
 
-@pytest.mark.skipif(not (HAS_NATIVE and _C.decode_attention_bf16), reason="needs the compiled AVX2 kernels")
+@needs_bf16_kernel
 @pytest.mark.parametrize("layout", ["contiguous", "position_major"])
 @pytest.mark.parametrize(
     "batch, heads, max_len, head_dim, length",
@@ -108,7 +109,7 @@ def test_compiled_cpu_kernel_reads_bf16_caches(monkeypatch, layout, batch, heads
     assert ((out.double() - expected).abs() <= bound).all(), f"seed {seed}"
 
 
-@pytest.mark.skipif(not (HAS_NATIVE and _C.decode_attention_bf16), reason="needs the compiled AVX2 kernels")
+@needs_bf16_kernel
 def test_compiled_cpu_kernel_refuses_what_it_cannot_read():
     q = torch.randn(2, 3, 20)
     out = torch.empty(2, 3, 20)

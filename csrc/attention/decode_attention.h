@@ -35,6 +35,14 @@ struct DecodeAttentionProblem {
 
 void decode_attention_cpu(const DecodeAttentionProblem& problem, int num_threads);
 
+// Head sizes the AVX2 kernel is unrolled for (eight floats per vector), the only ones it reads
+// bfloat16 caches at; kAvx2HeadDims names them for error messages.
+inline bool avx2_head_dim_supported(int64_t head_dim) {
+  const int64_t v = head_dim / 8;
+  return head_dim % 8 == 0 && v >= 1 && (v <= 4 || v == 6 || v == 8 || v == 12 || v == 16 || v == 32);
+}
+constexpr const char* kAvx2HeadDims = "8, 16, 24, 32, 48, 64, 96, 128 or 256";
+
 // One block: rows [row_begin, row_end) of the problem (row r = b * heads + h).
 // Scratch: `scores` holds length * n16 floats, laid out [position][row] with n16
 // the row count n rounded up to 16; `acc` holds n * head_dim.

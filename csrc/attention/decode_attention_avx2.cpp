@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "attention/decode_attention.h"
@@ -151,10 +152,9 @@ void attend_rows_typed(const DecodeAttentionProblem& p, const T* k, const T* v, 
 
 void attend_rows_avx2(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores,
                       float* acc) {
-  const bool supported = p.head_dim % 8 == 0 && (p.head_dim / 8 <= 4 || p.head_dim / 8 == 6 || p.head_dim / 8 == 8 ||
-                                                 p.head_dim / 8 == 12 || p.head_dim / 8 == 16 || p.head_dim / 8 == 32);
+  const bool supported = avx2_head_dim_supported(p.head_dim);
   if (p.k_cache_bf16) {
-    if (!supported) throw std::invalid_argument("bfloat16 caches need a head size of 8, 16, 24, 32, 48, 64, 96, 128 or 256");
+    if (!supported) throw std::invalid_argument(std::string("bfloat16 caches need a head size of ") + kAvx2HeadDims);
     return attend_rows_typed(p, p.k_cache_bf16, p.v_cache_bf16, row_begin, row_end, scores, acc);
   }
   if (!supported) return attend_rows_scalar(p, row_begin, row_end, scores, acc);

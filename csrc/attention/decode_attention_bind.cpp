@@ -46,9 +46,8 @@ void decode_attention_numpy(const py::array& q, const py::array& k_cache, const 
     for (int i = 0; i + 1 < a->ndim(); ++i) ok = ok && a->strides(i) >= 0 && a->strides(i) % item == 0;
     require(ok, "q, k_cache and v_cache must be contiguous along Dh, with non-negative strides");
   }
-  require(!bf16 || (head_dim % 8 == 0 && (head_dim / 8 <= 4 || head_dim / 8 == 6 || head_dim / 8 == 8 ||
-                                          head_dim / 8 == 12 || head_dim / 8 == 16 || head_dim / 8 == 32)),
-          "bfloat16 caches need a head size of 8, 16, 24, 32, 48, 64, 96, 128 or 256; got " + std::to_string(head_dim));
+  require(!bf16 || avx2_head_dim_supported(head_dim),
+          std::string("bfloat16 caches need a head size of ") + kAvx2HeadDims + "; got " + std::to_string(head_dim));
   require(out.ndim() == 3 && (out.flags() & py::array::c_style) && out.writeable() && out.shape(0) == batch &&
               out.shape(1) == heads && out.shape(2) == head_dim,
           "out must be a writable C-contiguous array of shape " + shape_of(q));
@@ -83,6 +82,10 @@ void decode_attention_numpy(const py::array& q, const py::array& k_cache, const 
 
 void bind_decode_attention(py::module_& m) {
   m.attr("decode_attention_bf16") = py::bool_(cpu_has_avx2_fma());  // decode_attention_cpu takes bf16 caches here
+  py::list head_dims;  // ... of these head sizes
+  for (int64_t d = 1; d <= 256; ++d)
+    if (avx2_head_dim_supported(d)) head_dims.append(d);
+  m.attr("decode_attention_bf16_head_dims") = py::tuple(head_dims);
   m.def("decode_attention_cpu", &decode_attention_numpy, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("length"), py::arg("out"), py::arg("num_threads"),
         "out[b, h] = softmax(q[b, h] . k_cache[b, h, :length]^T / sqrt(Dh)) . v_cache[b, h, :length], float32.\n"

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/decode_attention.h"
 #include "common/array_checks.h"
 #include "common/cpu_features.h"
 #include "sampler/decode_blocks.h"
@@ -39,11 +40,8 @@ class DecodeBlocks {
     const py::array& k = blocks[0][12];
     require(k.ndim() == 4, "k_cache must be the cache storage (S_max, B, H, Dh); got " + shape_of(k));
     shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0), bf16};
-    require(!bf16 || shape_.head_dim % 8 == 0,
-            "bfloat16 caches need a head size that is a multiple of 8; got " + std::to_string(shape_.head_dim));
-    require(!bf16 || shape_.head_dim / 8 <= 4 || shape_.head_dim / 8 == 6 || shape_.head_dim / 8 == 8 ||
-                shape_.head_dim / 8 == 12 || shape_.head_dim / 8 == 16 || shape_.head_dim / 8 == 32,
-            "bfloat16 caches need a head size of 8, 16, 24, 32, 48, 64, 96, 128 or 256; got " +
+    require(!bf16 || avx2_head_dim_supported(shape_.head_dim),
+            std::string("bfloat16 caches need a head size of ") + kAvx2HeadDims + "; got " +
                 std::to_string(shape_.head_dim));
     require(heads == shape_.heads, "caches have " + std::to_string(shape_.heads) + " heads; the model " +
                                        std::to_string(heads));

@@ -185,7 +185,8 @@ class VAEStage(Stage):
         if o.lr_schedule == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=o.lr_patience)
         # A cosine decay over the run ends it at a small step size (8 epochs on 3,200 jets: val NLL
-        # 959.8 nats per jet against 975.4 with the plateau schedule). On resume the schedule follows the (possibly longer) new run from the saved step.
+        # 959.8 nats per jet against 975.4 with the plateau schedule). On resume the schedule
+        # follows the (possibly longer) new run from the saved step.
         schedule = warmup_cosine(0, o.epochs * self.steps_per_epoch, o.min_lr_ratio)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=step - 1)
 
