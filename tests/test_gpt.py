@@ -114,6 +114,40 @@ def test_kv_cached_greedy_equals_full_reforward(tie_weights, code_values, seed):
     assert not code_values or not torch.equal(codes.long(), cached_codes)  # the order is not the identity
 
 
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_a_large_batch_decodes_from_packed_weights_that_follow_the_parameters(tie_weights, seed):
+    """Above the fused step's rows the fp32 GEMMs read MKL packings of the weights, made at the
+    prefill for the batch: the logits are the full pass's at every step, and a parameter changed
+    between two samplings (an optimizer step) is packed again, not read stale."""
+    model = tiny_model(seed=seed, tie_weights=tie_weights)
+    batch = 23  # above FUSED_MAX_ROWS, and no multiple of a SIMD width
+    labels = torch.randint(-1, 2, (batch,), generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def cached_and_full(steps=7):
+        with torch.inference_mode():
+            model.setup_caches(batch)
+            logits = prefill(model, model.class_tokens(labels))
+            seq = torch.cat([model.class_tokens(labels)[:, None], torch.randint(0, 37, (batch, steps))], 1)
+            cached = [logits] + [decode_one_token(model, seq[:, pos], pos) for pos in range(1, steps)]
+            full = model(seq[:, :steps])
+        for pos, step in enumerate(cached):
+            torch.testing.assert_close(step, full[:, pos], rtol=1e-4, atol=1e-4)
+        return model._sequence_packed
+
+    packed = cached_and_full()
+    if packed is None:
+        pytest.skip("this torch has no MKL weight packing")
+    assert len(packed[0]) == len(model.blocks) and all(p is not None and p.rows == batch for w in packed[0] for p in w)
+    assert cached_and_full() is packed  # the same batch and parameters: packed once
+    model.train()
+    loss = model(torch.randint(0, 37, (4, 19))).square().mean()
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    assert cached_and_full() is not packed
+
+
 def test_code_values_set_the_reading_order_and_enter_after_their_slot():
     """Dimensions are read widest first; the value of slot p's code is read at position p + 1
     (position 0 is the start token), and slot p's bin values shape the logits at position p,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jetfast.kernels.linear import linear
+from jetfast.kernels.linear import linear, pack
 
 
 def reference(x, weight, bias, activation):
@@ -49,3 +49,39 @@ def test_gradients_flow_when_autograd_is_on():
 def test_unknown_activation_is_a_clear_error():
     with pytest.raises(ValueError, match="activation must be one of"):
         linear(torch.randn(2, 3), torch.randn(4, 3), activation="relu")
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("rows, packed_for", [(100, 100), (17, 17), (1, 1), (37, 100)])
+def test_packed_weights_give_the_same_products(rows, packed_for, with_bias, activation, seed):
+    """A weight packed for some row count gives F.linear's result for that count, and for any
+    other (computed from the weight itself)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 259, generator=generator)
+    weight = torch.randn(97, 259, generator=generator) / 259**0.5
+    bias = torch.randn(97, generator=generator) if with_bias else None
+    with torch.inference_mode():
+        packed = pack(weight, packed_for)
+        if packed is None:
+            pytest.skip("this torch has no MKL weight packing")
+        out = linear(x, weight, bias, activation, packed=packed)
+    assert packed.rows == packed_for and out.shape == (rows, 97) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, weight, bias, activation), rtol=0, atol=2e-5)
+
+
+def test_weights_are_packed_only_where_the_packed_product_serves():
+    weight = torch.randn(8, 16)
+    with torch.no_grad():
+        assert pack(weight.bfloat16(), 4) is None
+        assert pack(weight.double(), 4) is None
+        assert pack(weight, 0) is None
+    assert pack(weight, 4) is None  # autograd on
+    with torch.no_grad():
+        packed = pack(weight, 4)
+    if packed is None:
+        pytest.skip("this torch has no MKL weight packing")
+    x = torch.randn(4, 16, requires_grad=True)
+    out = linear(x, weight, None, "gelu", packed=packed)  # autograd on: the packing is ignored
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.gelu(F.linear(x, weight)).sum(), x)[0])

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from jetfast._ext import HAS_NATIVE, _C
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.kernels.linear import linear
+from jetfast.kernels.linear import linear, pack
 from jetfast.kernels.decode_attention import decode_attention_cpu
 from jetfast.ops import decode_attention
 from jetfast.run import checkpoint_file, load_checkpoint
@@ -79,6 +79,13 @@ FUSED_MAX_ROWS = 16
 def kinematic_features(values: torch.Tensor) -> torch.Tensor:
     """(pT, mass) (B, 2) in GeV -> (log pT, log(1 + mass)): log-like over the spectrum and finite at m = 0."""
     return torch.stack([torch.log(values[:, 0]), torch.log1p(values[:, 1])], dim=1)
+
+
+def _versions(params) -> tuple:
+    """What tells whether parameters changed: storage and version counter of each (an optimizer
+    step moves the latter). Inference tensors, e.g. of a model made under torch.inference_mode,
+    have no version counter."""
+    return tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in params)
 
 
 @dataclass
@@ -213,25 +220,27 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), pos)
         return x + self.mlp(self.ln_2(x))
 
-    def decode_step(self, x: torch.Tensor, pos: int, weights: tuple) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, pos: int, weights: tuple, packed: tuple | None = None) -> torch.Tensor:
         """:meth:`forward` of one token per sequence at ``pos`` against the cache, without the module
         calls: x (B, C) is the fp32 residual stream; ``weights`` are the GEMM operands (qkv, attention
-        projection, MLP in and out, each weight then bias) in the cache's dtype."""
+        projection, MLP in and out, each weight then bias) in the cache's dtype; ``packed``, the four
+        weights packed for B rows (:meth:`GPT.packed_weights`), or None."""
         qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b = weights
+        qkv_p, proj_p, fc_p, out_p = packed or (None,) * 4
         attn, cache = self.attn, self.attn.kv_cache
         batch, width = x.shape
         low = qkv_w.dtype  # the GEMMs' dtype; layer norms and the residual stream stay fp32
         h = F.layer_norm(x, (width,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps).to(low)
-        qkv = linear(h, qkv_w, qkv_b).view(batch, 3, attn.n_heads, attn.head_dim)  # (B, 3, H, Dh)
+        qkv = linear(h, qkv_w, qkv_b, packed=qkv_p).view(batch, 3, attn.n_heads, attn.head_dim)  # (B, 3, H, Dh)
         cache.k_cache[:, :, pos] = qkv[:, 1]
         cache.v_cache[:, :, pos] = qkv[:, 2]
         if x.device.type == "cpu":
             y = decode_attention_cpu(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)  # (B, H, Dh)
         else:
             y = decode_attention(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)
-        x = x + linear(y.reshape(batch, width), proj_w, proj_b)
+        x = x + linear(y.reshape(batch, width), proj_w, proj_b, packed=proj_p)
         h = F.layer_norm(x, (width,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps).to(low)
-        return x + linear(linear(h, fc_w, fc_b, activation="gelu"), out_w, out_b)
+        return x + linear(linear(h, fc_w, fc_b, activation="gelu", packed=fc_p), out_w, out_b, packed=out_p)
 
 
 class GPT(nn.Module):
@@ -249,6 +258,10 @@ class GPT(nn.Module):
         # the current cached decode uses (set by its prefill).
         self._fused_blocks = None
         self._sequence_blocks = None
+        # MKL packings of the fp32 GEMM weights for one batch size (see packed_weights), and the
+        # ones the current cached decode uses (set by its prefill).
+        self._packed_weights = None
+        self._sequence_packed = None
         if config.kinematic:
             # Set by set_kinematics from the training jets: (log pT, log(1 + m)) mean and std, and the
             # range of (pT, m) in GeV, rows pT and mass, columns min and max.
@@ -414,13 +427,30 @@ class GPT(nn.Module):
         if blocks[0][0].dtype == dtype:
             return blocks
         params = [p for weights in blocks for p in weights]
-        # (inference tensors, e.g. of a model made under torch.inference_mode, have no version counter)
-        key = (dtype, params[0].device, tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in params))
+        key = (dtype, params[0].device, _versions(params))
         if self._decode_weights is None or self._decode_weights[0] != key:
             with torch.no_grad():
                 copies = [tuple(p.detach().to(dtype) for p in weights) for weights in blocks]
             self._decode_weights = key, copies
         return self._decode_weights[1]
+
+    def packed_weights(self, rows: int) -> tuple[list[tuple], object] | None:
+        """MKL packings (:func:`jetfast.kernels.linear.pack`) of the fp32 GEMM weights of a cached decode
+        of ``rows`` sequences: per block (qkv, attention projection, MLP in, MLP out), and the output
+        head's. A batch of ~100 otherwise pays oneDNN's reordering of every weight at every GEMM
+        of every step. Kept until a parameter changes or another row count is asked for; None
+        where packing does not serve (no MKL, not fp32 on the CPU, autograd on)."""
+        blocks = [(b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight) for b in self.blocks]
+        head = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
+        params = [p for weights in blocks for p in weights] + [self.tok_emb.weight if self.head is None else head]
+        key = (rows, _versions(params))
+        if self._packed_weights is None or self._packed_weights[0] != key:
+            self._packed_weights = None  # (the old packings go before the new ones are made)
+            if pack(blocks[0][0], rows) is None:
+                return None
+            packed = [tuple(pack(w, rows) for w in weights) for weights in blocks], pack(head, rows)
+            self._packed_weights = key, packed
+        return self._packed_weights[1]
 
     def decode_step(self, token: torch.Tensor, pos: int, kinematics: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab), fp32, of the code that follows token (B,) at position ``pos``.
@@ -456,16 +486,20 @@ class GPT(nn.Module):
             # ~0.3 ms, a fifth of a batch-1 step, and nothing they look at changes within a
             # sequence (setup_caches drops the choice).
             self._sequence_blocks = self.fused_blocks(x)
-        fused = self._sequence_blocks
+            fp32_cpu = x.device.type == "cpu" and caches.k_cache.dtype == torch.float32
+            self._sequence_packed = (self.packed_weights(x.shape[0])
+                                     if self._sequence_blocks is None and fp32_cpu else None)
+        fused, packed = self._sequence_blocks, self._sequence_packed
         if fused is not None:
             x = x.contiguous()  # a new tensor of this step: updated in place
             fused.step(x.numpy(), pos, torch.get_num_threads())
         else:
-            for block, weights in zip(self.blocks, self.decode_weights(caches.k_cache.dtype)):
-                x = block.decode_step(x, pos, weights)
+            blocks_packed = packed[0] if packed is not None else [None] * len(self.blocks)
+            for block, weights, block_packed in zip(self.blocks, self.decode_weights(caches.k_cache.dtype), blocks_packed):
+                x = block.decode_step(x, pos, weights, block_packed)
         x = F.layer_norm(x, (config.d_model,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         weight = self.tok_emb.weight[: config.vocab_size] if self.head is None else self.head.weight
-        logits = linear(x, weight)  # (B, vocab)
+        logits = linear(x, weight, packed=None if packed is None else packed[1])  # (B, vocab)
         if config.code_values:
             predicted = self.values[pos]  # (vocab,): bin values of the slot this position predicts
             a, b = linear(x, self.value_head.weight, self.value_head.bias).unsqueeze(-1).unbind(-2)  # (B, 1) each
@@ -527,7 +561,7 @@ class GPT(nn.Module):
             raise ValueError(f"setup_caches: need 1 <= max_len <= seq_len={self.config.seq_len}; got {max_len}")
         reference = self.pos_emb
         dtype = reference.dtype if dtype is None else dtype
-        self._sequence_blocks = None
+        self._sequence_blocks = self._sequence_packed = None
         for block in self.blocks:
             cache = block.attn.kv_cache
             shape = (batch, self.config.n_heads, max_len, self.config.head_dim)
@@ -543,6 +577,7 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
         self.condition_cache = None
         self._fused_blocks = self._sequence_blocks = None
+        self._packed_weights = self._sequence_packed = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
