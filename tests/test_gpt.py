@@ -224,6 +224,22 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_size():
     assert int(first.max()) < 37
 
 
+def test_small_caches_stay_for_the_next_call_and_large_ones_are_freed(monkeypatch):
+    """Repeated calls of one batch size reuse the caches (and packed weights) of the last one, with
+    the same codes; caches above the sampler's limit are freed when a call returns."""
+    import jetfast.generation.sampler as sampler
+
+    model = tiny_model(seed=5)
+    first = sample(model, 20, cls="gluon", seed=7, batch_size=20)
+    cache = model.blocks[0].attn.kv_cache
+    assert cache is not None
+    assert torch.equal(first, sample(model, 20, cls="gluon", seed=7, batch_size=20))
+    assert model.blocks[0].attn.kv_cache is cache
+    monkeypatch.setattr(sampler, "_KEPT_CACHE_BYTES", 2 * len(model.blocks) * cache.k_cache.nbytes - 1)
+    assert torch.equal(first, sample(model, 20, cls="gluon", seed=7, batch_size=20))
+    assert all(block.attn.kv_cache is None for block in model.blocks) and model._packed_weights is None
+
+
 def test_top_k_and_top_p_restrict_the_draws():
     model = tiny_model(seed=4)
     with torch.inference_mode():

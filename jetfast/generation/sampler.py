@@ -33,8 +33,10 @@ __all__ = ["sample", "class_labels", "kinematic_requests", "check_sampling", "PR
 # draws are fp32 in both (see GPT.decode_step).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Caches up to this size stay on the model between calls of one batch size (sampling one jet
-# at a time, or a writer's blocks); larger ones are freed, as they may hold gigabytes.
-_KEPT_CACHE_BYTES = 64 << 20
+# at a time, or a writer's blocks), with the weights packed for them; larger ones are freed,
+# as they may hold gigabytes. A fresh cache costs its first touch (the kernel zeroing its
+# pages): measured at batch 100 of the default model (105 MB), 0.5 ms of a 6.6 ms jet.
+_KEPT_CACHE_BYTES = 256 << 20
 
 _CLASS_IDS = {name: label for label, name in CLASS_NAMES.items()}
 def class_labels(cls, n: int, num_classes: int) -> torch.Tensor:
