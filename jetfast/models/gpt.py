@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from jetfast._ext import HAS_NATIVE, _C
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.kernels.linear import linear, pack
+from jetfast.kernels.linear import Packed, linear, pack
 from jetfast.kernels.decode_attention import decode_attention_cpu
 from jetfast.ops import decode_attention
 from jetfast.run import checkpoint_file, load_checkpoint
@@ -434,7 +434,7 @@ class GPT(nn.Module):
             self._decode_weights = key, copies
         return self._decode_weights[1]
 
-    def packed_weights(self, rows: int) -> tuple[list[tuple], object] | None:
+    def packed_weights(self, rows: int) -> tuple[list[tuple[Packed, ...]], Packed] | None:
         """MKL packings (:func:`jetfast.kernels.linear.pack`) of the fp32 GEMM weights of a cached decode
         of ``rows`` sequences: per block (qkv, attention projection, MLP in, MLP out), and the output
         head's. A batch of ~100 otherwise pays oneDNN's reordering of every weight at every GEMM
@@ -446,10 +446,10 @@ class GPT(nn.Module):
         key = (rows, _versions(params))
         if self._packed_weights is None or self._packed_weights[0] != key:
             self._packed_weights = None  # (the old packings go before the new ones are made)
-            if pack(blocks[0][0], rows) is None:
+            head_packed = pack(head, rows)
+            if head_packed is None:
                 return None
-            packed = [tuple(pack(w, rows) for w in weights) for weights in blocks], pack(head, rows)
-            self._packed_weights = key, packed
+            self._packed_weights = key, ([tuple(pack(w, rows) for w in weights) for weights in blocks], head_packed)
         return self._packed_weights[1]
 
     def decode_step(self, token: torch.Tensor, pos: int, kinematics: torch.Tensor | None = None) -> torch.Tensor:
@@ -462,7 +462,8 @@ class GPT(nn.Module):
         precision: in bf16 the layer inputs are cast to bf16 before each GEMM and the KV cache is bf16,
         while layer norms, the residual stream, the softmax (inside the attention) and the output head
         stay fp32 (the fused CPU step of small batches, :meth:`fused_blocks`, keeps the layer inputs
-        fp32 as well and widens the bf16 weights). In fp32 the result is :meth:`forward`'s.
+        fp32 as well and widens the bf16 weights; above it, fp32 GEMMs read the weights packed for the
+        batch at the prefill, :meth:`packed_weights`). In fp32 the result is :meth:`forward`'s.
         """
         config = self.config
         caches = self.blocks[0].attn.kv_cache
