@@ -442,8 +442,7 @@ class GPT(nn.Module):
         where packing does not serve (no MKL, not fp32 on the CPU, autograd on)."""
         blocks = [(b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight) for b in self.blocks]
         head = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
-        params = [p for weights in blocks for p in weights] + [self.tok_emb.weight if self.head is None else head]
-        key = (rows, _versions(params))
+        key = (rows, _versions([p for weights in blocks for p in weights] + [head]))  # (a tied head: tok_emb's version)
         if self._packed_weights is None or self._packed_weights[0] != key:
             self._packed_weights = None  # (the old packings go before the new ones are made)
             head_packed = pack(head, rows)
@@ -487,9 +486,9 @@ class GPT(nn.Module):
             # ~0.3 ms, a fifth of a batch-1 step, and nothing they look at changes within a
             # sequence (setup_caches drops the choice).
             self._sequence_blocks = self.fused_blocks(x)
-            fp32_cpu = x.device.type == "cpu" and caches.k_cache.dtype == torch.float32
-            self._sequence_packed = (self.packed_weights(x.shape[0])
-                                     if self._sequence_blocks is None and fp32_cpu else None)
+            # (packed_weights answers None off the CPU; bf16 caches take bf16 copies of the weights)
+            fp32 = self._sequence_blocks is None and caches.k_cache.dtype == torch.float32
+            self._sequence_packed = self.packed_weights(x.shape[0]) if fp32 else None
         fused, packed = self._sequence_blocks, self._sequence_packed
         if fused is not None:
             x = x.contiguous()  # a new tensor of this step: updated in place
