@@ -41,15 +41,16 @@ def fitted_run(trained_run):
     return run_dir, data
 
 
-def direct_latents(run_dir, data, indices) -> np.ndarray:
-    """mu of the given jets, read with h5py and encoded in one batch (independent of JetLoader)."""
+def direct_latents(run_dir, data, indices, posterior_std: bool = False):
+    """mu of the given jets, read with h5py and encoded in one batch (independent of JetLoader);
+    with ``posterior_std``, (mu, the posterior's widths)."""
     model, transform, _ = load_vae(run_dir)
     with h5py.File(data, "r") as handle:
         images = handle["X_jets"][np.sort(indices)]
         jets = torch.from_numpy(np.stack([handle[key][np.sort(indices)] for key in ("y", "pt", "m0")], axis=1))
     with torch.no_grad():
-        mu, _ = model.encode(transform.to_model(torch.from_numpy(images)), jets)
-    return mu.numpy()
+        mu, logvar = model.encode(transform.to_model(torch.from_numpy(images)), jets)
+    return (mu.numpy(), np.exp(0.5 * logvar.double().numpy())) if posterior_std else mu.numpy()
 
 
 def reference_codes(mu: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,11 +99,11 @@ def test_encode_writes_the_codes_of_every_jet(fitted_run, tmp_path):
     with h5py.File(data, "r") as handle:
         n, labels, pt, m0 = len(handle["y"]), handle["y"][...], handle["pt"][...], handle["m0"][...]
     with h5py.File(out, "r") as handle:
-        assert set(handle) == {"codes", "y", "split", "index", "centers", "pt", "m0"}
+        assert set(handle) == {"codes", "y", "split", "index", "centers", "posterior_std", "pt", "m0"}
         # The generator-level kinematics travel with the codes, for the Transformer's conditioning.
         np.testing.assert_array_equal(handle["pt"][...], pt)
         np.testing.assert_array_equal(handle["m0"][...], m0)
-        codes, y, split_of_row, index = (handle[k][...] for k in ("codes", "y", "split", "index"))
+        codes, y, split_of_row, index, std = (handle[k][...] for k in ("codes", "y", "split", "index", "posterior_std"))
         assert handle.attrs["num_bins"] == NUM_BINS and handle.attrs["latent_dim"] == LATENT_DIM
         assert handle.attrs["data"] == os.path.abspath(data)
         np.testing.assert_array_equal(handle["centers"][...], centers)
@@ -113,7 +114,11 @@ def test_encode_writes_the_codes_of_every_jet(fitted_run, tmp_path):
     for value, name in enumerate(("train", "val", "test")):
         np.testing.assert_array_equal(np.flatnonzero(split_of_row == value), np.sort(split[name]))
 
-    expected, to_edge = reference_codes(direct_latents(run_dir, data, index), centers)
+    mu, expected_std = direct_latents(run_dir, data, index, posterior_std=True)
+    # The posterior's width travels with the codes (float16: three digits), for train-gpt's draws.
+    assert std.shape == codes.shape and std.dtype == np.float16
+    np.testing.assert_allclose(std, expected_std, rtol=2e-3)
+    expected, to_edge = reference_codes(mu, centers)
     clear = to_edge > 1e-4  # a value within rounding of a bin edge may go either way
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(codes[clear], expected[clear])
@@ -121,7 +126,8 @@ def test_encode_writes_the_codes_of_every_jet(fitted_run, tmp_path):
     # The Transformer's reader accepts the file.
     from jetfast.latent.codes import read_codes
 
-    assert read_codes(out)["codes"].shape == (n, LATENT_DIM)
+    read = read_codes(out)
+    assert read["codes"].shape == (n, LATENT_DIM) and read["posterior_std"].dtype == np.float32
     report = json.loads((run_dir / "encode_report.json").read_text())
     assert report["num_jets"] == n and len(report["latent_error"]["relative_rms"]) == LATENT_DIM
 

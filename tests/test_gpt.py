@@ -355,12 +355,68 @@ def test_train_gpt_with_code_values_reads_the_widest_dimension_first(tmp_path, s
     assert follow.median() < 20, follow.median()  # 75 if they did not follow
 
 
+def test_draw_codes_are_the_nearest_bins_of_posterior_draws(seed):
+    """Against a direct computation with the same noise: the nearest center (by brute force) of
+    center(code) + std * N(0, 1); and the draws have the posterior's spread."""
+    from jetfast.latent.codes import draw_codes
+
+    rng = np.random.default_rng(seed)
+    n, dims, bins = 3001, 5, 37  # odd sizes
+    centers = np.sort(rng.normal(0, 1.5, (dims, bins)), axis=1).astype(np.float32)
+    codes = torch.from_numpy(rng.integers(0, bins, (n, dims)).astype(np.uint8))
+    std = torch.from_numpy(rng.uniform(0, 0.5, (n, dims)).astype(np.float32))
+    std[:7] = 0  # a zero width keeps the code
+    drawn = draw_codes(codes, std, torch.from_numpy(centers), torch.Generator().manual_seed(seed))
+    assert drawn.dtype == codes.dtype and drawn.shape == codes.shape
+    torch.testing.assert_close(drawn[:7], codes[:7])
+
+    noise = torch.randn((n, dims), generator=torch.Generator().manual_seed(seed)).double().numpy()
+    values = np.take_along_axis(centers.T[None], codes.numpy()[:, None, :].astype(np.int64), 1)[:, 0]
+    latents = values + std.double().numpy() * noise
+    distance = np.abs(latents[:, :, None] - centers[None].astype(np.float64))
+    expected = distance.argmin(axis=2)
+    gap = np.sort(distance, axis=2)[:, :, 1] - np.sort(distance, axis=2)[:, :, 0]
+    clear = gap > 1e-5  # a draw within rounding of a bin edge may go either way
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(drawn.numpy()[clear], expected[clear])
+
+    # Inside the bins' range the drawn values spread as the posterior does.
+    inner = (values > centers[:, 5]) & (values < centers[:, -6]) & (std.numpy() > 0.2)
+    shift = (np.take_along_axis(centers.T[None], drawn.numpy()[:, None, :].astype(np.int64), 1)[:, 0] - values)
+    ratio = shift[inner] / std.numpy()[inner]
+    assert abs(ratio.mean()) < 0.1 and 0.85 < ratio.std() < 1.2
+
+
+def test_train_gpt_learns_the_posterior_around_the_codes(tmp_path, seed):
+    """Every jet's code is the same bin; their posteriors are ~10 bins wide. Trained on draws, the
+    Transformer samples codes with that spread; on the posterior means (--no-posterior-draws), it
+    samples the one bin."""
+    n, dims = 400, 4
+    centers = np.tile(np.linspace(-1, 1, 256, dtype=np.float32), (dims, 1))
+    width = 10 * (centers[0, 1] - centers[0, 0])
+    write_codes_file(tmp_path / "codes.h5", n=n, dims=dims, seed=seed, codes=np.full((n, dims), 128, np.uint8),
+                     centers=centers, posterior_std=np.full((n, dims), width, np.float16))
+    generated = {}
+    for name, extra in (("draws", []), ("means", ["--no-posterior-draws"])):
+        out = tmp_path / name
+        assert run_train(tmp_path, "--out", out, "--epochs", "10", "--max-steps", "60", *TINY, *extra) == 0
+        assert json.loads((out / "config.json").read_text())["posterior_draws"] == (name == "draws")
+        model, _ = load_gpt(out)
+        generated[name] = sample(model, 300, cls=None, seed=seed).float()
+    spread, at_mean = generated["draws"].std(0), (generated["draws"] == 128).float().mean()
+    assert ((spread > 7) & (spread < 13)).all() and at_mean < 0.15, (spread, at_mean)
+    assert (generated["means"] == 128).float().mean() > 0.7
+
+
 def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):
     """A run stopped after an epoch and resumed ends with the metrics and weights of an uninterrupted
     run: the checkpoint holds the learning-rate schedule's state and the resumed run starts from it."""
     from jetfast.train.gpt import train_gpt
 
-    write_codes_file(tmp_path / "codes.h5", n=300)
+    # With the posterior's widths: the training codes are drawn afresh at every step, from noise the
+    # resumed run must draw alike.
+    centers = np.tile(np.linspace(-3, 3, 256, dtype=np.float32), (8, 1))
+    write_codes_file(tmp_path / "codes.h5", n=300, centers=centers, posterior_std=np.full((300, 8), 0.1, np.float16))
     tiny = dict(d_model=32, n_heads=2, n_layers=2, batch_size=64, lr=3e-3, dropout=0.1, no_progress=True, num_threads=1)
     straight = train_gpt(tmp_path, out=tmp_path / "straight", epochs=3, **tiny)
 
@@ -412,6 +468,9 @@ def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):
         (dict(split=np.full(60, 3, np.uint8)), "split must hold"),
         (dict(y=np.full(60, 0.5, np.float32)), "y must be 1"),
         (dict(split=np.zeros(60, np.uint8)), "validation"),
+        (dict(posterior_std=np.ones((60, 7), np.float16)), r"posterior_std has shape \(60, 7\)"),
+        (dict(posterior_std=np.where(np.eye(60, 8), np.nan, 1).astype(np.float16)), "posterior_std must be finite"),
+        (dict(posterior_std=-np.ones((60, 8), np.float16)), "posterior_std must be finite and >= 0; row 0"),
     ],
 )
 def test_train_gpt_bad_codes_files_are_clear_errors(tmp_path, capsys, replace, match):

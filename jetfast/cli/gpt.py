@@ -22,6 +22,9 @@ def train_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", default=None, help="GPT run directory (default: RUN_DIR/gpt)")
     io.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     io.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    io.add_argument("--no-posterior-draws", dest="posterior_draws", action="store_false",
+                    help="train on the codes of the jets' posterior means, not on codes drawn afresh at every step "
+                         "from each jet's VAE posterior (the default when the codes file carries its width)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--d-model", type=int, default=256, help="width of the residual stream")

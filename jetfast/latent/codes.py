@@ -6,6 +6,8 @@ read by ``jetfast train-gpt``. HDF5 (default ``RUN_DIR/codes.h5``)::
     split    (N,)   uint8    0 train, 1 val, 2 test (the VAE run's split.npz)
     index    (N,)   int64    row of the jet in the jet file
     centers  (D, K) float32  the bin centers the codes index
+    posterior_std (N, D) float16  the VAE posterior's width around each jet's latent (the codes are
+                             its mean): ``train-gpt`` redraws the training codes from it
     pt, m0   (N,)   float32  the jet file's generator-level jet pT and mass (GeV), when it has them:
                              what the Transformer is conditioned on besides the class
     attrs    num_bins, latent_dim, run_dir, data, checkpoint, bins_method, split_values,
@@ -22,6 +24,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+
+from jetfast import ops
 
 from jetfast.errors import CodesFileError
 from jetfast.run import SPLITS
@@ -50,7 +55,7 @@ class CodesWriter:
         with CodesWriter(out, rows, split_of_row, centers, code_dtype, run_dir=..., data=...,
                          checkpoint=..., bins_method=...) as writer:
             for ...:
-                writer.write(index, codes, y, pt=..., m0=...)
+                writer.write(index, codes, y, posterior_std, pt=..., m0=...)
 
     The file appears at ``path`` when the block ends without an error and every row was
     written; otherwise nothing is left behind.
@@ -82,6 +87,9 @@ class CodesWriter:
         self.handle.create_dataset("split", data=self.split_of_row)
         self.handle.create_dataset("index", data=self.rows)
         self.handle.create_dataset("centers", data=self.centers)
+        # float16 keeps three digits of a width, ample for drawing from it, at a quarter of float32's bytes.
+        self.posterior_std = self.handle.create_dataset("posterior_std", (n, latent_dim), dtype=np.float16,
+                                                        chunks=(min(n, 4096), latent_dim))
         self.handle.attrs.update({
             "num_bins": num_bins,
             "latent_dim": latent_dim,
@@ -91,15 +99,17 @@ class CodesWriter:
         })
         return self
 
-    def write(self, index: np.ndarray, codes: np.ndarray, labels: np.ndarray, **scalars: np.ndarray) -> None:
-        """Place the codes, labels and ``kinematics`` (keyword arrays) of the jets at file rows
-        ``index`` (any order)."""
+    def write(self, index: np.ndarray, codes: np.ndarray, labels: np.ndarray, posterior_std: np.ndarray,
+              **scalars: np.ndarray) -> None:
+        """Place the codes, labels, posterior widths and ``kinematics`` (keyword arrays) of the jets
+        at file rows ``index`` (any order)."""
         if set(scalars) != set(self.kinematics):
             raise ValueError(f"CodesWriter.write: got {sorted(scalars)}; this file holds {list(self.kinematics)}")
         where = np.searchsorted(self.rows, index)
         order = np.argsort(where, kind="stable")
         where = where[order]
-        columns = [(self.codes, codes[order]), (self.labels, labels[order].astype(np.float32))]
+        columns = [(self.codes, codes[order]), (self.labels, labels[order].astype(np.float32)),
+                   (self.posterior_std, np.asarray(posterior_std)[order].astype(np.float16))]
         columns += [(self.scalars[key], np.asarray(values)[order].astype(np.float32)) for key, values in scalars.items()]
         contiguous = len(where) and where[-1] - where[0] == len(where) - 1
         for dataset, values in columns:
@@ -121,9 +131,22 @@ class CodesWriter:
                 self.tmp.unlink()
 
 
+def draw_codes(codes: torch.Tensor, posterior_std: torch.Tensor, centers: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Codes (B, D) of latents drawn from the VAE posterior N(mu, std^2) of each jet, mu the center
+    of its code: ``dequantize`` + ``std`` x N(0, 1), quantized again against ``centers`` (D, K).
+
+    What a code Transformer trained on these learns is the distribution of the latents the VAE
+    decoder was trained on (the aggregate posterior), not the sharper one of the posterior means:
+    a jet's mean is one point of the region its image could have come from."""
+    noise = torch.randn(codes.shape, generator=generator, dtype=torch.float32)
+    latents = ops.dequantize(codes, centers) + posterior_std.float() * noise
+    return ops.quantize(latents, centers, out_dtype=codes.dtype)
+
+
 def read_codes(path) -> dict:
     """Load and check a codes file; return codes (N, D) uint8/int, labels, split, the attributes,
-    and ``pt``, ``m0`` (None when the file has none)."""
+    and ``posterior_std`` (float32), ``pt``, ``m0`` (None when the file has none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"codes file not found: {path} (write it with `jetfast encode`, or pass --codes)")
@@ -145,6 +168,7 @@ def read_codes(path) -> dict:
         latent_dim = int(handle.attrs["latent_dim"])
         centers = handle["centers"][...].astype(np.float32) if "centers" in handle else None
         kinematics = {key: handle[key][...] for key in KINEMATICS if key in handle}
+        posterior_std = handle["posterior_std"][...].astype(np.float32) if "posterior_std" in handle else None
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise CodesFileError(f"{path}: codes must be an (N, D) integer array; got {codes.dtype} {codes.shape}")
     n, dims = codes.shape
@@ -166,6 +190,14 @@ def read_codes(path) -> dict:
         raise CodesFileError(f"{path}: split must hold 0 (train), 1 (val) or 2 (test); found {np.unique(split)[:5]}")
     if centers is not None and centers.shape != (latent_dim, num_bins):
         raise CodesFileError(f"{path}: centers have shape {centers.shape}; expected ({latent_dim}, {num_bins})")
+    if posterior_std is not None:
+        if posterior_std.shape != codes.shape:
+            raise CodesFileError(f"{path}: posterior_std has shape {posterior_std.shape}; expected {codes.shape}")
+        bad = ~np.isfinite(posterior_std) | (posterior_std < 0)
+        if bad.any():
+            row = int(np.nonzero(bad.any(axis=1))[0][0])
+            raise CodesFileError(f"{path}: posterior_std must be finite and >= 0; row {row} is not "
+                                 "(encode the jets again with `jetfast encode`)")
     for key, values in kinematics.items():
         if values.shape != (n,):
             raise CodesFileError(f"{path}: {key} has shape {values.shape}; expected ({n},)")
@@ -174,5 +206,5 @@ def read_codes(path) -> dict:
             raise CodesFileError(f"{path}: {key} must be finite and positive (mass: >= 0); row {int(np.argmax(bad))} "
                                  f"holds {values[np.argmax(bad)]}")
     return {"codes": codes, "labels": labels.astype(np.int64), "split": split, "num_bins": num_bins,
-            "latent_dim": latent_dim, "centers": centers, "path": str(path.resolve()),
+            "latent_dim": latent_dim, "centers": centers, "posterior_std": posterior_std, "path": str(path.resolve()),
             **{key: kinematics.get(key) for key in KINEMATICS}}

@@ -1,8 +1,9 @@
 """Encoding every jet of a run to codes (``jetfast encode``).
 
 Every jet of the run's split is passed through the VAE encoder (posterior mean ``mu``),
-quantized against the run's bins (``bins.npz``) and written, batch by batch, with its class
-and, when the jet file has them, its generator-level ``pt`` and ``m0``, to a codes file (:mod:`jetfast.latent.codes`; default ``RUN_DIR/codes.h5``). Images are never held in
+quantized against the run's bins (``bins.npz``) and written, batch by batch, with its class,
+the posterior's width around ``mu`` and, when the jet file has them, its generator-level
+``pt`` and ``m0``, to a codes file (:mod:`jetfast.latent.codes`; default ``RUN_DIR/codes.h5``). Images are never held in
 memory. What quantizing costs (per-dimension RMS error relative to the latent spread,
 and the change of the decoded images, in model space and in GeV) is returned and saved
 as ``RUN_DIR/encode_report.json``.
@@ -76,7 +77,7 @@ def encode_run(
         for mu, batch in encoder.batches(rows, batch_size, "encode", progress):
             codes = ops.quantize(mu, centers_t, out_dtype=code_dtype)
             cost.add(mu, ops.dequantize(codes, centers_t), batch["conditions"])
-            writer.write(batch["index"].numpy(), codes.numpy(), batch["y"].numpy(),
+            writer.write(batch["index"].numpy(), codes.numpy(), batch["y"].numpy(), batch["posterior_std"].numpy(),
                          **{key: batch[key].numpy() for key in encoder.kinematics})
 
     report = {

@@ -50,7 +50,8 @@ class RunEncoder:
 
     def batches(self, indices, batch_size: int, desc: str, progress: bool = True):
         """Yield ``(mu (B, D) float32 CPU tensor, batch dict)`` over ``indices``, in file order; the
-        batch's ``"conditions"`` are the jets' (B, 3) (y, pt, m0) for a conditioned VAE, else None."""
+        batch's ``"conditions"`` are the jets' (B, 3) (y, pt, m0) for a conditioned VAE, else None,
+        and its ``"posterior_std"`` the (B, D) float32 widths of the posterior around ``mu``."""
         if batch_size < 1:
             raise InvalidArgument(f"--batch-size must be >= 1; got {batch_size}")
         loader = JetLoader(self.data, batch_size, indices=indices, shuffle=False, transform=self.transform,
@@ -60,10 +61,12 @@ class RunEncoder:
             for batch in loader:
                 batch["conditions"] = batch_conditions(batch, self.vae_config)
                 conditions = None if batch["conditions"] is None else batch["conditions"].to(self.device)
-                mu, _ = self.model.encode(batch["X_jets"].to(self.device, non_blocking=True), conditions)
+                mu, logvar = self.model.encode(batch["X_jets"].to(self.device, non_blocking=True), conditions)
                 mu = mu.float().cpu()
-                if not torch.isfinite(mu).all():
-                    row = int((~torch.isfinite(mu)).any(dim=1).nonzero()[0, 0])
+                batch["posterior_std"] = (0.5 * logvar.float()).exp().cpu()
+                bad = ~(torch.isfinite(mu) & torch.isfinite(batch["posterior_std"]))
+                if bad.any():
+                    row = int(bad.any(dim=1).nonzero()[0, 0])
                     raise JetFileError(f"the encoder returned non-finite latents for jet {int(batch['index'][row])} "
                                        f"of {self.data}; check that jet and the checkpoint")
                 yield mu, batch

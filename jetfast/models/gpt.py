@@ -315,9 +315,12 @@ class GPT(nn.Module):
             raise InvalidArgument(f"centers {tuple(centers.shape)}, mean {tuple(mean.shape)} and std "
                                   f"{tuple(std.shape)} do not match (seq_len, vocab) {tuple(self.values.shape)}")
         order = torch.sort(std, descending=True, stable=True).indices
+        # A dimension whose training latents never vary is scaled by the spread of its bins instead:
+        # dividing by ~0 would make the values of its other bins, and their logits, infinite.
+        scale = torch.where(std > 0, std, centers.std(dim=1)).clamp_min(1e-12)
         with torch.no_grad():
             self.order.copy_(order)
-            self.values.copy_(((centers - mean[:, None]) / std.clamp_min(1e-12)[:, None])[order])
+            self.values.copy_(((centers - mean[:, None]) / scale[:, None])[order])
 
     def set_kinematics(self, pt: torch.Tensor, mass: torch.Tensor) -> None:
         """The standardisation and range of the conditioning values from the training jets' pT and mass (GeV)."""

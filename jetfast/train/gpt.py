@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from jetfast.data.format import CLASS_NAMES
 from jetfast.errors import CodesFileError, InvalidArgument
-from jetfast.latent.codes import TEST, TRAIN, VAL, read_codes
+from jetfast.latent.codes import TEST, TRAIN, VAL, draw_codes, read_codes
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.run import GPT_README, RunDir
 from jetfast.train.loop import Stage, fit, warmup_cosine
@@ -49,6 +49,7 @@ class GPTTraining:
     code_values: bool = True
     kinematic: bool = True  # conditioned on pT and mass when the codes carry them
     p_uncond: float = 0.1
+    posterior_draws: bool = True  # train on codes redrawn from each jet's posterior, when the codes carry its width
     epochs: int = 30
     max_steps: int | None = None
     batch_size: int = 256
@@ -106,6 +107,11 @@ class GPTStage(Stage):
             kinematic=o.kinematic and self.data["pt"] is not None and self.data["m0"] is not None,
             value_shift=o.code_values and self.data["centers"] is not None,
         )
+        self.draws = o.posterior_draws and self.data["posterior_std"] is not None and self.data["centers"] is not None
+        if o.posterior_draws and not self.draws:
+            print(f"jetfast train-gpt: note: {self.codes_path} carries no posterior widths (posterior_std), so the "
+                  "Transformer learns the codes of the posterior means (encode the jets again to train on draws "
+                  "from the posterior)", file=sys.stderr)
         if o.kinematic and not self.model_config.kinematic:
             print(f"jetfast train-gpt: note: {self.codes_path} carries no pt and m0, so the Transformer is conditioned "
                   "on the class only (encode a jet file that has them to condition on pT and mass)", file=sys.stderr)
@@ -130,11 +136,20 @@ class GPTStage(Stage):
         self.n_train, self.n_val = len(train_rows), len(val_rows)
         self.train_codes, self.train_labels = codes[train_rows], labels[train_rows]
         self.val_codes, self.val_labels = codes[val_rows], labels[val_rows]
+        # The codes the marginals, the value table and the validation are measured on: with posterior
+        # draws, one fixed draw of each jet (the training steps draw afresh).
+        seen_train = self.train_codes
+        if self.draws:
+            self.centers = torch.from_numpy(data["centers"])
+            std = torch.from_numpy(data["posterior_std"])
+            self.train_std = std[train_rows]
+            seen_train = draw_codes(self.train_codes, self.train_std, self.centers, self._generator(-1))
+            self.val_codes = draw_codes(self.val_codes, std[val_rows], self.centers, self._generator(-2))
         if self.model_config.kinematic:
             # (N, 2): pT and mass in GeV, the order of KINEMATICS.
             kinematics = torch.from_numpy(np.stack([data["pt"], data["m0"]], axis=1).astype(np.float32))
             self.train_kinematics, self.val_kinematics = kinematics[train_rows], kinematics[val_rows]
-        self.marginal = marginal_bits(self.train_codes, self.val_codes, self.model_config.vocab_size)
+        self.marginal = marginal_bits(seen_train, self.val_codes, self.model_config.vocab_size)
         self.per_rank = self.n_train // world_size
         self.steps_per_epoch = math.ceil(self.per_rank / o.batch_size)
         self.total_steps = o.epochs * self.steps_per_epoch
@@ -144,7 +159,7 @@ class GPTStage(Stage):
         self.model = GPT(self.model_config)
         if self.model_config.code_values:
             centers = torch.from_numpy(data["centers"]).double()
-            latents = centers.gather(1, self.train_codes.long().T).T  # (N, D): the training codes' values
+            latents = centers.gather(1, seen_train.long().T).T  # (N, D): the training codes' values
             self.model.set_code_values(centers, latents.mean(0), latents.std(0))
         if self.model_config.kinematic:
             self.model.set_kinematics(self.train_kinematics[:, 0], self.train_kinematics[:, 1])
@@ -187,10 +202,13 @@ class GPTStage(Stage):
             "model": vars(config) | {"parameters": self.model.num_parameters()},
             "world_size": world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "warmup_steps": self.warmup,
+            "posterior_draws": self.draws,
             "kinematics": self.kinematics_seen(),
             "marginal_bpd": {**self.marginal, "what": "bits per code of the per-dimension histograms of the training "
                              "codes: their entropy, and the cross-entropy of the validation codes under them "
-                             "(add-one smoothing); a model that learned only the marginals has val_bpd near the latter"},
+                             "(add-one smoothing); a model that learned only the marginals has val_bpd near the latter"
+                             + ("; with posterior_draws, both are one fixed draw from each jet's posterior" if self.draws
+                                else "")},
             "args": asdict(o),
         })
 
@@ -211,8 +229,16 @@ class GPTStage(Stage):
         for start in range(0, self.per_rank, self.options.batch_size):
             yield order[start : start + self.options.batch_size]
 
+    def _generator(self, step: int, rank: int = 0) -> torch.Generator:
+        """The noise of the posterior draws of optimizer step ``step`` on ``rank`` (-1, -2: the fixed
+        draws of the training and validation codes, alike on every rank), the same on a resumed run."""
+        return torch.Generator().manual_seed((self.options.seed * 1_000_003 + step + 2) * 4099 + rank)
+
     def step(self, net, rows, step: int):
-        inputs, targets = sequences(self.model_config, self.model.to_sequence(self.train_codes[rows].to(self.device)),
+        codes = self.train_codes[rows]
+        if self.draws:
+            codes = draw_codes(codes, self.train_std[rows], self.centers, self._generator(step, self.rank))
+        inputs, targets = sequences(self.model_config, self.model.to_sequence(codes.to(self.device)),
                                     self.train_labels[rows].to(self.device), self.options.p_uncond)
         logits = net(inputs, kinematics=self.kinematics("train", rows, self.options.p_uncond))  # (B, D, vocab)
         return {"loss": F.cross_entropy(logits.flatten(0, 1), targets.flatten())}, targets.numel()
