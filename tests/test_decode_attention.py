@@ -109,6 +109,51 @@ def test_compiled_cpu_kernel_reads_bf16_caches(monkeypatch, layout, batch, heads
     assert ((out.double() - expected).abs() <= bound).all(), f"seed {seed}"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "position_major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "batch, heads, max_len, head_dim, length",
+    [(3, 5, 131, 16, 1), (7, 10, 40, 32, 39), (2, 3, 64, 256, 64), (4, 2, 19, 24, 19), (100, 6, 24, 16, 22)],
+)
+def test_appending_attention_writes_the_step_then_attends(layout, dtype, batch, heads, max_len, head_dim, length, seed):
+    """decode_attention_cpu with k_new and v_new: the caches hold them at length - 1 afterwards (and
+    nothing else changed), and the output is the reference attention over the updated caches. The
+    new keys come strided out of a step's (B, 3, H, Dh) qkv, as in the model."""
+    from jetfast.kernels.decode_attention import decode_attention_cpu
+
+    q, k_cache, v_cache = attention_inputs(batch, heads, max_len, head_dim, length, dtype, seed)
+    qkv = torch.randn(batch, 3, heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k[:, :, length - 1], expected_v[:, :, length - 1] = qkv[:, 1], qkv[:, 2]
+    expected = attention_reference(qkv[:, 0], expected_k, expected_v, length)
+    if layout == "position_major":
+        k_cache, v_cache = position_major(k_cache), position_major(v_cache)
+    out = decode_attention_cpu(qkv[:, 0], k_cache, v_cache, length, qkv[:, 1], qkv[:, 2])
+    torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(1.0, expected.abs().max().item()))
+    else:
+        bound = torch.finfo(torch.bfloat16).eps * expected.abs() + 1e-5 * max(1.0, expected.abs().max().item())
+        assert ((out.double() - expected).abs() <= bound).all(), f"seed {seed}"
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="needs the compiled extension")
+def test_compiled_appending_kernel_refuses_bad_new_keys():
+    q, cache, out = torch.randn(2, 3, 16), torch.zeros(2, 3, 9, 16), torch.empty(2, 3, 16)
+    args = (q.numpy(), cache.numpy(), cache.clone().numpy(), 4, out.numpy(), 1)
+    with pytest.raises(ValueError, match="both k_new and v_new"):
+        _C.decode_attention_cpu(*args, q.numpy())
+    with pytest.raises(ValueError, match=r"k_new and v_new must be \(B, H, Dh\)"):
+        _C.decode_attention_cpu(*args, q[:1].numpy(), q[:1].numpy())
+    with pytest.raises(TypeError, match="k_new"):
+        _C.decode_attention_cpu(*args, q.double().numpy(), q.numpy())
+    with pytest.raises(ValueError, match="writable"):
+        frozen = cache.numpy().copy()
+        frozen.flags.writeable = False
+        _C.decode_attention_cpu(q.numpy(), frozen, frozen, 4, out.numpy(), 1, q.numpy(), q.numpy())
+
+
 @needs_bf16_kernel
 def test_compiled_cpu_kernel_refuses_what_it_cannot_read():
     q = torch.randn(2, 3, 20)

@@ -31,6 +31,13 @@ struct DecodeAttentionProblem {
   // strides: the AVX2 kernel only (attend_rows_avx2), which widens them to float32 as it reads.
   const uint16_t* k_cache_bf16 = nullptr;
   const uint16_t* v_cache_bf16 = nullptr;
+  // A step's new keys and values (float32 caches only), or null: k_new[b * new_stride_b + h *
+  // new_stride_h + d], written into the caches at position length - 1 before that row attends.
+  // Each thread writes the rows it attends, so a model's step appends and attends in one call
+  // (two indexed copies fewer per layer from Python, which cost more than the copy at small batches).
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  int64_t new_stride_b = 0, new_stride_h = 0;
 };
 
 void decode_attention_cpu(const DecodeAttentionProblem& problem, int num_threads);

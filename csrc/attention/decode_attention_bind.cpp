@@ -17,7 +17,7 @@ namespace jetfast {
 namespace {
 
 void decode_attention_numpy(const py::array& q, const py::array& k_cache, const py::array& v_cache, int64_t length,
-                            py::array& out, int num_threads) {
+                            py::array& out, int num_threads, const py::object& k_new, const py::object& v_new) {
   check_float32(q, "q");
   check_float32(out, "out");
   // Caches of float32, or of bfloat16 (as int16 bits), widened to float32 as they are read.
@@ -74,6 +74,24 @@ void decode_attention_numpy(const py::array& q, const py::array& k_cache, const 
     problem.k_cache_bf16 = static_cast<const uint16_t*>(k_cache.data());
     problem.v_cache_bf16 = static_cast<const uint16_t*>(v_cache.data());
   }
+  require(k_new.is_none() == v_new.is_none(), "pass both k_new and v_new, or neither");
+  if (!k_new.is_none()) {
+    const auto k = py::cast<py::array>(k_new), v = py::cast<py::array>(v_new);
+    require(!bf16 && k_cache.writeable() && v_cache.writeable(),
+            "k_new and v_new are written into float32 caches, which must be writable");
+    check_float32(k, "k_new");
+    check_float32(v, "v_new");
+    for (const py::array* a : {&k, &v})
+      require(a->ndim() == 3 && a->shape(0) == batch && a->shape(1) == heads && a->shape(2) == head_dim &&
+                  a->strides(2) == 4 && a->strides(0) >= 0 && a->strides(1) >= 0 && a->strides(0) % 4 == 0 &&
+                  a->strides(1) % 4 == 0,
+              "k_new and v_new must be (B, H, Dh) = " + shape_of(q) + ", contiguous along Dh; got " + shape_of(*a));
+    require(k.strides(0) == v.strides(0) && k.strides(1) == v.strides(1), "k_new and v_new must have one layout");
+    problem.k_new = static_cast<const float*>(k.data());
+    problem.v_new = static_cast<const float*>(v.data());
+    problem.new_stride_b = k.strides(0) / 4;
+    problem.new_stride_h = k.strides(1) / 4;
+  }
   py::gil_scoped_release release;
   decode_attention_cpu(problem, num_threads);
 }
@@ -87,8 +105,11 @@ void bind_decode_attention(py::module_& m) {
     if (avx2_head_dim_supported(d)) head_dims.append(d);
   m.attr("decode_attention_bf16_head_dims") = py::tuple(head_dims);
   m.def("decode_attention_cpu", &decode_attention_numpy, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("length"), py::arg("out"), py::arg("num_threads"),
+        py::arg("length"), py::arg("out"), py::arg("num_threads"), py::arg("k_new") = py::none(),
+        py::arg("v_new") = py::none(),
         "out[b, h] = softmax(q[b, h] . k_cache[b, h, :length]^T / sqrt(Dh)) . v_cache[b, h, :length], float32.\n"
+        "With k_new and v_new (B, H, Dh) float32, they are first written at position length - 1 of the\n"
+        "(float32, writable) caches: a decode step's append and attention in one call.\n"
         "Caches float32, or bfloat16 given as int16 bits (where decode_attention_bf16 is True), read as float32.\n"
         "q (B, H, Dh) and caches (B, H, S_max, Dh) contiguous along Dh, any other strides; out (B, H, Dh)\n"
         "C-contiguous. Fast layouts: caches contiguous, or views of (S_max, B, H, Dh) storage.");

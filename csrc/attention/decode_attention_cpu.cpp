@@ -26,6 +26,18 @@ constexpr int64_t kStreamsPerBlock = 16;
 
 int64_t padded(int64_t length) { return (length + 15) / 16 * 16; }
 
+// The new key and value of rows [row_begin, row_end) into the caches at position length - 1.
+// The caches are const for the attention; the binding passes writable ones with k_new.
+void append_rows(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end) {
+  const int64_t pos = p.length - 1;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t b = r / p.heads, h = r % p.heads;
+    const int64_t from = b * p.new_stride_b + h * p.new_stride_h;
+    std::copy_n(p.k_new + from, p.head_dim, const_cast<float*>(p.k_cache) + b * p.k_stride_b + h * p.k_stride_h + pos * p.k_stride_s);
+    std::copy_n(p.v_new + from, p.head_dim, const_cast<float*>(p.v_cache) + b * p.v_stride_b + h * p.v_stride_h + pos * p.v_stride_s);
+  }
+}
+
 }  // namespace
 
 void attend_rows_scalar(const DecodeAttentionProblem& p, int64_t row_begin, int64_t row_end, float* scores,
@@ -75,6 +87,7 @@ void decode_attention_cpu(const DecodeAttentionProblem& p, int num_threads) {
     std::vector<float> acc(most * p.head_dim);
     for (int64_t first = begin; first < end; first += block) {
       const int64_t last = std::min(end, first + block);
+      if (p.k_new != nullptr) append_rows(p, first, last);
 #if defined(JETFAST_HAVE_AVX512_KERNELS)
       if (vector) {
         attend_rows_avx512(p, first, last, scores.data(), acc.data());

@@ -232,11 +232,12 @@ class Block(nn.Module):
         low = qkv_w.dtype  # the GEMMs' dtype; layer norms and the residual stream stay fp32
         h = F.layer_norm(x, (width,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps).to(low)
         qkv = linear(h, qkv_w, qkv_b, packed=qkv_p).view(batch, 3, attn.n_heads, attn.head_dim)  # (B, 3, H, Dh)
-        cache.k_cache[:, :, pos] = qkv[:, 1]
-        cache.v_cache[:, :, pos] = qkv[:, 2]
         if x.device.type == "cpu":
-            y = decode_attention_cpu(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)  # (B, H, Dh)
+            # The step's keys and values are appended by the attention kernel itself.
+            y = decode_attention_cpu(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1, qkv[:, 1], qkv[:, 2])  # (B, H, Dh)
         else:
+            cache.k_cache[:, :, pos] = qkv[:, 1]
+            cache.v_cache[:, :, pos] = qkv[:, 2]
             y = decode_attention(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)
         x = x + linear(y.reshape(batch, width), proj_w, proj_b, packed=proj_p)
         h = F.layer_norm(x, (width,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps).to(low)
