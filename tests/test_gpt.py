@@ -179,16 +179,23 @@ def test_code_values_set_the_reading_order_and_enter_after_their_slot():
         model.set_code_values(centers, centers.mean(1), std[:-1])
 
 
-def test_prefill_of_several_tokens_matches_full_forward():
-    model = tiny_model()
-    idx = torch.randint(0, 40, (3, 6))
-    with torch.inference_mode():
-        model.setup_caches(3)
-        cached = model(idx, pos=0)
-        torch.testing.assert_close(cached, model(idx), rtol=1e-5, atol=1e-5)
-        step = decode_one_token(model, torch.tensor([1, 2, 3]), 6)
-        full = model(torch.cat([idx, torch.tensor([[1], [2], [3]])], 1))[:, -1]
-        torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("code_values", [False, True])
+def test_prefill_of_several_tokens_matches_full_forward(code_values):
+    """forward's cached pass sets the condition; the decode steps after it (which keep per-sequence
+    terms of their own) follow it, also after a second prefill for other classes."""
+    model = tiny_model(code_values=code_values)
+    if code_values:
+        centers = torch.sort(torch.randn(19, 37, dtype=torch.float64), dim=1).values
+        model.set_code_values(centers, centers.mean(1), centers.std(1))
+    for first in (torch.tensor([37, 38, 39]), torch.tensor([38, 39, 37])):
+        idx = torch.cat([first[:, None], torch.randint(0, 37, (3, 5))], 1)
+        with torch.inference_mode():
+            model.setup_caches(3)
+            cached = model(idx, pos=0)
+            torch.testing.assert_close(cached, model(idx), rtol=1e-5, atol=1e-5)
+            step = decode_one_token(model, torch.tensor([1, 2, 3]), 6)
+            full = model(torch.cat([idx, torch.tensor([[1], [2], [3]])], 1))[:, -1]
+            torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
 
 def test_the_class_reaches_every_position_and_a_decode_needs_its_prefill():

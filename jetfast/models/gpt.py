@@ -232,13 +232,14 @@ class Block(nn.Module):
         low = qkv_w.dtype  # the GEMMs' dtype; layer norms and the residual stream stay fp32
         h = F.layer_norm(x, (width,), self.ln_1.weight, self.ln_1.bias, self.ln_1.eps).to(low)
         qkv = linear(h, qkv_w, qkv_b, packed=qkv_p).view(batch, 3, attn.n_heads, attn.head_dim)  # (B, 3, H, Dh)
+        q, k, v = qkv.unbind(1)
         if x.device.type == "cpu":
             # The step's keys and values are appended by the attention kernel itself.
-            y = decode_attention_cpu(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1, qkv[:, 1], qkv[:, 2])  # (B, H, Dh)
+            y = decode_attention_cpu(q, cache.k_cache, cache.v_cache, pos + 1, k, v)  # (B, H, Dh)
         else:
-            cache.k_cache[:, :, pos] = qkv[:, 1]
-            cache.v_cache[:, :, pos] = qkv[:, 2]
-            y = decode_attention(qkv[:, 0], cache.k_cache, cache.v_cache, pos + 1)
+            cache.k_cache[:, :, pos] = k
+            cache.v_cache[:, :, pos] = v
+            y = decode_attention(q, cache.k_cache, cache.v_cache, pos + 1)
         x = x + linear(y.reshape(batch, width), proj_w, proj_b, packed=proj_p)
         h = F.layer_norm(x, (width,), self.ln_2.weight, self.ln_2.bias, self.ln_2.eps).to(low)
         return x + linear(linear(h, fc_w, fc_b, activation="gelu", packed=fc_p), out_w, out_b, packed=out_p)
@@ -263,6 +264,9 @@ class GPT(nn.Module):
         # ones the current cached decode uses (set by its prefill).
         self._packed_weights = None
         self._sequence_packed = None
+        # The per-sequence terms of a cached decode (see _decode_terms) and the condition they were
+        # made from, set by its first step.
+        self._sequence_terms = None
         if config.kinematic:
             # Set by set_kinematics from the training jets: (log pT, log(1 + m)) mean and std, and the
             # range of (pT, m) in GeV, rows pT and mass, columns min and max.
@@ -478,13 +482,15 @@ class GPT(nn.Module):
             self.condition_cache = self.condition(token.view(-1, 1), kinematics)
         elif self.condition_cache is None or self.condition_cache[0].shape[0] != token.shape[0]:
             raise RuntimeError("GPT: a cached decode starts with prefill(), which sets the class of every row")
-        vectors, features = self.condition_cache
-        x = F.embedding(token, self.tok_emb.weight) + self.pos_emb[pos]  # (B, C)
-        x = x + vectors[:, 0]
+        if self._sequence_terms is None or self._sequence_terms[0] is not self.condition_cache:
+            # (forward's cached path may have made the condition of these sequences)
+            self._sequence_terms = self.condition_cache, self._decode_terms()
+        class_vector, value_column, value_table, value_shifts = self._sequence_terms[1]
+        x = F.embedding(token, self.tok_emb.weight).add_(self.pos_emb[pos]).add_(class_vector)  # (B, C)
         if config.code_values and pos >= 1:
-            # The token at position pos is the code of sequence slot pos - 1.
+            # The token at position pos is the code of sequence slot pos - 1: its value times value_proj.
             values = self.values[pos - 1, token.clamp_max(config.vocab_size - 1)]  # (B,)
-            x = x + linear(values.unsqueeze(-1).to(x.dtype), self.value_proj.weight)
+            x = torch.addr(x, values.to(x.dtype), value_column)
         if pos == 0:
             # The blocks of this sequence, chosen at its prefill: the checks of fused_blocks cost
             # ~0.3 ms, a fifth of a batch-1 step, and nothing they look at changes within a
@@ -505,12 +511,24 @@ class GPT(nn.Module):
         weight = self.tok_emb.weight[: config.vocab_size] if self.head is None else self.head.weight
         logits = linear(x, weight, packed=None if packed is None else packed[1])  # (B, vocab)
         if config.code_values:
-            predicted = self.values[pos]  # (vocab,): bin values of the slot this position predicts
-            a, b = linear(x, self.value_head.weight, self.value_head.bias).unsqueeze(-1).unbind(-2)  # (B, 1) each
-            if config.value_shift:
-                a = a + (features @ self.value_shift[pos : pos + 1].T).to(a.dtype)
-            logits = logits + a * predicted + b * predicted.square()
+            # forward's a v + b v^2 over the bin values v of the slot this position predicts, as one
+            # product of (a, b) (B, 2) with (v, v^2) (2, vocab): the step's small ops are its cost.
+            ab = linear(x, self.value_head.weight, self.value_head.bias)  # (B, 2)
+            if value_shifts is not None:
+                ab[:, 0] += value_shifts[:, pos]
+            logits = torch.addmm(logits, ab, value_table[pos])
         return logits
+
+    def _decode_terms(self) -> tuple:
+        """What every step of a cached decode adds that is fixed for its sequences, made at the
+        prefill: the condition's vector (B, C), value_proj's column (C,), the bin values and their
+        squares (S, 2, vocab), and each sequence's shift of ``a`` by its condition (B, S) or None."""
+        vectors, features = self.condition_cache
+        if not self.config.code_values:
+            return vectors[:, 0], None, None, None
+        table = torch.stack([self.values, self.values.square()], dim=1)
+        shifts = (features @ self.value_shift.T).float() if self.config.value_shift else None
+        return vectors[:, 0], self.value_proj.weight[:, 0], table, shifts
 
     def fused_blocks(self, x: torch.Tensor):
         """The blocks of a cached decode step as one compiled call (``jetfast._C.DecodeBlocks``, which
