@@ -22,9 +22,6 @@ def train_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", default=None, help="GPT run directory (default: RUN_DIR/gpt)")
     io.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     io.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    io.add_argument("--no-posterior-draws", dest="posterior_draws", action="store_false",
-                    help="train on the codes of the jets' posterior means, not on codes drawn afresh at every step "
-                         "from each jet's VAE posterior (the default when the codes file carries its width)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--d-model", type=int, default=256, help="width of the residual stream")
@@ -39,6 +36,9 @@ def train_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--p-uncond", type=float, default=0.1,
                        help="probability of hiding the class (the unconditional token), and, independently, "
                             "the pT and the mass, from a training sequence")
+    model.add_argument("--no-posterior-draws", dest="posterior_draws", action="store_false",
+                       help="train on the codes of the jets' posterior means, not on codes drawn afresh at every "
+                            "step from each jet's VAE posterior (the default when the codes file carries its width)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from jetfast import ops
-
 from jetfast.errors import CodesFileError
 from jetfast.run import SPLITS
 
