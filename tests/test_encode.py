@@ -214,3 +214,42 @@ def test_encode_refuses_damaged_jets_in_one_line_and_leaves_nothing(fitted_run, 
     argv = ["encode", run_dir, "--data", bad, "--out", tmp_path / "codes.h5", "--no-progress"]
     assert_refused(*run(argv, capsys), "encode", "bad.h5", "chunk 1" if damage == "corrupt chunk" else "jet(s) 20 have NaN")
     assert listing(tmp_path) == before
+
+
+def test_train_gpt_selects_the_epoch_whose_generated_jets_are_closest(fitted_run, tmp_path):
+    """On a VAE run's own codes, train-gpt decodes jets generated for the validation jets every
+    epoch and keeps as best the epoch where they are closest to the real ones (not the lowest loss);
+    with --select loss it keeps the lowest loss and measures nothing."""
+    run_dir, _ = fitted_run
+    codes = tmp_path / "codes.h5"
+    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    tiny = ["--codes", str(codes), "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--batch-size", "8",
+            "--epochs", "3", "--no-progress", "--num-threads", "1"]
+    for select in ("fidelity", "loss"):
+        out = tmp_path / select
+        assert main(["train-gpt", str(run_dir), "--out", str(out), "--select", select, *tiny]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["select"]["by"] == select
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        followed = [m["val_fidelity" if select == "fidelity" else "val_loss"] for m in metrics]
+        assert ("val_fidelity" in metrics[0]) == (select == "fidelity")
+        best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
+        assert best["epoch"] == int(np.argmin(followed)), followed
+        assert all(np.isfinite(followed)) and min(followed) >= 0
+
+
+def test_the_best_checkpoint_follows_the_generated_jets_not_the_loss(fitted_run, tmp_path, monkeypatch):
+    """Whatever the losses do, best.pt is the epoch of the lowest generated-jet distance."""
+    from jetfast.train import fidelity
+
+    run_dir, _ = fitted_run
+    codes = tmp_path / "codes.h5"
+    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    scores = iter([0.3, 0.1, 0.2])
+    monkeypatch.setattr(fidelity.SampleFidelity, "__call__", lambda self, gpt: next(scores))
+    out = tmp_path / "gpt"
+    assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--d-model", "16", "--n-heads",
+                 "2", "--n-layers", "1", "--batch-size", "8", "--epochs", "3", "--no-progress"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_fidelity"] for m in metrics] == [0.3, 0.1, 0.2]
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == 1

@@ -459,6 +459,36 @@ def test_refused_train_gpt_options_create_nothing(tmp_path, capsys, extra, messa
     assert listing(tmp_path) == before
 
 
+def test_fidelity_score_is_the_mean_wasserstein_over_the_real_spread(seed):
+    """Against a direct computation: every observable shifted by half its spread scores 0.5; the
+    same sample scores 0; one observable off alone weighs 1/len(OBSERVABLES)."""
+    from scipy.stats import wasserstein_distance
+
+    from jetfast.evaluate.observables import OBSERVABLES
+    from jetfast.train.fidelity import fidelity_score
+
+    rng = np.random.default_rng(seed)
+    real = {name: rng.gamma(2.0, 1.0 + i, 501) for i, name in enumerate(OBSERVABLES)}
+    assert fidelity_score(real, real) == 0.0
+    shifted = {name: values + 0.5 * values.std() for name, values in real.items()}
+    assert fidelity_score(real, shifted) == pytest.approx(0.5, rel=1e-9)
+    other = dict(real, girth=rng.normal(3.0, 1.0, 333))
+    expected = wasserstein_distance(other["girth"], real["girth"]) / real["girth"].std() / len(OBSERVABLES)
+    assert fidelity_score(real, other) == pytest.approx(expected, rel=1e-9)
+
+
+def test_train_gpt_without_a_vae_run_selects_by_the_loss(tmp_path, capsys):
+    from jetfast.errors import InvalidArgument
+    from jetfast.train.gpt import train_gpt
+
+    write_codes_file(tmp_path / "codes.h5", n=60)
+    with pytest.raises(InvalidArgument, match="--select must be fidelity or loss"):
+        train_gpt(tmp_path, select="best", epochs=1)
+    assert run_train(tmp_path, "--epochs", "1", *TINY) == 0
+    assert "chosen by the validation loss" in capsys.readouterr().err
+    assert json.loads((tmp_path / "gpt" / "config.json").read_text())["select"]["by"] == "loss"
+
+
 def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):
     write_codes_file(tmp_path / "codes.h5", n=60)
     out = tmp_path / "elsewhere"

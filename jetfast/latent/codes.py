@@ -145,7 +145,8 @@ def draw_codes(codes: torch.Tensor, posterior_std: torch.Tensor, centers: torch.
 
 def read_codes(path) -> dict:
     """Load and check a codes file; return codes (N, D) uint8/int, labels, split, the attributes,
-    and ``posterior_std`` (float32), ``pt``, ``m0`` (None when the file has none)."""
+    and ``posterior_std`` (float32), ``pt``, ``m0``, ``index`` and ``data`` (the jet file the codes
+    were encoded from) (None when the file has none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"codes file not found: {path} (write it with `jetfast encode`, or pass --codes)")
@@ -168,6 +169,8 @@ def read_codes(path) -> dict:
         centers = handle["centers"][...].astype(np.float32) if "centers" in handle else None
         kinematics = {key: handle[key][...] for key in KINEMATICS if key in handle}
         posterior_std = handle["posterior_std"][...].astype(np.float32) if "posterior_std" in handle else None
+        index = handle["index"][...] if "index" in handle else None
+        data = str(handle.attrs["data"]) if "data" in handle.attrs else None
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise CodesFileError(f"{path}: codes must be an (N, D) integer array; got {codes.dtype} {codes.shape}")
     n, dims = codes.shape
@@ -189,6 +192,8 @@ def read_codes(path) -> dict:
         raise CodesFileError(f"{path}: split must hold 0 (train), 1 (val) or 2 (test); found {np.unique(split)[:5]}")
     if centers is not None and centers.shape != (latent_dim, num_bins):
         raise CodesFileError(f"{path}: centers have shape {centers.shape}; expected ({latent_dim}, {num_bins})")
+    if index is not None and index.shape != (n,):
+        raise CodesFileError(f"{path}: index has shape {index.shape}; expected ({n},)")
     if posterior_std is not None:
         if posterior_std.shape != codes.shape:
             raise CodesFileError(f"{path}: posterior_std has shape {posterior_std.shape}; expected {codes.shape}")
@@ -206,4 +211,5 @@ def read_codes(path) -> dict:
                                  f"holds {values[np.argmax(bad)]}")
     return {"codes": codes, "labels": labels.astype(np.int64), "split": split, "num_bins": num_bins,
             "latent_dim": latent_dim, "centers": centers, "posterior_std": posterior_std, "path": str(path.resolve()),
+            "index": index, "data": data,
             **{key: kinematics.get(key) for key in KINEMATICS}}

@@ -2,8 +2,9 @@
 
 Reads the codes file written by ``jetfast encode`` (:mod:`jetfast.latent.codes`),
 conditions on the class and, when the codes carry them, on the jets' pT and mass, trains on
-its training split, selects the best epoch on the validation split and never
-touches the test split. AdamW (no decay on LayerNorm, biases, embeddings), linear warm-up
+its training split, selects the best epoch on the validation split (by the jets it generates
+for the validation jets, decoded by the VAE, :mod:`jetfast.train.fidelity`; or by the
+validation loss) and never touches the test split. AdamW (no decay on LayerNorm, biases, embeddings), linear warm-up
 then cosine decay per optimizer step, gradient clipping.
 
 The run directory (default ``RUN_DIR/gpt``) holds config.json, metrics.jsonl
@@ -50,6 +51,7 @@ class GPTTraining:
     kinematic: bool = True  # conditioned on pT and mass when the codes carry them
     p_uncond: float = 0.1
     posterior_draws: bool = True  # train on codes redrawn from each jet's posterior, when the codes carry its width
+    select: str = "fidelity"  # the best checkpoint: by the jets generated for the validation jets, or by "loss"
     epochs: int = 30
     max_steps: int | None = None
     batch_size: int = 256
@@ -95,6 +97,8 @@ class GPTStage(Stage):
             raise InvalidArgument(f"--max-steps must be >= 1; got {o.max_steps}")
         if not 0.0 <= o.p_uncond < 1.0:
             raise InvalidArgument(f"--p-uncond must be in [0, 1); got {o.p_uncond}")
+        if o.select not in ("fidelity", "loss"):
+            raise InvalidArgument(f"--select must be fidelity or loss; got {o.select!r}")
         if not 0.0 <= o.min_lr_ratio <= 1.0 or (o.warmup_steps is not None and o.warmup_steps < 0):
             raise InvalidArgument(f"need --min-lr-ratio in [0, 1] and --warmup-steps >= 0; "
                                   f"got {o.min_lr_ratio}, {o.warmup_steps}")
@@ -150,6 +154,7 @@ class GPTStage(Stage):
             kinematics = torch.from_numpy(np.stack([data["pt"], data["m0"]], axis=1).astype(np.float32))
             self.train_kinematics, self.val_kinematics = kinematics[train_rows], kinematics[val_rows]
         self.marginal = marginal_bits(seen_train, self.val_codes, self.model_config.vocab_size)
+        self.fidelity = self._sample_fidelity(val_rows.numpy())
         self.per_rank = self.n_train // world_size
         self.steps_per_epoch = math.ceil(self.per_rank / o.batch_size)
         self.total_steps = o.epochs * self.steps_per_epoch
@@ -164,6 +169,38 @@ class GPTStage(Stage):
         if self.model_config.kinematic:
             self.model.set_kinematics(self.train_kinematics[:, 0], self.train_kinematics[:, 1])
         return self.model
+
+    def _sample_fidelity(self, val_rows: np.ndarray):
+        """The measure of the generated jets that selects the best epoch (``select="fidelity"``), or
+        None where the codes cannot be traced to their VAE run and jets (then the validation loss)."""
+        o, data = self.options, self.data
+        if o.select != "fidelity":
+            return None
+        from jetfast.run import RunDir
+        from jetfast.train.fidelity import SampleFidelity
+
+        run = RunDir(o.run_dir)
+        missing = [what for what, ok in (("the VAE checkpoint", run.checkpoint("best").is_file()),
+                                         ("the bin centers", data["centers"] is not None),
+                                         ("the jet rows (index)", data["index"] is not None),
+                                         ("the jet file", data["data"] is not None and Path(data["data"]).is_file()))
+                   if not ok]
+        if missing:
+            print(f"jetfast train-gpt: note: the best epoch is chosen by the validation loss: the generated jets "
+                  f"cannot be compared with the validation jets without {', '.join(missing)} "
+                  f"(run {run.path}, codes {self.codes_path})", file=sys.stderr)
+            return None
+        kinematics = None
+        if self.model_config.kinematic:
+            kinematics = np.stack([data["pt"][val_rows], data["m0"][val_rows]], axis=1)
+        return SampleFidelity(run.path, data["data"], data["index"][val_rows], data["labels"][val_rows], kinematics,
+                              data["centers"], seed=o.seed)
+
+    def monitor(self, model: GPT, val: dict) -> float:
+        if self.fidelity is None:
+            return val["loss"]
+        self.last_fidelity = self.fidelity(model)
+        return self.last_fidelity
 
     def kinematics(self, which: str, rows, p_hide: float = 0.0):
         """The (pT, mass) of ``rows`` of the train or val jets, each hidden (NaN) with probability
@@ -203,6 +240,10 @@ class GPTStage(Stage):
             "world_size": world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "warmup_steps": self.warmup,
             "posterior_draws": self.draws,
+            "select": {"by": "fidelity" if self.fidelity is not None else "loss",
+                       "what": "the best checkpoint: the epoch whose jets, generated for the validation jets and "
+                               "decoded, are closest to them (val_fidelity: the mean over the observables of "
+                               "W1 / the real std), or the lowest validation loss"},
             "kinematics": self.kinematics_seen(),
             "marginal_bpd": {**self.marginal, "what": "bits per code of the per-dimension histograms of the training "
                              "codes: their entropy, and the cross-entropy of the validation codes under them "
@@ -269,6 +310,7 @@ class GPTStage(Stage):
             "val_bpd": val["loss"] / math.log(2),
             "val_bpd_uncond": val["loss_uncond"] / math.log(2),
             "marginal_val_bpd": self.marginal["val"],
+            **({"val_fidelity": self.last_fidelity} if self.fidelity is not None else {}),
         }
 
     def progress(self, terms: dict) -> dict:
@@ -284,7 +326,9 @@ class GPTStage(Stage):
     def describe_epoch(self, record: dict) -> str:
         return (f"train {record['train_loss']:.4f}  val {record['val_loss']:.4f} nats/code "
                 f"({record['val_bpd']:.3f} bits/dim, unconditional {record['val_bpd_uncond']:.3f}, marginals "
-                f"{record['marginal_val_bpd']:.3f})  lr {record['lr']:.2e}")
+                f"{record['marginal_val_bpd']:.3f})"
+                + (f"  generated jets {record['val_fidelity']:.4f}" if "val_fidelity" in record else "")
+                + f"  lr {record['lr']:.2e}")
 
 
 def marginal_bits(train_codes: torch.Tensor, val_codes: torch.Tensor, vocab: int) -> dict:

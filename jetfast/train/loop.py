@@ -114,6 +114,11 @@ class Stage:
         """Sums of the validation terms over this rank's validation items, and their number."""
         raise NotImplementedError
 
+    def monitor(self, model: torch.nn.Module, val: dict[str, float]) -> float:
+        """What the best checkpoint and early stopping follow (lower is better), after the epoch's
+        validation: the validation loss."""
+        return val["loss"]
+
     def record(self, train: dict[str, float], val: dict[str, float], step: int) -> dict:
         """The stage's part of the epoch's metrics line, from the mean terms of training and validation."""
         return {**{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
@@ -243,7 +248,7 @@ def fit(stage: Stage) -> RunDir:
             check_finite(val["loss"], step, epoch, what="validation loss")
             if on_plateau:
                 scheduler.step(val["loss"])
-            improved = stopper.step(val["loss"], epoch)
+            improved = stopper.step(stage.monitor(model, val), epoch)
             throughput, digits = stage.throughput
             record = {
                 "epoch": epoch,
