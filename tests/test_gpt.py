@@ -395,8 +395,8 @@ def test_draw_codes_are_the_nearest_bins_of_posterior_draws(seed):
 
 
 def test_train_gpt_learns_the_posterior_around_the_codes(tmp_path, seed):
-    """Every jet's code is the same bin; their posteriors are ~10 bins wide. Trained on draws, the
-    Transformer samples codes with that spread; on the posterior means (--no-posterior-draws), it
+    """Every jet's code is the same bin; their posteriors are ~10 bins wide. Trained on draws
+    (--posterior-draws), the Transformer samples codes with that spread; on the posterior means, it
     samples the one bin."""
     n, dims = 400, 4
     centers = np.tile(np.linspace(-1, 1, 256, dtype=np.float32), (dims, 1))
@@ -404,7 +404,7 @@ def test_train_gpt_learns_the_posterior_around_the_codes(tmp_path, seed):
     write_codes_file(tmp_path / "codes.h5", n=n, dims=dims, seed=seed, codes=np.full((n, dims), 128, np.uint8),
                      centers=centers, posterior_std=np.full((n, dims), width, np.float16))
     generated = {}
-    for name, extra in (("draws", []), ("means", ["--no-posterior-draws"])):
+    for name, extra in (("draws", ["--posterior-draws"]), ("means", [])):
         out = tmp_path / name
         assert run_train(tmp_path, "--out", out, "--epochs", "10", "--max-steps", "60", *TINY, *extra) == 0
         assert json.loads((out / "config.json").read_text())["posterior_draws"] == (name == "draws")
@@ -424,7 +424,8 @@ def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):
     # resumed run must draw alike.
     centers = np.tile(np.linspace(-3, 3, 256, dtype=np.float32), (8, 1))
     write_codes_file(tmp_path / "codes.h5", n=300, centers=centers, posterior_std=np.full((300, 8), 0.1, np.float16))
-    tiny = dict(d_model=32, n_heads=2, n_layers=2, batch_size=64, lr=3e-3, dropout=0.1, no_progress=True, num_threads=1)
+    tiny = dict(d_model=32, n_heads=2, n_layers=2, batch_size=64, lr=3e-3, dropout=0.1, no_progress=True, num_threads=1,
+                posterior_draws=True)
     straight = train_gpt(tmp_path, out=tmp_path / "straight", epochs=3, **tiny)
 
     with monkeypatch.context() as patch:
@@ -487,6 +488,10 @@ def test_train_gpt_without_a_vae_run_selects_by_the_loss(tmp_path, capsys):
     assert run_train(tmp_path, "--epochs", "1", *TINY) == 0
     assert "chosen by the validation loss" in capsys.readouterr().err
     assert json.loads((tmp_path / "gpt" / "config.json").read_text())["select"]["by"] == "loss"
+    # Draws need the posterior's widths, which this file lacks.
+    assert_refused(*run(["train-gpt", tmp_path, "--out", tmp_path / "draws", "--posterior-draws", "--epochs", "1",
+                         *TINY], capsys), "train-gpt", "no posterior widths", "jetfast encode")
+    assert not (tmp_path / "draws").exists()
 
 
 def test_train_gpt_refuses_to_mix_runs(tmp_path, capsys):

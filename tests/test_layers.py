@@ -21,9 +21,9 @@ LAYERS = [
     ("jetfast.sim",),
     ("jetfast.models",),
     ("jetfast.latent",),
-    ("jetfast.train",),
     ("jetfast.generation",),
     ("jetfast.evaluate",),
+    ("jetfast.train",),  # a trainer judges its epochs by the jets it generates (train/fidelity.py)
     ("jetfast.cli",),
 ]
 

@@ -36,9 +36,9 @@ def train_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--p-uncond", type=float, default=0.1,
                        help="probability of hiding the class (the unconditional token), and, independently, "
                             "the pT and the mass, from a training sequence")
-    model.add_argument("--no-posterior-draws", dest="posterior_draws", action="store_false",
-                       help="train on the codes of the jets' posterior means, not on codes drawn afresh at every "
-                            "step from each jet's VAE posterior (the default when the codes file carries its width)")
+    model.add_argument("--posterior-draws", action="store_true",
+                       help="train on codes drawn afresh at every step from each jet's VAE posterior (the codes "
+                            "file's posterior_std) instead of the codes of the posterior means: wider jets")
     model.add_argument("--select", choices=("fidelity", "loss"), default="fidelity",
                        help="the best checkpoint: the epoch whose jets, generated for the validation jets and decoded "
                             "by the VAE, are closest to them by the observables of `evaluate` (fidelity, the "

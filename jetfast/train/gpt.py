@@ -50,7 +50,7 @@ class GPTTraining:
     code_values: bool = True
     kinematic: bool = True  # conditioned on pT and mass when the codes carry them
     p_uncond: float = 0.1
-    posterior_draws: bool = True  # train on codes redrawn from each jet's posterior, when the codes carry its width
+    posterior_draws: bool = False  # train on codes redrawn from each jet's posterior (the codes carry its width)
     select: str = "fidelity"  # the best checkpoint: by the jets generated for the validation jets, or by "loss"
     epochs: int = 30
     max_steps: int | None = None
@@ -111,11 +111,7 @@ class GPTStage(Stage):
             kinematic=o.kinematic and self.data["pt"] is not None and self.data["m0"] is not None,
             value_shift=o.code_values and self.data["centers"] is not None,
         )
-        self.draws = o.posterior_draws and self.data["posterior_std"] is not None and self.data["centers"] is not None
-        if o.posterior_draws and not self.draws:
-            print(f"jetfast train-gpt: note: {self.codes_path} carries no posterior widths (posterior_std), so the "
-                  "Transformer learns the codes of the posterior means (encode the jets again to train on draws "
-                  "from the posterior)", file=sys.stderr)
+        self._check_draws()
         if o.kinematic and not self.model_config.kinematic:
             print(f"jetfast train-gpt: note: {self.codes_path} carries no pt and m0, so the Transformer is conditioned "
                   "on the class only (encode a jet file that has them to condition on pT and mass)", file=sys.stderr)
@@ -126,8 +122,15 @@ class GPTStage(Stage):
                   f"{config['codes']}", file=sys.stderr)
         self.model_config = GPTConfig.from_dict(state["config"])
 
+    def _check_draws(self) -> None:
+        if self.options.posterior_draws and (self.data["posterior_std"] is None or self.data["centers"] is None):
+            raise CodesFileError(f"{self.codes_path} carries no posterior widths (posterior_std) or bin centers, "
+                                 "which --posterior-draws draws from: encode the jets again with `jetfast encode`")
+
     def build(self, rank: int, world_size: int, device: torch.device) -> GPT:
         o, data = self.options, self.data
+        self._check_draws()  # (again: a resumed run takes its saved options after open)
+        self.draws = o.posterior_draws
         self.rank, self.world_size, self.device = rank, world_size, device
         codes = torch.from_numpy(data["codes"])
         labels = torch.from_numpy(data["labels"])
