@@ -78,7 +78,7 @@ class JetGenerator:
     unless ``gpt_dir`` says otherwise.
     """
 
-    def __init__(self, run_dir, gpt_dir=None, device=None):
+    def __init__(self, run_dir, gpt_dir=None, device=None, gpt=None):
         run = RunDir(run_dir)
         self.run_dir = run.path
         if not run.path.is_dir():
@@ -90,7 +90,8 @@ class JetGenerator:
         centers, _ = load_bins(run.bins_path)
         self.centers = torch.from_numpy(centers).to(self.device)
         gpt_dir = Path(gpt_dir) if gpt_dir is not None else run.gpt.path
-        self.gpt, self.gpt_config = load_gpt(gpt_dir, map_location=self.device)
+        # ``gpt``: a Transformer in memory (one being trained) in place of gpt_dir's.
+        self.gpt, self.gpt_config = load_gpt(gpt_dir, map_location=self.device) if gpt is None else (gpt, gpt.config)
         self.gpt.to(self.device)
         latent_dim = self.centers.shape[0]
         if self.gpt_config.seq_len != latent_dim or self.gpt_config.vocab_size != self.centers.shape[1]:

@@ -130,7 +130,6 @@ class GPTStage(Stage):
     def build(self, rank: int, world_size: int, device: torch.device) -> GPT:
         o, data = self.options, self.data
         self._check_draws()  # (again: a resumed run takes its saved options after open)
-        self.draws = o.posterior_draws
         self.rank, self.world_size, self.device = rank, world_size, device
         codes = torch.from_numpy(data["codes"])
         labels = torch.from_numpy(data["labels"])
@@ -146,7 +145,7 @@ class GPTStage(Stage):
         # The codes the marginals, the value table and the validation are measured on: with posterior
         # draws, one fixed draw of each jet (the training steps draw afresh).
         seen_train = self.train_codes
-        if self.draws:
+        if o.posterior_draws:
             self.centers = torch.from_numpy(data["centers"])
             std = torch.from_numpy(data["posterior_std"])
             self.train_std = std[train_rows]
@@ -184,7 +183,7 @@ class GPTStage(Stage):
 
         run = RunDir(o.run_dir)
         missing = [what for what, ok in (("the VAE checkpoint", run.checkpoint("best").is_file()),
-                                         ("the bin centers", data["centers"] is not None),
+                                         ("the bins (bins.npz)", run.bins_path.is_file()),
                                          ("the jet rows (index)", data["index"] is not None),
                                          ("the jet file", data["data"] is not None and Path(data["data"]).is_file()))
                    if not ok]
@@ -194,10 +193,10 @@ class GPTStage(Stage):
                   f"(run {run.path}, codes {self.codes_path})", file=sys.stderr)
             return None
         kinematics = None
-        if self.model_config.kinematic:
+        if data["pt"] is not None and data["m0"] is not None:
             kinematics = np.stack([data["pt"][val_rows], data["m0"][val_rows]], axis=1)
         return SampleFidelity(run.path, data["data"], data["index"][val_rows], data["labels"][val_rows], kinematics,
-                              data["centers"], seed=o.seed)
+                              seed=o.seed)
 
     def monitor(self, model: GPT, val: dict) -> float:
         if self.fidelity is None:
@@ -242,7 +241,7 @@ class GPTStage(Stage):
             "model": vars(config) | {"parameters": self.model.num_parameters()},
             "world_size": world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "warmup_steps": self.warmup,
-            "posterior_draws": self.draws,
+            "posterior_draws": o.posterior_draws,
             "select": {"by": "fidelity" if self.fidelity is not None else "loss",
                        "what": "the best checkpoint: the epoch whose jets, generated for the validation jets and "
                                "decoded, are closest to them (val_fidelity: the mean over the observables of "
@@ -251,7 +250,7 @@ class GPTStage(Stage):
             "marginal_bpd": {**self.marginal, "what": "bits per code of the per-dimension histograms of the training "
                              "codes: their entropy, and the cross-entropy of the validation codes under them "
                              "(add-one smoothing); a model that learned only the marginals has val_bpd near the latter"
-                             + ("; with posterior_draws, both are one fixed draw from each jet's posterior" if self.draws
+                             + ("; with posterior_draws, both are one fixed draw from each jet's posterior" if o.posterior_draws
                                 else "")},
             "args": asdict(o),
         })
@@ -280,7 +279,7 @@ class GPTStage(Stage):
 
     def step(self, net, rows, step: int):
         codes = self.train_codes[rows]
-        if self.draws:
+        if self.options.posterior_draws:
             codes = draw_codes(codes, self.train_std[rows], self.centers, self._generator(step, self.rank))
         inputs, targets = sequences(self.model_config, self.model.to_sequence(codes.to(self.device)),
                                     self.train_labels[rows].to(self.device), self.options.p_uncond)
