@@ -174,6 +174,29 @@ def test_distance_table_floor(rng):
     assert bad["a"]["w_norm"] == pytest.approx(bad["a"]["w"] / real["a"].std())
 
 
+def test_distance_table_averages_splits(rng):
+    """The floor and W(half, gen) are means over random splits: for a perfect generator the
+    ratio sits near 1 and moves with the split far less than one split's ratio does."""
+    real = {"x": rng.gamma(2.0, size=1200)}
+    gen = {"x": rng.gamma(2.0, size=4000)}
+    # The same jets split 40 ways: what is left of the spread is the splits'.
+    one = [metrics.distance_table(real, gen, bootstrap=0, seed=s, splits=1)["x"]["ratio"] for s in range(40)]
+    many = [metrics.distance_table(real, gen, bootstrap=0, seed=s)["x"] for s in range(40)]
+    assert all(entry["splits"] == metrics.FLOOR_SPLITS for entry in many)
+    assert np.std([entry["ratio"] for entry in many]) < 0.35 * np.std(one)
+    # Fresh jets each time: the ratio of a perfect generator is 1 on average.
+    fresh = [metrics.distance_table({"x": rng.gamma(2.0, size=1200)}, {"x": rng.gamma(2.0, size=4000)},
+                                    bootstrap=0, seed=s)["x"]["ratio"] for s in range(40)]
+    assert abs(np.mean(fresh) - 1) < 0.1
+    # The means over splits are means of W of the same sizes as one split's.
+    entry = many[0]
+    assert entry["ratio"] == pytest.approx(entry["w_half"] / entry["floor"])
+    assert 0.5 < entry["floor"] / np.mean([metrics.distance_table(real, gen, bootstrap=0, seed=s, splits=1)["x"]["floor"]
+                                            for s in range(40)]) < 1.5
+    with pytest.raises(ValueError, match="splits"):
+        metrics.distance_table(real, gen, splits=0)
+
+
 def test_classifier_two_sample_test(rng):
     real = rng.normal(size=(800, 4)).astype(np.float32)
     same = rng.normal(size=(900, 4)).astype(np.float32)

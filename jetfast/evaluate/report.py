@@ -385,7 +385,8 @@ def _report_sections(m: dict, images: dict) -> list[dict]:
         "it by the real standard deviation to compare observables. The noise floor is W between two disjoint "
         "random halves of the real jets; W(half, gen) compares one of these halves with as many generated jets "
         "as the other half holds, so ratio = W(half, gen) / floor is fair: about 1 for a perfect generator, "
-        "larger is worse. Expect ratio fluctuations of order ±50% for a single observable."
+        "larger is worse. Both are means over random splits (one split's W wanders by 20-50%); their errors "
+        "are those of one split, larger than those of the means."
     )
     summary = m["summary"]
     headline = (
