@@ -551,3 +551,25 @@ def test_cli_refuses_damaged_files_in_one_line(synthetic, tmp_path, capsys, case
     if case == "chunk that decodes to garbage" and "jet(s)" in line:  # the contract check names jets of chunk 1
         assert re.search(r"jet\(s\) (3[2-9]|[4-5]\d|6[0-3])\b", line), line
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("step, offset", [(25, 0), (25, 10), (3, 1), (1, 0)])
+def test_histogram_bins_of_counts_follow_their_lattice(rng, step, offset):
+    """Counts on a lattice (HCAL pixels come 25 at a time) get bins of whole lattice steps,
+    centred on it: no bin between the first and the last is empty by construction, and every
+    bin holds as many possible values as the others."""
+    from jetfast.evaluate.plots import _bins
+
+    real = offset + step * rng.poisson(15, size=700)
+    gen = offset + step * rng.poisson(16, size=500)
+    edges = _bins(real, gen)
+    widths = np.diff(edges)
+    assert np.allclose(widths, widths[0]) and widths[0] % step == 0
+    lattice = np.arange(real.min(), max(real.max(), gen.max()) + 1, step)
+    held = np.histogram(lattice, edges)[0]
+    inside = (edges[:-1] >= lattice.min() - step) & (edges[1:] <= lattice.max() + step)
+    assert held[inside].min() == held[inside].max() == widths[0] // step
+    assert not np.isin(edges, lattice).any()  # no possible value sits on an edge
+    # Continuous values keep equal-width bins over the central 99.8%.
+    smooth = _bins(rng.normal(size=500) * 7.3)
+    assert len(smooth) == 41

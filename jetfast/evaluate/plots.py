@@ -60,13 +60,21 @@ def _style():
 
 
 def _bins(*samples, n_bins: int = 40) -> np.ndarray:
-    """Common bins over the central 99.8% of the pooled samples (tails land in the edge bins)."""
+    """Common bins over the central 99.8% of the pooled samples (tails land in the edge bins).
+
+    Counts get bins of whole steps of their lattice (HCAL pixels come 25 at a time, one tower),
+    centred on it: equal-width bins would hold one possible value or none, a comb of empty bins."""
     pooled = np.concatenate([np.asarray(s, np.float64) for s in samples if len(s)])
     lo, hi = np.quantile(pooled, [0.001, 0.999])
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    if np.allclose(pooled, np.round(pooled)) and hi - lo < 3 * n_bins:  # counts: one bin per integer
-        return np.arange(math.floor(lo), math.ceil(hi) + 2) - 0.5
+    if np.allclose(pooled, np.round(pooled)) and np.abs(pooled).max() < 2**52:
+        values = np.unique(np.round(pooled).astype(np.int64))
+        step = int(np.gcd.reduce(np.diff(values))) if len(values) > 1 else 1
+        if step > 1 or hi - lo < 3 * n_bins:
+            width = step * max(1, math.ceil((hi - lo) / (n_bins * step))) if hi - lo >= 3 * n_bins else step
+            first = values[0] + step * math.floor((lo - values[0]) / step)  # the lattice value at or below lo
+            return np.arange(first - step / 2, hi + width, width)
     return np.linspace(lo, hi, n_bins + 1)
 
 
