@@ -72,9 +72,10 @@ def _bins(*samples, n_bins: int = 40) -> np.ndarray:
         values = np.unique(np.round(pooled).astype(np.int64))
         step = int(np.gcd.reduce(np.diff(values))) if len(values) > 1 else 1
         if step > 1 or hi - lo < 3 * n_bins:
-            width = step * max(1, math.ceil((hi - lo) / (n_bins * step))) if hi - lo >= 3 * n_bins else step
+            # one bin per possible value over short ranges, else about n_bins bins of whole steps
+            per_bin = 1 if hi - lo < 3 * n_bins else math.ceil((hi - lo) / (n_bins * step))
             first = values[0] + step * math.floor((lo - values[0]) / step)  # the lattice value at or below lo
-            return np.arange(first - step / 2, hi + width, width)
+            return np.arange(first - step / 2, hi + per_bin * step, per_bin * step)
     return np.linspace(lo, hi, n_bins + 1)
 
 
