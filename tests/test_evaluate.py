@@ -183,7 +183,8 @@ def test_distance_table_averages_splits(rng):
     one = [metrics.distance_table(real, gen, bootstrap=0, seed=s, splits=1)["x"]["ratio"] for s in range(40)]
     many = [metrics.distance_table(real, gen, bootstrap=0, seed=s)["x"] for s in range(40)]
     assert all(entry["splits"] == metrics.FLOOR_SPLITS for entry in many)
-    assert np.std([entry["ratio"] for entry in many]) < 0.35 * np.std(one)
+    # (0.16-0.33 of it over 25 seeds; 1 without the averaging)
+    assert np.std([entry["ratio"] for entry in many]) < 0.5 * np.std(one)
     # Fresh jets each time: the ratio of a perfect generator is 1 on average.
     fresh = [metrics.distance_table({"x": rng.gamma(2.0, size=1200)}, {"x": rng.gamma(2.0, size=4000)},
                                     bootstrap=0, seed=s)["x"]["ratio"] for s in range(40)]
