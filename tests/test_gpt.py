@@ -369,7 +369,10 @@ def test_draw_codes_are_the_nearest_bins_of_posterior_draws(seed):
 
     rng = np.random.default_rng(seed)
     n, dims, bins = 3001, 5, 37  # odd sizes
-    centers = np.sort(rng.normal(0, 1.5, (dims, bins)), axis=1).astype(np.float32)
+    # Random spacings of at least 0.01: two centers a rounding apart would make every draw near
+    # them ambiguous (sorted normals once came 2e-6 apart).
+    spacings = rng.uniform(0.01, 0.2, (dims, bins))
+    centers = (np.cumsum(spacings, axis=1) - spacings.sum(axis=1, keepdims=True) / 2).astype(np.float32)
     codes = torch.from_numpy(rng.integers(0, bins, (n, dims)).astype(np.uint8))
     std = torch.from_numpy(rng.uniform(0, 0.5, (n, dims)).astype(np.float32))
     std[:7] = 0  # a zero width keeps the code
