@@ -30,6 +30,7 @@ from jetfast.errors import CodesFileError, InvalidArgument
 from jetfast.latent.codes import TEST, TRAIN, VAL, draw_codes, read_codes
 from jetfast.models.gpt import GPT, GPTConfig
 from jetfast.run import GPT_README, RunDir
+from jetfast.train.fidelity import SampleFidelity
 from jetfast.train.loop import Stage, fit, warmup_cosine
 
 @dataclass
@@ -178,9 +179,6 @@ class GPTStage(Stage):
         o, data = self.options, self.data
         if o.select != "fidelity":
             return None
-        from jetfast.run import RunDir
-        from jetfast.train.fidelity import SampleFidelity
-
         run = RunDir(o.run_dir)
         missing = [what for what, ok in (("the VAE checkpoint", run.checkpoint("best").is_file()),
                                          ("the bins (bins.npz)", run.bins_path.is_file()),
