@@ -1,6 +1,7 @@
 """The fused CPU decode step (jetfast._C.DecodeBlocks) against the PyTorch blocks it replaces:
-fresh random models of odd sizes, every position, batches 1..15, and inputs large enough to
-exercise the layer norms and the GELU's tails; bad arrays are Python errors."""
+fresh random models of odd sizes, every position, batches 1..15 (matrix-vector rows) and from 16
+on (MKL's packed GEMMs), and inputs large enough to exercise the layer norms and the GELU's tails;
+bad arrays are Python errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from jetfast._ext import require_native
-from jetfast.models.gpt import FUSED_MAX_ROWS, GPT, GPTConfig
+from jetfast.kernels.linear import mkl_packed_sgemm
+from jetfast.models.gpt import MATVEC_MAX_ROWS, GPT, GPTConfig
+
+needs_mkl = pytest.mark.skipif(not mkl_packed_sgemm(), reason="packed GEMMs need a PyTorch built with MKL")
 
 
 def _model(rng, d_model, heads, layers, seq_len=9, scale=1.0):
@@ -34,7 +38,11 @@ def _copy_caches(model):
     return [(b.attn.kv_cache.k_cache.clone(), b.attn.kv_cache.v_cache.clone()) for b in model.blocks]
 
 
-@pytest.mark.parametrize("d_model, heads, layers, batch", [(24, 3, 1, 1), (40, 5, 2, 3), (64, 4, 3, 7), (33, 3, 2, 15)])
+@pytest.mark.parametrize("d_model, heads, layers, batch", [
+    (24, 3, 1, 1), (40, 5, 2, 3), (64, 4, 3, 7), (33, 3, 2, 15),
+    pytest.param(33, 3, 2, 16, marks=needs_mkl), pytest.param(40, 5, 2, 37, marks=needs_mkl),
+    pytest.param(64, 8, 2, 100, marks=needs_mkl),
+])
 @torch.inference_mode()
 def test_fused_blocks_match_the_pytorch_blocks(d_model, heads, layers, batch, rng):
     model = _model(rng, d_model, heads, layers, scale=3.0)  # large weights: activations far into the GELU's tails
@@ -112,12 +120,14 @@ def _fused_bf16_steps(model, d_model, heads, batch, rng):
 
 
 @torch.inference_mode()
-def test_decode_step_takes_the_fused_call_below_its_batch_limit(rng):
+def test_decode_step_takes_the_fused_call_where_it_serves(rng):
     model = _model(rng, 32, 4, 2)
-    model.setup_caches(FUSED_MAX_ROWS - 1)
-    assert model.fused_blocks(torch.zeros(FUSED_MAX_ROWS - 1, 32)) is not None
-    model.setup_caches(FUSED_MAX_ROWS)
-    assert model.fused_blocks(torch.zeros(FUSED_MAX_ROWS, 32)) is None
+    model.setup_caches(MATVEC_MAX_ROWS - 1)
+    assert model.fused_blocks(torch.zeros(MATVEC_MAX_ROWS - 1, 32)) is not None
+    model.setup_caches(MATVEC_MAX_ROWS)  # packed GEMMs: where PyTorch carries MKL
+    assert (model.fused_blocks(torch.zeros(MATVEC_MAX_ROWS, 32)) is not None) == mkl_packed_sgemm()
+    model.setup_caches(MATVEC_MAX_ROWS, dtype=torch.bfloat16)  # bf16 above the matrix-vector rows: PyTorch's
+    assert model.fused_blocks(torch.zeros(MATVEC_MAX_ROWS, 32)) is None
     model.setup_caches(3, dtype=torch.bfloat16)  # bf16 weights and caches: where the CPU has AVX2
     assert (model.fused_blocks(torch.zeros(3, 32)) is not None) == require_native().decode_blocks_bf16
     with torch.enable_grad():
@@ -134,16 +144,43 @@ def test_decode_step_takes_the_fused_call_below_its_batch_limit(rng):
     assert model.fused_blocks(torch.zeros(2, 32)) is not first
 
 
+@needs_mkl
+def test_packed_blocks_are_made_again_when_a_parameter_changes_in_place(rng):
+    """Packed weights are copies: an optimizer step (an in-place change, same storage) must not
+    leave a decode computing from the old ones."""
+    model = _model(rng, 32, 4, 2)
+    batch = MATVEC_MAX_ROWS + 3
+    with torch.inference_mode():
+        model.setup_caches(batch)
+        first = model.fused_blocks(torch.zeros(batch, 32))
+        assert first is not None and model.fused_blocks(torch.zeros(batch, 32)) is first
+    with torch.no_grad():
+        model.blocks[1].mlp.fc.weight.mul_(1.5)
+    with torch.inference_mode():
+        fused = model.fused_blocks(torch.zeros(batch, 32))
+        assert fused is not first
+        x = torch.from_numpy(rng.normal(0, 2, (batch, 32)).astype(np.float32))
+        before = _copy_caches(model)
+        want = _blocks_in_pytorch(model, x.clone(), 0)
+        for block, (k, v) in zip(model.blocks, before):
+            block.attn.kv_cache.k_cache.copy_(k)
+            block.attn.kv_cache.v_cache.copy_(v)
+        got = x.clone()
+        fused.step(got.numpy(), 0, torch.get_num_threads())
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("batch", [2, pytest.param(MATVEC_MAX_ROWS + 5, marks=needs_mkl)])
 @torch.inference_mode()
-def test_fused_decode_matches_the_full_forward(rng):
+def test_fused_decode_matches_the_full_forward(rng, batch):
     """Codes fed one at a time through the fused step give the logits of one full forward pass."""
     model = _model(rng, 48, 4, 2, seq_len=12)
-    codes = torch.from_numpy(rng.integers(0, 11, (2, 11)))
-    idx = torch.cat([model.class_tokens(torch.tensor([0, 1]))[:, None], codes], dim=1)
+    codes = torch.from_numpy(rng.integers(0, 11, (batch, 11)))
+    idx = torch.cat([model.class_tokens(torch.from_numpy(rng.integers(0, 2, batch)))[:, None], codes], dim=1)
     want = model(idx)
-    model.setup_caches(2)
+    model.setup_caches(batch)
     got = [model.decode_step(idx[:, 0], 0)] + [model.decode_step(idx[:, t], t) for t in range(1, 12)]
-    assert model.fused_blocks(torch.zeros(2, 48)) is not None
+    assert model._sequence_blocks is not None and model.fused_blocks(torch.zeros(batch, 48)) is model._sequence_blocks
     torch.testing.assert_close(torch.stack(got, dim=1), want, rtol=1e-4, atol=1e-4)
 
 
@@ -178,6 +215,8 @@ def test_bad_arrays_are_python_errors(rng):
             _C.DecodeBlocks([arrays[:2] + [arrays[2].T.copy().T] + arrays[3:] + caches], [(1e-5, 1e-5)], 2)
         with pytest.raises(ValueError, match="eps"):
             _C.DecodeBlocks([arrays + caches], [], 2)
+        with pytest.raises(ValueError, match="float32 only"):
+            _C.DecodeBlocks([arrays + caches], [(1e-5, 1e-5)], 2, bf16=True, packed=True)
         if _C.decode_blocks_bf16:  # bf16 wants the bits of the weights and caches, not floats
             with pytest.raises(TypeError, match="qkv.weight must be bfloat16 bits"):
                 _C.DecodeBlocks([arrays + caches], [(1e-5, 1e-5)], 2, bf16=True)

@@ -116,11 +116,12 @@ def test_kv_cached_greedy_equals_full_reforward(tie_weights, code_values, seed):
 
 @pytest.mark.parametrize("tie_weights", [False, True])
 def test_a_large_batch_decodes_from_packed_weights_that_follow_the_parameters(tie_weights, seed):
-    """Above the fused step's rows the fp32 GEMMs read MKL packings of the weights, made at the
-    prefill for the batch: the logits are the full pass's at every step, and a parameter changed
-    between two samplings (an optimizer step) is packed again, not read stale."""
+    """Above the matrix-vector rows the fp32 GEMMs read MKL packings of the weights, made at the
+    prefill for the batch (the blocks' by the compiled step, the output head's here): the logits are
+    the full pass's at every step, and a parameter changed between two samplings (an optimizer step)
+    is packed again, not read stale."""
     model = tiny_model(seed=seed, tie_weights=tie_weights)
-    batch = 23  # above FUSED_MAX_ROWS, and no multiple of a SIMD width
+    batch = 23  # above MATVEC_MAX_ROWS, and no multiple of a SIMD width
     labels = torch.randint(-1, 2, (batch,), generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
@@ -133,19 +134,25 @@ def test_a_large_batch_decodes_from_packed_weights_that_follow_the_parameters(ti
             full = model(seq[:, :steps])
         for pos, step in enumerate(cached):
             torch.testing.assert_close(step, full[:, pos], rtol=1e-4, atol=1e-4)
-        return model._sequence_packed
+        return model._sequence_packed, model._sequence_blocks
 
-    packed = cached_and_full()
+    packed, blocks = cached_and_full()
     if packed is None:
         pytest.skip("this torch has no MKL weight packing")
-    assert len(packed[0]) == len(model.blocks) and all(p is not None and p.rows == batch for w in packed[0] for p in w)
-    assert cached_and_full() is packed  # the same batch and parameters: packed once
+    assert packed[1].rows == batch
+    if blocks is None:  # the PyTorch blocks, reading the packings made here
+        assert len(packed[0]) == len(model.blocks) and all(p is not None and p.rows == batch for w in packed[0] for p in w)
+    else:  # the compiled blocks, which pack their own
+        assert packed[0] is None
+    same = cached_and_full()  # the same batch and parameters: packed once
+    assert same[0] is packed and same[1] is blocks
     model.train()
     loss = model(torch.randint(0, 37, (4, 19))).square().mean()
     loss.backward()
     optimizer.step()
     model.eval()
-    assert cached_and_full() is not packed
+    again = cached_and_full()
+    assert again[0] is not packed and (blocks is None or again[1] is not blocks)
 
 
 def test_code_values_set_the_reading_order_and_enter_after_their_slot():

@@ -24,6 +24,15 @@
 // Floor at batch 1: every weight is read once per step, 12.6 MB for the default
 // model; from DRAM (~20 GB/s) 0.63 ms, from L3 (where 12.6 MB may stay between steps)
 // less. In bf16 6.3 MB, which an 8 MB L3 holds.
+//
+// From ~16 sequences on the products are GEMMs, not matrix-vector rows: with `packed`
+// (float32 only) the four weights of each block are MKL's packings for the batch
+// (packed_sgemm.h), the GEMMs are MKL's, and what lies between them (layer norms with
+// the next bias broadcast, the GELU, the cache append inside the attention) is one pass
+// each over the rows, split over the threads. The step then costs the GEMMs, the
+// attention and ~8 short passes per block: the ~70 framework calls per step from
+// Python that it replaces cost ~1 ms, which a batch of 100 pays per 100 jets and a
+// batch of 512 per 512.
 #include <cstdint>
 #include <vector>
 
@@ -41,11 +50,14 @@ struct DecodeBlock {
   const float* out_bias;  // biases may be null
   void *k_cache, *v_cache;  // (S_max, B, H, Dh)
   float ln1_eps, ln2_eps;
+  // With DecodeShape::packed: the four weights packed for the batch (pack_weight).
+  const float *qkv_packed = nullptr, *proj_packed = nullptr, *fc_packed = nullptr, *out_packed = nullptr;
 };
 
 struct DecodeShape {
   int64_t batch, width, heads, head_dim, hidden, max_len;
-  bool bf16;  // weights and caches in bfloat16
+  bool bf16;    // weights and caches in bfloat16
+  bool packed;  // float32 GEMMs through MKL's packed weights (DecodeBlock::*_packed)
 };
 
 // Floats of scratch decode_blocks_cpu needs.
@@ -61,6 +73,13 @@ void decode_blocks_cpu(const DecodeShape& shape, const std::vector<DecodeBlock>&
 void linear_rows_scalar(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
                         int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate);
 #if defined(JETFAST_HAVE_AVX2_KERNELS)
+// Rows [row_begin, row_end) of x (., width): out = LayerNorm(x) (PyTorch's: biased variance, eps
+// inside the square root), float32 sums, eight lanes.
+void layer_norm_rows_avx2(const float* x, const float* weight, const float* bias, float eps, float* out,
+                          int64_t row_begin, int64_t row_end, int64_t width);
+// y = GELU(y) on n floats: 0.5 y (1 + erf(y / sqrt 2)) with erf as PyTorch's vectorised CPU kernel
+// computes it (Abramowitz and Stegun 7.1.26, |error| < 1.5e-7).
+void gelu_avx2(float* y, int64_t n);
 void linear_rows_avx2_bf16(const uint16_t* w, const float* bias, const float* x, float* y, int64_t batch,
                            int64_t in, int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate);
 void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,

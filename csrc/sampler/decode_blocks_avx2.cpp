@@ -3,6 +3,7 @@
 // float32 or bfloat16 (uint16, widened as they are loaded); sums are float32.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -79,7 +80,65 @@ void rows(const W* w, const float* bias, const float* x, float* y, int64_t batch
   }
 }
 
+// erf(z) as PyTorch's Vectorized<float>::erf: sign(z) (1 - t (p1 + p2 t + ... + p5 t^4) exp(-z^2)),
+// t = 1 / (1 + p |z|).
+inline __m256 erf8(__m256 z) {
+  const __m256 sign = _mm256_and_ps(z, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_xor_ps(z, sign);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+  __m256 r = _mm256_set1_ps(1.061405429f);
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+  const __m256 e = exp_nonpositive(_mm256_xor_ps(_mm256_mul_ps(a, a), _mm256_set1_ps(-0.0f)));
+  return _mm256_xor_ps(_mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, one), sign);
+}
+
 }  // namespace
+
+void layer_norm_rows_avx2(const float* x, const float* weight, const float* bias, float eps, float* out,
+                          int64_t row_begin, int64_t row_end, int64_t width) {
+  const int64_t vector_end = width / 8 * 8;
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    const float* row = x + b * width;
+    float* y = out + b * width;
+    // Two passes (mean, then squared deviations): as exact as float32 sums allow, no cancellation.
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < vector_end; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(row + i));
+    float sum = horizontal_sum(s);
+    for (int64_t i = vector_end; i < width; ++i) sum += row[i];
+    const float mean = sum / static_cast<float>(width);
+    const __m256 m = _mm256_set1_ps(mean);
+    __m256 q = _mm256_setzero_ps();
+    for (int64_t i = 0; i < vector_end; i += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + i), m);
+      q = _mm256_fmadd_ps(d, d, q);
+    }
+    float square = horizontal_sum(q);
+    for (int64_t i = vector_end; i < width; ++i) square += (row[i] - mean) * (row[i] - mean);
+    const float inverse = 1.0f / std::sqrt(square / static_cast<float>(width) + eps);
+    const __m256 v = _mm256_set1_ps(inverse);
+    for (int64_t i = 0; i < vector_end; i += 8) {
+      const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + i), m), v);
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(n, _mm256_loadu_ps(weight + i), _mm256_loadu_ps(bias + i)));
+    }
+    for (int64_t i = vector_end; i < width; ++i) y[i] = (row[i] - mean) * inverse * weight[i] + bias[i];
+  }
+}
+
+void gelu_avx2(float* y, int64_t n) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 root_half = _mm256_set1_ps(static_cast<float>(M_SQRT1_2));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    const __m256 e = erf8(_mm256_mul_ps(v, root_half));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e)));
+  }
+  for (; i < n; ++i) y[i] = 0.5f * y[i] * (1.0f + std::erf(y[i] * static_cast<float>(M_SQRT1_2)));
+}
 
 void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
                       int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate) {

@@ -7,6 +7,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -14,6 +17,7 @@
 #include "common/array_checks.h"
 #include "common/cpu_features.h"
 #include "sampler/decode_blocks.h"
+#include "sampler/packed_sgemm.h"
 
 namespace py = pybind11;
 
@@ -30,16 +34,19 @@ bool is_low_precision(int j) { return j == 2 || j == 4 || j == 8 || j == 10 || j
 class DecodeBlocks {
  public:
   DecodeBlocks(const std::vector<std::vector<py::array>>& blocks, const std::vector<std::pair<float, float>>& eps,
-               int64_t heads, bool bf16)
+               int64_t heads, bool bf16, bool packed)
       : arrays_(blocks) {
     require(!bf16 || cpu_has_avx2_fma(), "bfloat16 weights need a CPU with AVX2 and FMA (and a build with their kernels)");
+    require(!(packed && bf16), "packed GEMMs are float32 only");
+    require(!packed || packed_sgemm_available(),
+            "packed GEMMs need MKL's functions: call load_packed_sgemm(path of PyTorch's CPU library) first");
     require(!blocks.empty(), "DecodeBlocks needs at least one block");
     require(eps.size() == blocks.size(), "one (ln_1 eps, ln_2 eps) pair per block");
     for (const auto& a : blocks)
       require(a.size() == 14, "each block is 14 arrays: ln_1, qkv, proj, ln_2, fc, out (weight, bias) and the caches");
     const py::array& k = blocks[0][12];
     require(k.ndim() == 4, "k_cache must be the cache storage (S_max, B, H, Dh); got " + shape_of(k));
-    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0), bf16};
+    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0), bf16, packed};
     require(!bf16 || avx2_head_dim_supported(shape_.head_dim),
             std::string("bfloat16 caches need a head size of ") + kAvx2HeadDims + "; got " +
                 std::to_string(shape_.head_dim));
@@ -75,8 +82,27 @@ class DecodeBlocks {
       auto w = [&](int j) { return const_cast<void*>(a[j].data()); };
       blocks_.push_back({p(0), p(1), a[2].data(), p(3), a[4].data(), p(5), p(6), p(7), a[8].data(), p(9), a[10].data(),
                          p(11), w(12), w(13), eps[i].first, eps[i].second});
+      if (packed) {
+        // Copies in MKL's layout for this batch: a parameter changed afterwards needs new DecodeBlocks.
+        const int64_t rows = shape_.batch, F = shape_.hidden;
+        DecodeBlock& block = blocks_.back();
+        block.qkv_packed = pack(p(2), rows, 3 * C, C);
+        block.proj_packed = pack(p(4), rows, C, C);
+        block.fc_packed = pack(p(8), rows, F, C);
+        block.out_packed = pack(p(10), rows, C, F);
+      }
     }
     scratch_.resize(decode_blocks_scratch(shape_));
+  }
+
+  const float* pack(const float* w, int64_t rows, int64_t out, int64_t in) {
+    // 64-byte aligned, as PyTorch's own packings are: MKL's kernels read them in cache lines.
+    const size_t bytes = (static_cast<size_t>(packed_weight_floats(rows, out, in)) * sizeof(float) + 63) / 64 * 64;
+    float* buffer = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (buffer == nullptr) throw std::bad_alloc();
+    packed_.emplace_back(buffer, &std::free);
+    pack_weight(w, rows, out, in, buffer);
+    return buffer;
   }
 
   void step(py::array& x, int64_t pos, int num_threads) {
@@ -97,21 +123,28 @@ class DecodeBlocks {
   std::vector<DecodeBlock> blocks_;
   DecodeShape shape_{};
   std::vector<float> scratch_;
+  std::vector<std::unique_ptr<float, decltype(&std::free)>> packed_;  // the packed weights, with `packed`
 };
 
 }  // namespace
 
 void bind_decode_blocks(py::module_& m) {
   m.attr("decode_blocks_bf16") = py::bool_(cpu_has_avx2_fma());  // DecodeBlocks takes bf16=True here
+  m.def("load_packed_sgemm", &load_packed_sgemm, py::arg("path"),
+        "Resolve MKL's packed SGEMM (cblas_sgemm_pack, cblas_sgemm_compute) from the already-loaded\n"
+        "shared library at path (PyTorch's CPU library); True if found. Needed by DecodeBlocks(packed=True).");
+  m.def("packed_sgemm_available", &packed_sgemm_available, "Whether load_packed_sgemm has succeeded.");
   py::class_<DecodeBlocks>(m, "DecodeBlocks",
                            "The Transformer blocks of a cached decode step, fused (CPU).\n"
-                           "DecodeBlocks(blocks, eps, heads, bf16=False): per block 14 arrays (ln_1 weight, bias; qkv\n"
+                           "DecodeBlocks(blocks, eps, heads, bf16=False, packed=False): per block 14 arrays (ln_1 weight, bias; qkv\n"
                            "weight, bias; proj weight, bias; ln_2 weight, bias; fc weight, bias; out weight, bias; k\n"
                            "and v cache storage (S_max, B, H, Dh)), one (ln_1 eps, ln_2 eps) pair per block. float32,\n"
-                           "or with bf16 the four weights and the caches bfloat16, given as int16 bits.")
+                           "or with bf16 the four weights and the caches bfloat16, given as int16 bits. With packed\n"
+                           "(float32, for batches of GEMM size), the four weights are copied into MKL's packed layout\n"
+                           "for the caches' batch and multiplied by MKL (load_packed_sgemm first).")
       .def(py::init<const std::vector<std::vector<py::array>>&, const std::vector<std::pair<float, float>>&, int64_t,
-                    bool>(),
-           py::arg("blocks"), py::arg("eps"), py::arg("heads"), py::arg("bf16") = false)
+                    bool, bool>(),
+           py::arg("blocks"), py::arg("eps"), py::arg("heads"), py::arg("bf16") = false, py::arg("packed") = false)
       .def("step", &DecodeBlocks::step, py::arg("x"), py::arg("pos"), py::arg("num_threads"),
            "Run every block on x (B, C) in place for the token at position pos (writing its keys and values).");
 }

@@ -7,6 +7,7 @@
 #include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "sampler/decode_blocks.h"
+#include "sampler/packed_sgemm.h"
 
 namespace jetfast {
 namespace {
@@ -78,6 +79,73 @@ void layer_norm(const float* x, const float* weight, const float* bias, float ep
   }
 }
 
+// Rows per thread at least in the passes between the packed GEMMs: each row is a few hundred
+// floats, and a fork and join costs about as much as ~16 of them.
+constexpr int64_t kMinRowsPerThread = 16;
+
+// Rows [begin, end): out = LayerNorm(x), then each row of `broadcast` (ld floats) = `bias`
+// (the next GEMM adds its product to it) and, with `residual_bias`, x += residual_bias (the
+// bias of the GEMM that will accumulate into x after the norm has read it).
+void norm_rows(const float* weight, const float* bias, float eps, float* x, float* out, int64_t begin, int64_t end,
+               int64_t width, const float* next_bias, float* broadcast, int64_t ld, const float* residual_bias) {
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+  if (cpu_has_avx2_fma())
+    layer_norm_rows_avx2(x, weight, bias, eps, out, begin, end, width);
+  else
+#endif
+    layer_norm(x + begin * width, weight, bias, eps, out + begin * width, end - begin, width);
+  for (int64_t b = begin; b < end; ++b) {
+    if (next_bias)
+      std::copy_n(next_bias, ld, broadcast + b * ld);
+    else
+      std::fill_n(broadcast + b * ld, ld, 0.0f);
+    if (residual_bias)
+      for (int64_t i = 0; i < width; ++i) x[b * width + i] += residual_bias[i];
+  }
+}
+
+void gelu_rows(float* y, int64_t count) {
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+  if (cpu_has_avx2_fma()) return gelu_avx2(y, count);
+#endif
+  for (int64_t i = 0; i < count; ++i) y[i] = gelu(y[i]);
+}
+
+// One block for a batch of GEMM size: four packed MKL GEMMs with a pass over the rows before
+// each of the two that start a branch (layer norm, bias broadcast, residual bias), the
+// attention (which appends the step's keys and values) and the GELU.
+void packed_block(const DecodeShape& s, const DecodeBlock& block, float* x, int64_t pos, float* scratch,
+                  int num_threads) {
+  const int64_t B = s.batch, C = s.width, F = s.hidden;
+  float* h = scratch;                  // (B, C) layer-norm output
+  float* qkv = h + B * C;              // (B, 3C)
+  float* attended = qkv + B * 3 * C;   // (B, C) = (B, H, Dh)
+  float* hidden = attended + B * C;    // (B, F)
+  parallel_for(B, num_threads, kMinRowsPerThread, [&](int64_t begin, int64_t end) {
+    norm_rows(block.ln1_weight, block.ln1_bias, block.ln1_eps, x, h, begin, end, C, block.qkv_bias, qkv, 3 * C,
+              block.proj_bias);
+  });
+  packed_sgemm(h, block.qkv_packed, qkv, B, 3 * C, C, 1.0f);
+  DecodeAttentionProblem attention{qkv, 3 * C, s.head_dim,
+                                   static_cast<const float*>(block.k_cache), C, s.head_dim, B * C,
+                                   static_cast<const float*>(block.v_cache), C, s.head_dim, B * C,
+                                   B, s.heads, s.head_dim, pos + 1, attended};
+  attention.k_new = qkv + C;
+  attention.v_new = qkv + 2 * C;
+  attention.new_stride_b = 3 * C;
+  attention.new_stride_h = s.head_dim;
+  decode_attention_cpu(attention, num_threads);
+  packed_sgemm(attended, block.proj_packed, x, B, C, C, 1.0f);  // x already holds its bias
+  parallel_for(B, num_threads, kMinRowsPerThread, [&](int64_t begin, int64_t end) {
+    norm_rows(block.ln2_weight, block.ln2_bias, block.ln2_eps, x, h, begin, end, C, block.fc_bias, hidden, F,
+              block.out_bias);
+  });
+  packed_sgemm(h, block.fc_packed, hidden, B, F, C, 1.0f);
+  parallel_for(B, num_threads, kMinRowsPerThread,
+               [&](int64_t begin, int64_t end) { gelu_rows(hidden + begin * F, (end - begin) * F); });
+  packed_sgemm(hidden, block.out_packed, x, B, C, F, 1.0f);
+}
+
 }  // namespace
 
 void linear_rows_scalar(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
@@ -106,6 +174,10 @@ void decode_blocks_cpu(const DecodeShape& s, const std::vector<DecodeBlock>& blo
   float* hidden = attended + B * C;   // (B, hidden)
   const int64_t step = B * C;       // elements per position in the caches
   const int64_t element = s.bf16 ? sizeof(uint16_t) : sizeof(float);
+  if (s.packed) {
+    for (const DecodeBlock& block : blocks) packed_block(s, block, x, pos, scratch, num_threads);
+    return;
+  }
   for (const DecodeBlock& block : blocks) {
     layer_norm(x, block.ln1_weight, block.ln1_bias, block.ln1_eps, h, B, C);
     linear(block.qkv_weight, s.bf16, block.qkv_bias, h, qkv, B, C, 3 * C, false, num_threads);

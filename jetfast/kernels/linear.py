@@ -25,12 +25,15 @@ The GELU is then a separate pass.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Packed", "linear", "pack"]
+from jetfast._ext import HAS_NATIVE, _C
+
+__all__ = ["Packed", "linear", "mkl_packed_sgemm", "pack"]
 
 _ACTIVATIONS = (None, "gelu")
 _ONEDNN_MIN_ROWS = 16
@@ -57,6 +60,17 @@ class Packed(NamedTuple):
 @functools.cache
 def _mkl_packing() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+
+@functools.cache
+def mkl_packed_sgemm() -> bool:
+    """Whether jetfast's compiled code can call MKL's packed SGEMM, which it borrows from PyTorch's CPU
+    library (``jetfast._C.load_packed_sgemm``; jetfast links no MKL of its own): the compiled decode
+    step of large batches needs it."""
+    if not (HAS_NATIVE and _mkl_packing()):
+        return False
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    return os.path.exists(library) and _C.load_packed_sgemm(library)
 
 
 def pack(weight: torch.Tensor, rows: int) -> Packed | None:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from jetfast._ext import HAS_NATIVE, _C
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.kernels.linear import Packed, linear, pack
+from jetfast.kernels.linear import Packed, linear, mkl_packed_sgemm, pack
 from jetfast.kernels.decode_attention import decode_attention_cpu
 from jetfast.ops import decode_attention
 from jetfast.run import checkpoint_file, load_checkpoint
@@ -69,11 +69,11 @@ __all__ = [
 ]
 
 KINEMATICS = ("pt", "mass")  # the conditioning values of a kinematic model, in GeV
-# Below this many sequences a CPU decode step runs its blocks as one compiled call
-# (jetfast._C.DecodeBlocks): its matrix-vector products are bound by reading the weights, and
-# ~40 framework ops per step from Python cost more than they do. From here on the GEMMs have
-# rows enough for oneDNN (jetfast.kernels.linear) and the per-op cost is spread over them.
-FUSED_MAX_ROWS = 16
+# A CPU decode step runs its blocks as one compiled call (jetfast._C.DecodeBlocks): ~70 framework
+# ops per step from Python cost ~1 ms, more than the arithmetic below a few dozen sequences and a
+# fifth of a step at a hundred. Below this many sequences its products are matrix-vector rows,
+# bound by reading the weights; from here on they are MKL's GEMMs on weights packed for the batch.
+MATVEC_MAX_ROWS = 16
 
 
 def kinematic_features(values: torch.Tensor) -> torch.Tensor:
@@ -442,21 +442,24 @@ class GPT(nn.Module):
             self._decode_weights = key, copies
         return self._decode_weights[1]
 
-    def packed_weights(self, rows: int) -> tuple[list[tuple[Packed, ...]], Packed] | None:
+    def packed_weights(self, rows: int, blocks: bool = True) -> tuple[list[tuple[Packed, ...]] | None, Packed] | None:
         """MKL packings (:func:`jetfast.kernels.linear.pack`) of the fp32 GEMM weights of a cached decode
-        of ``rows`` sequences: per block (qkv, attention projection, MLP in, MLP out), and the output
-        head's. A batch of ~100 otherwise pays oneDNN's reordering of every weight at every GEMM
-        of every step. Kept until a parameter changes or another row count is asked for; None
-        where packing does not serve (no MKL, not fp32 on the CPU, autograd on)."""
-        blocks = [(b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight) for b in self.blocks]
+        of ``rows`` sequences: per block (qkv, attention projection, MLP in, MLP out), or None without
+        ``blocks`` (the compiled blocks pack their own), and the output head's. A batch of ~100
+        otherwise pays oneDNN's reordering of every weight at every GEMM of every step. Kept until a
+        parameter changes or another row count is asked for; None where packing does not serve (no
+        MKL, not fp32 on the CPU, autograd on)."""
+        matrices = [(b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc.weight, b.mlp.proj.weight) for b in self.blocks]
         head = self.tok_emb.weight[: self.config.vocab_size] if self.head is None else self.head.weight
-        key = (rows, _versions([p for weights in blocks for p in weights] + [head]))  # (a tied head: tok_emb's version)
+        watched = [p for weights in matrices for p in weights] if blocks else []
+        key = (rows, blocks, _versions(watched + [head]))  # (a tied head: tok_emb's version)
         if self._packed_weights is None or self._packed_weights[0] != key:
             self._packed_weights = None  # (the old packings go before the new ones are made)
             head_packed = pack(head, rows)
             if head_packed is None:
                 return None
-            self._packed_weights = key, ([tuple(pack(w, rows) for w in weights) for weights in blocks], head_packed)
+            blocks_packed = [tuple(pack(w, rows) for w in weights) for weights in matrices] if blocks else None
+            self._packed_weights = key, (blocks_packed, head_packed)
         return self._packed_weights[1]
 
     def decode_step(self, token: torch.Tensor, pos: int, kinematics: torch.Tensor | None = None) -> torch.Tensor:
@@ -468,9 +471,11 @@ class GPT(nn.Module):
         and sets the condition of the rows (with ``kinematics``). The caches' dtype sets the GEMMs'
         precision: in bf16 the layer inputs are cast to bf16 before each GEMM and the KV cache is bf16,
         while layer norms, the residual stream, the softmax (inside the attention) and the output head
-        stay fp32 (the fused CPU step of small batches, :meth:`fused_blocks`, keeps the layer inputs
-        fp32 as well and widens the bf16 weights; above it, fp32 GEMMs read the weights packed for the
-        batch at the prefill, :meth:`packed_weights`). In fp32 the result is :meth:`forward`'s.
+        stay fp32 (the compiled CPU step of small batches, :meth:`fused_blocks`, keeps the layer inputs
+        fp32 as well and widens the bf16 weights). On the CPU in fp32 the blocks are that compiled
+        step at every batch size where PyTorch carries MKL, and the GEMMs of larger batches read
+        weights packed for the batch at the prefill (:meth:`packed_weights`). In fp32 the result is
+        :meth:`forward`'s.
         """
         config = self.config
         caches = self.blocks[0].attn.kv_cache
@@ -497,8 +502,8 @@ class GPT(nn.Module):
             # sequence (setup_caches drops the choice).
             self._sequence_blocks = self.fused_blocks(x)
             # (packed_weights answers None off the CPU; bf16 caches take bf16 copies of the weights)
-            fp32 = self._sequence_blocks is None and caches.k_cache.dtype == torch.float32
-            self._sequence_packed = self.packed_weights(x.shape[0]) if fp32 else None
+            fp32 = caches.k_cache.dtype == torch.float32 and (self._sequence_blocks is None or x.shape[0] >= MATVEC_MAX_ROWS)
+            self._sequence_packed = self.packed_weights(x.shape[0], blocks=self._sequence_blocks is None) if fp32 else None
         fused, packed = self._sequence_blocks, self._sequence_packed
         if fused is not None:
             x = x.contiguous()  # a new tensor of this step: updated in place
@@ -533,26 +538,32 @@ class GPT(nn.Module):
     def fused_blocks(self, x: torch.Tensor):
         """The blocks of a cached decode step as one compiled call (``jetfast._C.DecodeBlocks``, which
         computes what :meth:`Block.decode_step` does) where it serves: the residual stream ``x`` (B, C)
-        fp32 on the CPU with B < :data:`FUSED_MAX_ROWS`, autograd off, fp32 parameters, and fp32
-        caches, or bf16 caches on a CPU with AVX2 (then the GEMM weights are :meth:`decode_weights`'
-        bf16 copies, widened to fp32 in the kernel, which also sums in fp32); else None.
+        fp32 on the CPU, autograd off, fp32 parameters, and either fp32 caches (below
+        :data:`MATVEC_MAX_ROWS` rows as matrix-vector rows, from there on as MKL GEMMs on weights
+        packed for B rows, where PyTorch carries MKL), or below :data:`MATVEC_MAX_ROWS` rows bf16
+        caches on a CPU with AVX2 (then the GEMM weights are :meth:`decode_weights`' bf16 copies,
+        widened to fp32 in the kernel, which also sums in fp32); else None.
 
-        It reads the parameters and caches in place (NumPy views), so optimizer steps are seen; it is
-        made again when a cache, a parameter or a bf16 copy is replaced. :meth:`decode_step` calls it
-        once per sequence, at the prefill (its checks cost ~0.3 ms)."""
+        It reads the caches in place, and the parameters too unless packed (NumPy views), so it is
+        made again when a cache, a parameter or a bf16 copy is replaced, and when packed also when a
+        parameter changes in place. :meth:`decode_step` calls it once per sequence, at the prefill
+        (its checks cost ~0.3 ms, a packing several)."""
         caches = tuple(block.attn.kv_cache for block in self.blocks)
-        if not (HAS_NATIVE and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] < FUSED_MAX_ROWS
-                and not torch.is_grad_enabled() and caches[0] is not None):
+        if not (HAS_NATIVE and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and caches[0] is not None):
             return None
         dtype = caches[0].k_cache.dtype
+        packed = x.shape[0] >= MATVEC_MAX_ROWS
+        if packed and not (dtype == torch.float32 and mkl_packed_sgemm()):
+            return None
         if not (dtype == torch.float32 or (dtype == torch.bfloat16 and _C.decode_blocks_bf16)):
             return None
         if self.blocks[0].attn.qkv.weight.dtype != torch.float32:
             return None  # e.g. a model cast to bf16: the PyTorch blocks serve it
         matrices = [w[i] for w in self.decode_weights(dtype) for i in (0, 2, 4, 6)]  # the parameters in fp32
         if self._fused_blocks is not None:
-            made_for, params, pointers, fused = self._fused_blocks
-            if made_for == caches and all(p.data_ptr() == q for p, q in zip(params, pointers)):
+            made_for, params, key, fused = self._fused_blocks
+            if made_for == caches and key == self._fused_key(params, packed):
                 return fused
         self._fused_blocks = None
         if not all(c is not None and c.k_cache.dtype == dtype for c in caches):
@@ -572,9 +583,14 @@ class GPT(nn.Module):
         # NumPy has no bf16: such tensors go as their bits
         arrays = [[(t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy() for t in ts]
                   for ts in tensors]
-        fused = _C.DecodeBlocks(arrays, eps, self.config.n_heads, bf16=dtype == torch.bfloat16)
-        self._fused_blocks = caches, params, [p.data_ptr() for p in params], fused
+        fused = _C.DecodeBlocks(arrays, eps, self.config.n_heads, bf16=dtype == torch.bfloat16, packed=packed)
+        self._fused_blocks = caches, params, self._fused_key(params, packed), fused
         return fused
+
+    @staticmethod
+    def _fused_key(params: list, packed: bool) -> tuple:
+        # Packed weights are copies, so an in-place change (an optimizer step) must be seen too.
+        return packed, _versions(params) if packed else tuple(p.data_ptr() for p in params)
 
     def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache of (batch, heads, max_len, head_dim) in every layer."""
@@ -591,6 +607,7 @@ class GPT(nn.Module):
             if cache is None or cache.k_cache.shape != shape or cache.k_cache.dtype != dtype or (
                 cache.k_cache.device != reference.device
             ) or (cache.k_cache.is_inference() and not torch.is_inference_mode_enabled()):
+                self._fused_blocks = None  # it holds the old caches: let them go before the new ones come
                 block.attn.kv_cache = KVCache(batch, self.config.n_heads, max_len, self.config.head_dim, dtype,
                                               reference.device)
 

@@ -1,0 +1,85 @@
+// Run-time binding to MKL's packed SGEMM (see packed_sgemm.h).
+#include "sampler/packed_sgemm.h"
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstddef>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <stdexcept>
+
+namespace jetfast {
+namespace {
+
+// CBLAS's enumerations (mkl_cblas.h); MKL_INT is int in the LP64 interface PyTorch uses.
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+using PackGetSize = size_t (*)(int identifier, int m, int n, int k);
+using Pack = void (*)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest);
+using Compute = void (*)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc);
+
+struct Functions {
+  PackGetSize get_size = nullptr;
+  Pack pack = nullptr;
+  Compute compute = nullptr;
+};
+
+Functions functions;
+std::atomic<bool> loaded{false};
+std::mutex loading;
+
+int to_int(int64_t value) {
+  if (value < 0 || value > std::numeric_limits<int>::max())
+    throw std::invalid_argument("packed SGEMM: a size of " + std::to_string(value) + " does not fit MKL's 32-bit ints");
+  return static_cast<int>(value);
+}
+
+const Functions& require_loaded() {
+  if (!loaded.load(std::memory_order_acquire))
+    throw std::runtime_error("packed SGEMM: MKL's functions are not loaded (load_packed_sgemm)");
+  return functions;
+}
+
+}  // namespace
+
+bool load_packed_sgemm(const std::string& path) {
+  std::lock_guard<std::mutex> lock(loading);
+  if (loaded.load()) return true;
+  void* library = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (library == nullptr) return false;
+  Functions found;
+  found.get_size = reinterpret_cast<PackGetSize>(dlsym(library, "cblas_sgemm_pack_get_size"));
+  found.pack = reinterpret_cast<Pack>(dlsym(library, "cblas_sgemm_pack"));
+  found.compute = reinterpret_cast<Compute>(dlsym(library, "cblas_sgemm_compute"));
+  // The handle stays open: the library is the process's own and outlives every caller.
+  if (!found.get_size || !found.pack || !found.compute) {
+    dlclose(library);
+    return false;
+  }
+  functions = found;
+  loaded.store(true, std::memory_order_release);
+  return true;
+}
+
+bool packed_sgemm_available() { return loaded.load(std::memory_order_acquire); }
+
+int64_t packed_weight_floats(int64_t rows, int64_t out, int64_t in) {
+  const size_t bytes = require_loaded().get_size(kBMatrix, to_int(rows), to_int(out), to_int(in));
+  return static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
+}
+
+void pack_weight(const float* w, int64_t rows, int64_t out, int64_t in, float* packed) {
+  // B = w^T (in, out): w row-major (out, in) read transposed, leading dimension in.
+  require_loaded().pack(kRowMajor, kBMatrix, kTrans, to_int(rows), to_int(out), to_int(in), 1.0f, w, to_int(in),
+                        packed);
+}
+
+void packed_sgemm(const float* x, const float* packed, float* y, int64_t rows, int64_t out, int64_t in, float beta) {
+  require_loaded().compute(kRowMajor, kNoTrans, kPacked, to_int(rows), to_int(out), to_int(in), x, to_int(in), packed,
+                           to_int(in), beta, y, to_int(out));
+}
+
+}  // namespace jetfast
