@@ -25,15 +25,16 @@
 // model; from DRAM (~20 GB/s) 0.63 ms, from L3 (where 12.6 MB may stay between steps)
 // less. In bf16 6.3 MB, which an 8 MB L3 holds.
 //
-// From ~16 sequences on the products are GEMMs, not matrix-vector rows: with `packed`
-// (float32 only) the four weights of each block are MKL's packings for the batch
-// (packed_sgemm.h), the GEMMs are MKL's, and what lies between them (layer norms with
-// the next bias broadcast, the GELU, the cache append inside the attention) is one pass
-// each over the rows, split over the threads. The step then costs the GEMMs, the
-// attention and ~8 short passes per block: the ~70 framework calls per step from
-// Python that it replaces cost ~1 ms, which a batch of 100 pays per 100 jets and a
-// batch of 512 per 512.
+// From ~16 sequences on the products are GEMMs, not matrix-vector rows: with `gemm`
+// they are MKL's (mkl_gemm.h), in float32 on the four weights of each block packed for
+// the batch, in bfloat16 on the bf16 weights as they are, with the layer inputs rounded
+// to bfloat16 and float32 sums. What lies between them (layer norms with the next bias
+// broadcast, the GELU, the cache append) is one pass each over the rows, split over the
+// threads. The step then costs the GEMMs, the attention and ~8 short passes per block:
+// the ~70 framework calls per step from Python that it replaces cost ~1 ms, which a
+// batch of 100 pays per 100 jets and a batch of 512 per 512.
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace jetfast {
@@ -50,15 +51,24 @@ struct DecodeBlock {
   const float* out_bias;  // biases may be null
   void *k_cache, *v_cache;  // (S_max, B, H, Dh)
   float ln1_eps, ln2_eps;
-  // With DecodeShape::packed: the four weights packed for the batch (pack_weight).
+  // With DecodeShape::gemm in float32: the four weights packed for the batch (pack_weight).
   const float *qkv_packed = nullptr, *proj_packed = nullptr, *fc_packed = nullptr, *out_packed = nullptr;
 };
 
 struct DecodeShape {
   int64_t batch, width, heads, head_dim, hidden, max_len;
-  bool bf16;    // weights and caches in bfloat16
-  bool packed;  // float32 GEMMs through MKL's packed weights (DecodeBlock::*_packed)
+  bool bf16;  // weights and caches in bfloat16
+  bool gemm;  // products as MKL's GEMMs (float32: on DecodeBlock::*_packed)
 };
+
+// float32 -> bfloat16 bits, rounded to nearest even as PyTorch rounds; NaN stays a (quiet) NaN.
+inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
 
 // Floats of scratch decode_blocks_cpu needs.
 int64_t decode_blocks_scratch(const DecodeShape& shape);
@@ -80,6 +90,8 @@ void layer_norm_rows_avx2(const float* x, const float* weight, const float* bias
 // y = GELU(y) on n floats: 0.5 y (1 + erf(y / sqrt 2)) with erf as PyTorch's vectorised CPU kernel
 // computes it (Abramowitz and Stegun 7.1.26, |error| < 1.5e-7).
 void gelu_avx2(float* y, int64_t n);
+// n floats to bfloat16 bits, as to_bf16.
+void to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 void linear_rows_avx2_bf16(const uint16_t* w, const float* bias, const float* x, float* y, int64_t batch,
                            int64_t in, int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate);
 void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,

@@ -140,6 +140,23 @@ void gelu_avx2(float* y, int64_t n) {
   for (; i < n; ++i) y[i] = 0.5f * y[i] * (1.0f + std::erf(y[i] * static_cast<float>(M_SQRT1_2)));
 }
 
+void to_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF), quiet = _mm256_set1_epi32(0x400000);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256i bits = _mm256_castps_si256(v);
+    // + 0x7FFF + the kept part's lowest bit: round to nearest, ties to even; a NaN only made quiet
+    const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(bits, 16), one)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i upper = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, _mm256_or_si256(bits, quiet), nan), 16);
+    // 32 -> 16 bits within each 128-bit lane, then the two lanes' low halves together
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(upper, upper), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
 void linear_rows_avx2(const float* w, const float* bias, const float* x, float* y, int64_t batch, int64_t in,
                       int64_t ldy, int64_t row_begin, int64_t row_end, bool accumulate) {
   rows(w, bias, x, y, batch, in, ldy, row_begin, row_end, accumulate);

@@ -17,7 +17,7 @@
 #include "common/array_checks.h"
 #include "common/cpu_features.h"
 #include "sampler/decode_blocks.h"
-#include "sampler/packed_sgemm.h"
+#include "sampler/mkl_gemm.h"
 
 namespace py = pybind11;
 
@@ -34,19 +34,19 @@ bool is_low_precision(int j) { return j == 2 || j == 4 || j == 8 || j == 10 || j
 class DecodeBlocks {
  public:
   DecodeBlocks(const std::vector<std::vector<py::array>>& blocks, const std::vector<std::pair<float, float>>& eps,
-               int64_t heads, bool bf16, bool packed)
+               int64_t heads, bool bf16, bool gemm)
       : arrays_(blocks) {
     require(!bf16 || cpu_has_avx2_fma(), "bfloat16 weights need a CPU with AVX2 and FMA (and a build with their kernels)");
-    require(!(packed && bf16), "packed GEMMs are float32 only");
-    require(!packed || packed_sgemm_available(),
-            "packed GEMMs need MKL's functions: call load_packed_sgemm(path of PyTorch's CPU library) first");
+    require(!gemm || has_mkl_packed_sgemm(),
+            "gemm=True needs MKL's functions: call load_mkl_gemm(path of PyTorch's CPU library) first");
+    require(!(gemm && bf16) || has_mkl_bf16_gemm(), "gemm=True in bfloat16 needs MKL's cblas_gemm_bf16bf16f32");
     require(!blocks.empty(), "DecodeBlocks needs at least one block");
     require(eps.size() == blocks.size(), "one (ln_1 eps, ln_2 eps) pair per block");
     for (const auto& a : blocks)
       require(a.size() == 14, "each block is 14 arrays: ln_1, qkv, proj, ln_2, fc, out (weight, bias) and the caches");
     const py::array& k = blocks[0][12];
     require(k.ndim() == 4, "k_cache must be the cache storage (S_max, B, H, Dh); got " + shape_of(k));
-    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0), bf16, packed};
+    shape_ = {k.shape(1), k.shape(2) * k.shape(3), k.shape(2), k.shape(3), 0, k.shape(0), bf16, gemm};
     require(!bf16 || avx2_head_dim_supported(shape_.head_dim),
             std::string("bfloat16 caches need a head size of ") + kAvx2HeadDims + "; got " +
                 std::to_string(shape_.head_dim));
@@ -82,7 +82,7 @@ class DecodeBlocks {
       auto w = [&](int j) { return const_cast<void*>(a[j].data()); };
       blocks_.push_back({p(0), p(1), a[2].data(), p(3), a[4].data(), p(5), p(6), p(7), a[8].data(), p(9), a[10].data(),
                          p(11), w(12), w(13), eps[i].first, eps[i].second});
-      if (packed) {
+      if (gemm && !bf16) {
         // Copies in MKL's layout for this batch: a parameter changed afterwards needs new DecodeBlocks.
         const int64_t rows = shape_.batch, F = shape_.hidden;
         DecodeBlock& block = blocks_.back();
@@ -123,28 +123,29 @@ class DecodeBlocks {
   std::vector<DecodeBlock> blocks_;
   DecodeShape shape_{};
   std::vector<float> scratch_;
-  std::vector<std::unique_ptr<float, decltype(&std::free)>> packed_;  // the packed weights, with `packed`
+  std::vector<std::unique_ptr<float, decltype(&std::free)>> packed_;  // the packed weights of a float32 gemm
 };
 
 }  // namespace
 
 void bind_decode_blocks(py::module_& m) {
   m.attr("decode_blocks_bf16") = py::bool_(cpu_has_avx2_fma());  // DecodeBlocks takes bf16=True here
-  m.def("load_packed_sgemm", &load_packed_sgemm, py::arg("path"),
-        "Resolve MKL's packed SGEMM (cblas_sgemm_pack, cblas_sgemm_compute) from the already-loaded\n"
-        "shared library at path (PyTorch's CPU library); True if found. Needed by DecodeBlocks(packed=True).");
-  m.def("packed_sgemm_available", &packed_sgemm_available, "Whether load_packed_sgemm has succeeded.");
+  m.def("load_mkl_gemm", &load_mkl_gemm, py::arg("path"),
+        "Resolve MKL's GEMMs (cblas_sgemm_pack and _compute; cblas_gemm_bf16bf16f32 if there) from the\n"
+        "already-loaded shared library at path (PyTorch's CPU library); True if the float32 ones were found.\n"
+        "Needed by DecodeBlocks(gemm=True).");
+  m.def("has_mkl_bf16_gemm", &has_mkl_bf16_gemm, "Whether load_mkl_gemm found MKL's bfloat16 GEMM.");
   py::class_<DecodeBlocks>(m, "DecodeBlocks",
                            "The Transformer blocks of a cached decode step, fused (CPU).\n"
-                           "DecodeBlocks(blocks, eps, heads, bf16=False, packed=False): per block 14 arrays (ln_1 weight, bias; qkv\n"
+                           "DecodeBlocks(blocks, eps, heads, bf16=False, gemm=False): per block 14 arrays (ln_1 weight, bias; qkv\n"
                            "weight, bias; proj weight, bias; ln_2 weight, bias; fc weight, bias; out weight, bias; k\n"
                            "and v cache storage (S_max, B, H, Dh)), one (ln_1 eps, ln_2 eps) pair per block. float32,\n"
-                           "or with bf16 the four weights and the caches bfloat16, given as int16 bits. With packed\n"
-                           "(float32, for batches of GEMM size), the four weights are copied into MKL's packed layout\n"
-                           "for the caches' batch and multiplied by MKL (load_packed_sgemm first).")
+                           "or with bf16 the four weights and the caches bfloat16, given as int16 bits. With gemm (for\n"
+                           "batches of GEMM size; load_mkl_gemm first) the products are MKL's GEMMs: in float32 on\n"
+                           "copies of the four weights packed for the caches' batch, in bf16 on bf16 weights and inputs.")
       .def(py::init<const std::vector<std::vector<py::array>>&, const std::vector<std::pair<float, float>>&, int64_t,
                     bool, bool>(),
-           py::arg("blocks"), py::arg("eps"), py::arg("heads"), py::arg("bf16") = false, py::arg("packed") = false)
+           py::arg("blocks"), py::arg("eps"), py::arg("heads"), py::arg("bf16") = false, py::arg("gemm") = false)
       .def("step", &DecodeBlocks::step, py::arg("x"), py::arg("pos"), py::arg("num_threads"),
            "Run every block on x (B, C) in place for the token at position pos (writing its keys and values).");
 }

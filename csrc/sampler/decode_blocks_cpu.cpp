@@ -7,7 +7,7 @@
 #include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "sampler/decode_blocks.h"
-#include "sampler/packed_sgemm.h"
+#include "sampler/mkl_gemm.h"
 
 namespace jetfast {
 namespace {
@@ -45,23 +45,20 @@ void linear(const void* w, bool bf16, const float* bias, const float* x, float* 
   (void)vector;
 }
 
-// float32 -> bfloat16, rounded to nearest even as PyTorch rounds; NaN stays a (quiet) NaN.
-uint16_t to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+// n floats to bfloat16 bits.
+void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+#if defined(JETFAST_HAVE_AVX2_KERNELS)
+  if (cpu_has_avx2_fma()) return to_bf16_avx2(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
 // A step's key or value row (C floats) into the cache at `dst`.
 void cache_row(void* dst, const float* src, int64_t count, bool bf16) {
-  if (!bf16) {
+  if (!bf16)
     std::memcpy(dst, src, count * sizeof(float));
-    return;
-  }
-  uint16_t* out = static_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < count; ++i) out[i] = to_bf16(src[i]);
+  else
+    round_to_bf16(src, static_cast<uint16_t*>(dst), count);
 }
 
 // PyTorch's layer norm: biased variance, eps inside the square root.
@@ -79,7 +76,7 @@ void layer_norm(const float* x, const float* weight, const float* bias, float ep
   }
 }
 
-// Rows per thread at least in the passes between the packed GEMMs: each row is a few hundred
+// Rows per thread at least in the passes between the GEMMs: each row is a few hundred
 // floats, and a fork and join costs about as much as ~16 of them.
 constexpr int64_t kMinRowsPerThread = 16;
 
@@ -111,39 +108,67 @@ void gelu_rows(float* y, int64_t count) {
   for (int64_t i = 0; i < count; ++i) y[i] = gelu(y[i]);
 }
 
-// One block for a batch of GEMM size: four packed MKL GEMMs with a pass over the rows before
-// each of the two that start a branch (layer norm, bias broadcast, residual bias), the
-// attention (which appends the step's keys and values) and the GELU.
-void packed_block(const DecodeShape& s, const DecodeBlock& block, float* x, int64_t pos, float* scratch,
-                  int num_threads) {
+// One block for a batch of GEMM size: four MKL GEMMs with a pass over the rows before each of
+// the two that start a branch (layer norm, bias broadcast, residual bias), the cache append,
+// the attention and the GELU. In bf16 each GEMM's input is rounded to bfloat16 in the pass that
+// makes it (`low`), and the keys and values as they are cached.
+void gemm_block(const DecodeShape& s, const DecodeBlock& block, float* x, int64_t pos, float* scratch,
+                int num_threads) {
   const int64_t B = s.batch, C = s.width, F = s.hidden;
   float* h = scratch;                  // (B, C) layer-norm output
   float* qkv = h + B * C;              // (B, 3C)
   float* attended = qkv + B * 3 * C;   // (B, C) = (B, H, Dh)
   float* hidden = attended + B * C;    // (B, F)
-  parallel_for(B, num_threads, kMinRowsPerThread, [&](int64_t begin, int64_t end) {
+  uint16_t* low = reinterpret_cast<uint16_t*>(hidden + B * F);  // bf16: (B, C) or (B, F), the GEMM's input
+  // y (B, out) += x (B, in) w^T: the input as floats (x32) or already rounded (`low`)
+  auto gemm = [&](const float* x32, const void* weight, const float* packed, float* y, int64_t out, int64_t in) {
+    if (s.bf16)
+      bf16_gemm(low, static_cast<const uint16_t*>(weight), y, B, out, in, 1.0f);
+    else
+      packed_sgemm(x32, packed, y, B, out, in, 1.0f);
+  };
+  auto rows = [&](auto&& fn) { parallel_for(B, num_threads, kMinRowsPerThread, fn); };
+  rows([&](int64_t begin, int64_t end) {
     norm_rows(block.ln1_weight, block.ln1_bias, block.ln1_eps, x, h, begin, end, C, block.qkv_bias, qkv, 3 * C,
               block.proj_bias);
+    if (s.bf16) round_to_bf16(h + begin * C, low + begin * C, (end - begin) * C);
   });
-  packed_sgemm(h, block.qkv_packed, qkv, B, 3 * C, C, 1.0f);
+  gemm(h, block.qkv_weight, block.qkv_packed, qkv, 3 * C, C);
   DecodeAttentionProblem attention{qkv, 3 * C, s.head_dim,
-                                   static_cast<const float*>(block.k_cache), C, s.head_dim, B * C,
-                                   static_cast<const float*>(block.v_cache), C, s.head_dim, B * C,
+                                   s.bf16 ? nullptr : static_cast<const float*>(block.k_cache), C, s.head_dim, B * C,
+                                   s.bf16 ? nullptr : static_cast<const float*>(block.v_cache), C, s.head_dim, B * C,
                                    B, s.heads, s.head_dim, pos + 1, attended};
-  attention.k_new = qkv + C;
-  attention.v_new = qkv + 2 * C;
-  attention.new_stride_b = 3 * C;
-  attention.new_stride_h = s.head_dim;
+  if (s.bf16) {  // the kernel appends float32 rows only: round and write them here
+    const int64_t element = sizeof(uint16_t);
+    rows([&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        cache_row(static_cast<char*>(block.k_cache) + (pos * B + b) * C * element, qkv + b * 3 * C + C, C, true);
+        cache_row(static_cast<char*>(block.v_cache) + (pos * B + b) * C * element, qkv + b * 3 * C + 2 * C, C, true);
+      }
+    });
+    attention.k_cache_bf16 = static_cast<const uint16_t*>(block.k_cache);
+    attention.v_cache_bf16 = static_cast<const uint16_t*>(block.v_cache);
+  } else {
+    attention.k_new = qkv + C;
+    attention.v_new = qkv + 2 * C;
+    attention.new_stride_b = 3 * C;
+    attention.new_stride_h = s.head_dim;
+  }
   decode_attention_cpu(attention, num_threads);
-  packed_sgemm(attended, block.proj_packed, x, B, C, C, 1.0f);  // x already holds its bias
-  parallel_for(B, num_threads, kMinRowsPerThread, [&](int64_t begin, int64_t end) {
+  if (s.bf16)
+    rows([&](int64_t begin, int64_t end) { round_to_bf16(attended + begin * C, low + begin * C, (end - begin) * C); });
+  gemm(attended, block.proj_weight, block.proj_packed, x, C, C);  // x already holds its bias
+  rows([&](int64_t begin, int64_t end) {
     norm_rows(block.ln2_weight, block.ln2_bias, block.ln2_eps, x, h, begin, end, C, block.fc_bias, hidden, F,
               block.out_bias);
+    if (s.bf16) round_to_bf16(h + begin * C, low + begin * C, (end - begin) * C);
   });
-  packed_sgemm(h, block.fc_packed, hidden, B, F, C, 1.0f);
-  parallel_for(B, num_threads, kMinRowsPerThread,
-               [&](int64_t begin, int64_t end) { gelu_rows(hidden + begin * F, (end - begin) * F); });
-  packed_sgemm(hidden, block.out_packed, x, B, C, F, 1.0f);
+  gemm(h, block.fc_weight, block.fc_packed, hidden, F, C);
+  rows([&](int64_t begin, int64_t end) {
+    gelu_rows(hidden + begin * F, (end - begin) * F);
+    if (s.bf16) round_to_bf16(hidden + begin * F, low + begin * F, (end - begin) * F);
+  });
+  gemm(hidden, block.out_weight, block.out_packed, x, C, F);
 }
 
 }  // namespace
@@ -163,7 +188,10 @@ void linear_rows_scalar(const float* w, const float* bias, const float* x, float
   }
 }
 
-int64_t decode_blocks_scratch(const DecodeShape& s) { return s.batch * (s.width + 3 * s.width + s.width + s.hidden); }
+int64_t decode_blocks_scratch(const DecodeShape& s) {
+  const int64_t low = s.gemm && s.bf16 ? (s.batch * std::max(s.width, s.hidden) + 1) / 2 : 0;  // bf16 GEMM inputs
+  return s.batch * (s.width + 3 * s.width + s.width + s.hidden) + low;
+}
 
 void decode_blocks_cpu(const DecodeShape& s, const std::vector<DecodeBlock>& blocks, float* x, int64_t pos,
                        float* scratch, int num_threads) {
@@ -174,8 +202,8 @@ void decode_blocks_cpu(const DecodeShape& s, const std::vector<DecodeBlock>& blo
   float* hidden = attended + B * C;   // (B, hidden)
   const int64_t step = B * C;       // elements per position in the caches
   const int64_t element = s.bf16 ? sizeof(uint16_t) : sizeof(float);
-  if (s.packed) {
-    for (const DecodeBlock& block : blocks) packed_block(s, block, x, pos, scratch, num_threads);
+  if (s.gemm) {
+    for (const DecodeBlock& block : blocks) gemm_block(s, block, x, pos, scratch, num_threads);
     return;
   }
   for (const DecodeBlock& block : blocks) {

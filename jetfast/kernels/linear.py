@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from jetfast._ext import HAS_NATIVE, _C
 
-__all__ = ["Packed", "linear", "mkl_packed_sgemm", "pack"]
+__all__ = ["Packed", "linear", "mkl_bf16_gemm", "mkl_gemm", "pack"]
 
 _ACTIVATIONS = (None, "gelu")
 _ONEDNN_MIN_ROWS = 16
@@ -63,14 +63,20 @@ def _mkl_packing() -> bool:
 
 
 @functools.cache
-def mkl_packed_sgemm() -> bool:
+def mkl_gemm() -> bool:
     """Whether jetfast's compiled code can call MKL's packed SGEMM, which it borrows from PyTorch's CPU
-    library (``jetfast._C.load_packed_sgemm``; jetfast links no MKL of its own): the compiled decode
-    step of large batches needs it."""
+    library (``jetfast._C.load_mkl_gemm``; jetfast links no MKL of its own): the compiled decode step
+    of large fp32 batches needs it."""
     if not (HAS_NATIVE and _mkl_packing()):
         return False
     library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    return os.path.exists(library) and _C.load_packed_sgemm(library)
+    return os.path.exists(library) and _C.load_mkl_gemm(library)
+
+
+def mkl_bf16_gemm() -> bool:
+    """Whether the compiled decode step of large bf16 batches can use MKL's bf16 GEMM: MKL has it, and
+    the CPU is one where PyTorch's own bf16 GEMMs run (oneDNN's), not PyTorch's slow fallback."""
+    return mkl_gemm() and _C.has_mkl_bf16_gemm() and _onednn_bf16()
 
 
 def pack(weight: torch.Tensor, rows: int) -> Packed | None:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from jetfast._ext import HAS_NATIVE, _C
 from jetfast.errors import InvalidArgument, RunDirError
-from jetfast.kernels.linear import Packed, linear, mkl_packed_sgemm, pack
+from jetfast.kernels.linear import Packed, linear, mkl_bf16_gemm, mkl_gemm, pack
 from jetfast.kernels.decode_attention import decode_attention_cpu
 from jetfast.ops import decode_attention
 from jetfast.run import checkpoint_file, load_checkpoint
@@ -472,10 +472,9 @@ class GPT(nn.Module):
         precision: in bf16 the layer inputs are cast to bf16 before each GEMM and the KV cache is bf16,
         while layer norms, the residual stream, the softmax (inside the attention) and the output head
         stay fp32 (the compiled CPU step of small batches, :meth:`fused_blocks`, keeps the layer inputs
-        fp32 as well and widens the bf16 weights). On the CPU in fp32 the blocks are that compiled
-        step at every batch size where PyTorch carries MKL, and the GEMMs of larger batches read
-        weights packed for the batch at the prefill (:meth:`packed_weights`). In fp32 the result is
-        :meth:`forward`'s.
+        fp32 as well and widens the bf16 weights). On the CPU the blocks are that compiled step
+        wherever it serves, and fp32 GEMMs of larger batches read weights packed for the batch at
+        the prefill (:meth:`packed_weights`). In fp32 the result is :meth:`forward`'s.
         """
         config = self.config
         caches = self.blocks[0].attn.kv_cache
@@ -500,10 +499,14 @@ class GPT(nn.Module):
             # The blocks of this sequence, chosen at its prefill: the checks of fused_blocks cost
             # ~0.3 ms, a fifth of a batch-1 step, and nothing they look at changes within a
             # sequence (setup_caches drops the choice).
-            self._sequence_blocks = self.fused_blocks(x)
-            # (packed_weights answers None off the CPU; bf16 caches take bf16 copies of the weights)
-            fp32 = caches.k_cache.dtype == torch.float32 and (self._sequence_blocks is None or x.shape[0] >= MATVEC_MAX_ROWS)
-            self._sequence_packed = self.packed_weights(x.shape[0], blocks=self._sequence_blocks is None) if fp32 else None
+            self._sequence_blocks = fused = self.fused_blocks(x)
+            # The output head is fp32 in every precision: packed from GEMM sizes on (the PyTorch blocks'
+            # GEMMs too in fp32). packed_weights answers None off the CPU.
+            if fused is None:
+                packed = caches.k_cache.dtype == torch.float32
+            else:
+                packed = x.shape[0] >= MATVEC_MAX_ROWS
+            self._sequence_packed = self.packed_weights(x.shape[0], blocks=fused is None) if packed else None
         fused, packed = self._sequence_blocks, self._sequence_packed
         if fused is not None:
             x = x.contiguous()  # a new tensor of this step: updated in place
@@ -538,11 +541,12 @@ class GPT(nn.Module):
     def fused_blocks(self, x: torch.Tensor):
         """The blocks of a cached decode step as one compiled call (``jetfast._C.DecodeBlocks``, which
         computes what :meth:`Block.decode_step` does) where it serves: the residual stream ``x`` (B, C)
-        fp32 on the CPU, autograd off, fp32 parameters, and either fp32 caches (below
-        :data:`MATVEC_MAX_ROWS` rows as matrix-vector rows, from there on as MKL GEMMs on weights
-        packed for B rows, where PyTorch carries MKL), or below :data:`MATVEC_MAX_ROWS` rows bf16
-        caches on a CPU with AVX2 (then the GEMM weights are :meth:`decode_weights`' bf16 copies,
-        widened to fp32 in the kernel, which also sums in fp32); else None.
+        fp32 on the CPU, autograd off, fp32 parameters, and fp32 caches, or bf16 caches on a CPU with
+        AVX2 (then the GEMM weights are :meth:`decode_weights`' bf16 copies); else None. Below
+        :data:`MATVEC_MAX_ROWS` rows its products are matrix-vector rows, which widen bf16 weights to
+        fp32 and keep the layer inputs fp32. From there on they are MKL's GEMMs, where PyTorch carries
+        MKL: in fp32 on weights packed for B rows, in bf16 (on CPUs where PyTorch runs bf16 GEMMs
+        natively) on bf16 layer inputs, as the PyTorch blocks compute.
 
         It reads the caches in place, and the parameters too unless packed (NumPy views), so it is
         made again when a cache, a parameter or a bf16 copy is replaced, and when packed also when a
@@ -553,11 +557,12 @@ class GPT(nn.Module):
                 and caches[0] is not None):
             return None
         dtype = caches[0].k_cache.dtype
-        packed = x.shape[0] >= MATVEC_MAX_ROWS
-        if packed and not (dtype == torch.float32 and mkl_packed_sgemm()):
-            return None
         if not (dtype == torch.float32 or (dtype == torch.bfloat16 and _C.decode_blocks_bf16)):
             return None
+        gemm = x.shape[0] >= MATVEC_MAX_ROWS
+        if gemm and not (mkl_gemm() if dtype == torch.float32 else mkl_bf16_gemm()):
+            return None
+        packed = gemm and dtype == torch.float32
         if self.blocks[0].attn.qkv.weight.dtype != torch.float32:
             return None  # e.g. a model cast to bf16: the PyTorch blocks serve it
         matrices = [w[i] for w in self.decode_weights(dtype) for i in (0, 2, 4, 6)]  # the parameters in fp32
@@ -583,7 +588,7 @@ class GPT(nn.Module):
         # NumPy has no bf16: such tensors go as their bits
         arrays = [[(t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy() for t in ts]
                   for ts in tensors]
-        fused = _C.DecodeBlocks(arrays, eps, self.config.n_heads, bf16=dtype == torch.bfloat16, packed=packed)
+        fused = _C.DecodeBlocks(arrays, eps, self.config.n_heads, bf16=dtype == torch.bfloat16, gemm=gemm)
         self._fused_blocks = caches, params, self._fused_key(params, packed), fused
         return fused
 

@@ -1,5 +1,5 @@
-// Run-time binding to MKL's packed SGEMM (see packed_sgemm.h).
-#include "sampler/packed_sgemm.h"
+// Run-time binding to MKL's GEMMs (see mkl_gemm.h).
+#include "sampler/mkl_gemm.h"
 
 #include <dlfcn.h>
 
@@ -20,11 +20,14 @@ using Pack = void (*)(int layout, int identifier, int trans, int m, int n, int k
                       int ld, float* dest);
 using Compute = void (*)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
                          const float* b, int ldb, float beta, float* c, int ldc);
+using GemmBf16 = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
 
 struct Functions {
   PackGetSize get_size = nullptr;
   Pack pack = nullptr;
   Compute compute = nullptr;
+  GemmBf16 gemm_bf16 = nullptr;  // optional
 };
 
 Functions functions;
@@ -33,19 +36,19 @@ std::mutex loading;
 
 int to_int(int64_t value) {
   if (value < 0 || value > std::numeric_limits<int>::max())
-    throw std::invalid_argument("packed SGEMM: a size of " + std::to_string(value) + " does not fit MKL's 32-bit ints");
+    throw std::invalid_argument("MKL GEMM: a size of " + std::to_string(value) + " does not fit MKL's 32-bit ints");
   return static_cast<int>(value);
 }
 
 const Functions& require_loaded() {
   if (!loaded.load(std::memory_order_acquire))
-    throw std::runtime_error("packed SGEMM: MKL's functions are not loaded (load_packed_sgemm)");
+    throw std::runtime_error("MKL GEMM: MKL's functions are not loaded (load_mkl_gemm)");
   return functions;
 }
 
 }  // namespace
 
-bool load_packed_sgemm(const std::string& path) {
+bool load_mkl_gemm(const std::string& path) {
   std::lock_guard<std::mutex> lock(loading);
   if (loaded.load()) return true;
   void* library = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
@@ -54,6 +57,7 @@ bool load_packed_sgemm(const std::string& path) {
   found.get_size = reinterpret_cast<PackGetSize>(dlsym(library, "cblas_sgemm_pack_get_size"));
   found.pack = reinterpret_cast<Pack>(dlsym(library, "cblas_sgemm_pack"));
   found.compute = reinterpret_cast<Compute>(dlsym(library, "cblas_sgemm_compute"));
+  found.gemm_bf16 = reinterpret_cast<GemmBf16>(dlsym(library, "cblas_gemm_bf16bf16f32"));
   // The handle stays open: the library is the process's own and outlives every caller.
   if (!found.get_size || !found.pack || !found.compute) {
     dlclose(library);
@@ -64,7 +68,8 @@ bool load_packed_sgemm(const std::string& path) {
   return true;
 }
 
-bool packed_sgemm_available() { return loaded.load(std::memory_order_acquire); }
+bool has_mkl_packed_sgemm() { return loaded.load(std::memory_order_acquire); }
+bool has_mkl_bf16_gemm() { return has_mkl_packed_sgemm() && functions.gemm_bf16 != nullptr; }
 
 int64_t packed_weight_floats(int64_t rows, int64_t out, int64_t in) {
   const size_t bytes = require_loaded().get_size(kBMatrix, to_int(rows), to_int(out), to_int(in));
@@ -80,6 +85,13 @@ void pack_weight(const float* w, int64_t rows, int64_t out, int64_t in, float* p
 void packed_sgemm(const float* x, const float* packed, float* y, int64_t rows, int64_t out, int64_t in, float beta) {
   require_loaded().compute(kRowMajor, kNoTrans, kPacked, to_int(rows), to_int(out), to_int(in), x, to_int(in), packed,
                            to_int(in), beta, y, to_int(out));
+}
+
+void bf16_gemm(const uint16_t* x, const uint16_t* w, float* y, int64_t rows, int64_t out, int64_t in, float beta) {
+  const Functions& f = require_loaded();
+  if (f.gemm_bf16 == nullptr) throw std::runtime_error("MKL GEMM: this MKL has no cblas_gemm_bf16bf16f32");
+  f.gemm_bf16(kRowMajor, kNoTrans, kTrans, to_int(rows), to_int(out), to_int(in), 1.0f, x, to_int(in), w, to_int(in),
+              beta, y, to_int(out));
 }
 
 }  // namespace jetfast
