@@ -64,6 +64,16 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_from_main(value: float) -> float:
+    """Rank 0's ``value`` on every rank (``value`` itself when not distributed): for a number that
+    every rank would compute alike, computed once."""
+    if not is_distributed():
+        return value
+    shared = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(shared, src=0)
+    return float(shared.item())
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 

@@ -253,3 +253,58 @@ def test_the_best_checkpoint_follows_the_generated_jets_not_the_loss(fitted_run,
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["val_fidelity"] for m in metrics] == [0.3, 0.1, 0.2]
     assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == 1
+
+
+def test_only_rank_0_measures_the_generated_jets(fitted_run, tmp_path, monkeypatch):
+    """Under torchrun every rank would generate and decode the same validation jets: rank 0 does,
+    and the others take its score."""
+    from types import SimpleNamespace
+
+    from jetfast.train import fidelity, gpt
+
+    run_dir, _ = fitted_run
+    codes = tmp_path / "codes.h5"
+    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+
+    def measured(self, gpt):
+        raise AssertionError("a rank other than 0 generated the validation jets")
+
+    monkeypatch.setattr(fidelity.SampleFidelity, "__call__", measured)
+    shared = iter([0.3, 0.1, 0.2])  # what rank 0 would send
+    # The GPT stage as rank 1 sees it (the training loop itself stays rank 0, which writes the run).
+    monkeypatch.setattr(gpt, "distributed", SimpleNamespace(is_main=lambda: False,
+                                                            broadcast_from_main=lambda value: next(shared)))
+    out = tmp_path / "gpt"
+    assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--d-model", "16", "--n-heads",
+                 "2", "--n-layers", "1", "--batch-size", "8", "--epochs", "3", "--no-progress"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_fidelity"] for m in metrics] == [0.3, 0.1, 0.2]
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_train_gpt_selects_by_generated_jets_under_torchrun(fitted_run, tmp_path):
+    """Two processes (gloo) with --select fidelity: rank 0 measures, both ranks follow its score to
+    the same best epoch, and the run ends (no rank waits forever)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir, _ = fitted_run
+    codes = tmp_path / "codes.h5"
+    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out = tmp_path / "gpt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetfast.cli",
+         "train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--d-model", "16", "--n-heads", "2",
+         "--n-layers", "1", "--batch-size", "8", "--epochs", "2", "--no-progress", "--select", "fidelity"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2 and len(metrics) == 2
+    followed = [m["val_fidelity"] for m in metrics]
+    assert all(np.isfinite(followed))
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == int(np.argmin(followed))

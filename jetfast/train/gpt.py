@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jetfast import distributed
 from jetfast.data.format import CLASS_NAMES
 from jetfast.errors import CodesFileError, InvalidArgument
 from jetfast.latent.codes import TEST, TRAIN, VAL, draw_codes, read_codes
@@ -199,7 +200,10 @@ class GPTStage(Stage):
     def monitor(self, model: GPT, val: dict) -> float:
         if self.fidelity is None:
             return val["loss"]
-        self.last_fidelity = self.fidelity(model)
+        # Generating and decoding the validation jets takes seconds to minutes, and every rank would
+        # get the same score (the same seed and weights): rank 0 measures, the others wait for it.
+        score = self.fidelity(model) if distributed.is_main() else math.nan
+        self.last_fidelity = distributed.broadcast_from_main(score)
         return self.last_fidelity
 
     def kinematics(self, which: str, rows, p_hide: float = 0.0):
