@@ -572,6 +572,10 @@ def test_histogram_bins_of_counts_follow_their_lattice(rng, step, offset):
     inside = (edges[:-1] >= lattice.min() - step) & (edges[1:] <= lattice.max() + step)
     assert held[inside].min() == held[inside].max() == widths[0] // step
     assert not np.isin(edges, lattice).any()  # no possible value sits on an edge
+    assert len(edges) <= 40 + 3  # about 40 bins, not one per value
+    # A wide range of counts (ECAL pixels: ~80 values) is binned a few values at a time.
+    wide = _bins(offset + step * rng.integers(0, 80, size=1200))
+    assert 30 <= len(wide) - 1 <= 42 and np.diff(wide)[0] == 2 * step
     # Continuous values keep equal-width bins over the central 99.8%.
     smooth = _bins(rng.normal(size=500) * 7.3)
     assert len(smooth) == 41

@@ -62,8 +62,10 @@ def _style():
 def _bins(*samples, n_bins: int = 40) -> np.ndarray:
     """Common bins over the central 99.8% of the pooled samples (tails land in the edge bins).
 
-    Counts get bins of whole steps of their lattice (HCAL pixels come 25 at a time, one tower),
-    centred on it: equal-width bins would hold one possible value or none, a comb of empty bins."""
+    Counts get at most about ``n_bins`` bins of whole steps of their lattice (HCAL pixels come 25
+    at a time, one tower), centred on it: equal-width bins would hold one possible value or none
+    (a comb of empty bins), and one bin per value over a range of ~100 counts leaves a few jets per
+    bin of a test sample, a comb of Poisson noise."""
     pooled = np.concatenate([np.asarray(s, np.float64) for s in samples if len(s)])
     lo, hi = np.quantile(pooled, [0.001, 0.999])
     if hi <= lo:
@@ -71,11 +73,9 @@ def _bins(*samples, n_bins: int = 40) -> np.ndarray:
     if np.allclose(pooled, np.round(pooled)) and np.abs(pooled).max() < 2**52:
         values = np.unique(np.round(pooled).astype(np.int64))
         step = int(np.gcd.reduce(np.diff(values))) if len(values) > 1 else 1
-        if step > 1 or hi - lo < 3 * n_bins:
-            # one bin per possible value over short ranges, else about n_bins bins of whole steps
-            per_bin = 1 if hi - lo < 3 * n_bins else math.ceil((hi - lo) / (n_bins * step))
-            first = values[0] + step * math.floor((lo - values[0]) / step)  # the lattice value at or below lo
-            return np.arange(first - step / 2, hi + per_bin * step, per_bin * step)
+        per_bin = max(1, math.ceil((hi - lo) / (n_bins * step)))  # possible values per bin
+        first = values[0] + step * math.floor((lo - values[0]) / step)  # the lattice value at or below lo
+        return np.arange(first - step / 2, hi + per_bin * step, per_bin * step)
     return np.linspace(lo, hi, n_bins + 1)
 
 
