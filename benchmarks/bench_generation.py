@@ -1,5 +1,5 @@
 """End-to-end generation on the CPU, sampling + decoding + writing: ms per jet with blocks of 1,
-100 and 10,000 jets (the CaloChallenge's batch sizes) and generate's blocks of 500 on 10,000 jets.
+100 and 10,000 jets (the CaloChallenge's batch sizes) and generate's default blocks on 10,000 jets.
 
 The pipeline at the default sizes (Transformer d_model 256, 4 layers, 8 heads over
 128 codes of 256 bins, reading the codes' values; the VAE decoder train-vae builds by default,
@@ -14,6 +14,7 @@ Floor, per jet: sampling ~0.86 GFLOP (see bench_sample.py), decoding ~0.5 GFLOP
 fp32 rate where the CPU has bf16 units); the pixel draws and the file stay fp32.
 """
 
+import inspect
 import os
 from dataclasses import asdict
 
@@ -71,9 +72,11 @@ def generator(run_dir):
     return JetGenerator(run_dir)  # loaded once: the runs time generation, not loading the run
 
 
-# (batch, jets): the CaloChallenge's batch sizes 1, 100 and 10,000, and generate's blocks of 500
+# generate's default block of jets (its --batch-size), read from generate_file so the two cannot drift
+DEFAULT_BLOCK = inspect.signature(generate_file).parameters["batch_size"].default
+# (batch, jets): the CaloChallenge's batch sizes 1, 100 and 10,000, and generate's default blocks
 # (the default sizes' figure, N_JETS jets).
-CASES = [(1, 20), (100, 1_000), (500, N_JETS), (10_000, N_JETS)]
+CASES = [(1, 20), (100, 1_000), (DEFAULT_BLOCK, N_JETS), (10_000, N_JETS)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
