@@ -72,7 +72,8 @@ KINEMATICS = ("pt", "mass")  # the conditioning values of a kinematic model, in 
 # A CPU decode step runs its blocks as one compiled call (jetfast._C.DecodeBlocks): ~70 framework
 # ops per step from Python cost ~1 ms, more than the arithmetic below a few dozen sequences and a
 # fifth of a step at a hundred. Below this many sequences its products are matrix-vector rows,
-# bound by reading the weights; from here on they are MKL's GEMMs on weights packed for the batch.
+# bound by reading the weights; from here on they are MKL's GEMMs (fp32 on weights packed for the
+# batch, bf16 on bf16 layer inputs).
 MATVEC_MAX_ROWS = 16
 
 
