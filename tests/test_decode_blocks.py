@@ -71,6 +71,7 @@ def test_fused_blocks_match_the_pytorch_blocks(d_model, heads, layers, batch, rn
 @pytest.mark.parametrize("d_model, heads, layers, batch", [
     (24, 3, 1, 1), (64, 4, 3, 7), (48, 2, 2, 15),
     pytest.param(48, 3, 2, 16, marks=needs_mkl_bf16), pytest.param(64, 4, 2, 37, marks=needs_mkl_bf16),
+    pytest.param(32, 4, 2, 549, marks=needs_mkl_bf16),  # two tiles of 512 rows, the second partial
 ])
 def test_fused_bf16_blocks_match_fp32_arithmetic_on_bf16_weights(d_model, heads, layers, batch, rng):
     """bf16 caches and weights: the fused step is the fp32 computation on the bf16-rounded weights,
