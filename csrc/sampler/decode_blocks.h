@@ -28,7 +28,7 @@
 // From ~16 sequences on the products are GEMMs, not matrix-vector rows: with `gemm`
 // they are MKL's (mkl_gemm.h), in float32 on the four weights of each block packed for
 // the batch, in bfloat16 on the bf16 weights as they are, with the layer inputs rounded
-// to bfloat16 and float32 sums. What lies between them (layer norms with the next bias
+// to bfloat16 and float32 sums, 512 rows at a time (decode_blocks_cpu.cpp). What lies between them (layer norms with the next bias
 // broadcast, the GELU, the cache append) is one pass each over the rows, split over the
 // threads. The step then costs the GEMMs, the attention and ~8 short passes per block:
 // the ~70 framework calls per step from Python that it replaces cost ~1 ms, which a
