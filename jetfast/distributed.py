@@ -23,7 +23,9 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     use_cuda = torch.cuda.is_available()
     if world_size > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            # With GPUs, NCCL for CUDA tensors (DDP) and gloo for the CPU scalars the trainers sum and
+            # share (losses, item counts, scores): NCCL alone refuses CPU tensors.
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -58,11 +58,11 @@ bool load_mkl_gemm(const std::string& path) {
   found.pack = reinterpret_cast<Pack>(dlsym(library, "cblas_sgemm_pack"));
   found.compute = reinterpret_cast<Compute>(dlsym(library, "cblas_sgemm_compute"));
   found.gemm_bf16 = reinterpret_cast<GemmBf16>(dlsym(library, "cblas_gemm_bf16bf16f32"));
-  // The handle stays open: the library is the process's own and outlives every caller.
   if (!found.get_size || !found.pack || !found.compute) {
     dlclose(library);
     return false;
   }
+  // The handle stays open: the library is the process's own and outlives every caller.
   functions = found;
   loaded.store(true, std::memory_order_release);
   return true;

@@ -8,7 +8,7 @@
 // compute from that, which saves the per-call reordering a plain GEMM pays (measured
 // ~50-80 us per call at 100 rows). In bfloat16, on CPUs with bf16 units (AVX512-BF16,
 // AMX), MKL's GEMM reads bfloat16 operands and sums in float32 at 0.8-1.3 TFLOP/s on
-// 2 cores at 100 rows, 1.3-1.5x oneDNN's through PyTorch.
+// 2 cores at 100 rows, 1.3-1.6x oneDNN's through PyTorch.
 //
 // jetfast links neither MKL nor libtorch, but PyTorch's CPU library carries MKL and
 // exports its CBLAS: load_mkl_gemm resolves these functions from it (opened with
