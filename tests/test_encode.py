@@ -216,55 +216,66 @@ def test_encode_refuses_damaged_jets_in_one_line_and_leaves_nothing(fitted_run, 
     assert listing(tmp_path) == before
 
 
-def test_train_gpt_selects_the_epoch_whose_generated_jets_are_closest(fitted_run, tmp_path):
+@pytest.fixture(scope="module")
+def run_codes(fitted_run, tmp_path_factory):
+    """The fitted run and the codes of its jets, encoded once for the train-gpt tests (read only)."""
+    run_dir, _ = fitted_run
+    codes = tmp_path_factory.mktemp("codes") / "codes.h5"
+    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    return run_dir, codes
+
+
+# A Transformer small enough for three epochs in seconds.
+TINY_GPT = ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--batch-size", "8", "--epochs", "3", "--no-progress"]
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def best_epoch(out) -> int:
+    return torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"]
+
+
+def test_train_gpt_selects_the_epoch_whose_generated_jets_are_closest(run_codes, tmp_path):
     """On a VAE run's own codes, train-gpt decodes jets generated for the validation jets every
     epoch and keeps as best the epoch where they are closest to the real ones (not the lowest loss);
     with --select loss it keeps the lowest loss and measures nothing."""
-    run_dir, _ = fitted_run
-    codes = tmp_path / "codes.h5"
-    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
-    tiny = ["--codes", str(codes), "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--batch-size", "8",
-            "--epochs", "3", "--no-progress", "--num-threads", "1"]
+    run_dir, codes = run_codes
     for select in ("fidelity", "loss"):
         out = tmp_path / select
-        assert main(["train-gpt", str(run_dir), "--out", str(out), "--select", select, *tiny]) == 0
+        assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--select", select,
+                     *TINY_GPT, "--num-threads", "1"]) == 0
         config = json.loads((out / "config.json").read_text())
         assert config["select"]["by"] == select
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(out)
         followed = [m["val_fidelity" if select == "fidelity" else "val_loss"] for m in metrics]
         assert ("val_fidelity" in metrics[0]) == (select == "fidelity")
-        best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
-        assert best["epoch"] == int(np.argmin(followed)), followed
+        assert best_epoch(out) == int(np.argmin(followed)), followed
         assert all(np.isfinite(followed)) and min(followed) >= 0
 
 
-def test_the_best_checkpoint_follows_the_generated_jets_not_the_loss(fitted_run, tmp_path, monkeypatch):
+def test_the_best_checkpoint_follows_the_generated_jets_not_the_loss(run_codes, tmp_path, monkeypatch):
     """Whatever the losses do, best.pt is the epoch of the lowest generated-jet distance."""
     from jetfast.train import fidelity
 
-    run_dir, _ = fitted_run
-    codes = tmp_path / "codes.h5"
-    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    run_dir, codes = run_codes
     scores = iter([0.3, 0.1, 0.2])
     monkeypatch.setattr(fidelity.SampleFidelity, "__call__", lambda self, gpt: next(scores))
     out = tmp_path / "gpt"
-    assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--d-model", "16", "--n-heads",
-                 "2", "--n-layers", "1", "--batch-size", "8", "--epochs", "3", "--no-progress"]) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["val_fidelity"] for m in metrics] == [0.3, 0.1, 0.2]
-    assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == 1
+    assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), *TINY_GPT]) == 0
+    assert [m["val_fidelity"] for m in read_metrics(out)] == [0.3, 0.1, 0.2]
+    assert best_epoch(out) == 1
 
 
-def test_only_rank_0_measures_the_generated_jets(fitted_run, tmp_path, monkeypatch):
+def test_only_rank_0_measures_the_generated_jets(run_codes, tmp_path, monkeypatch):
     """Under torchrun every rank would generate and decode the same validation jets: rank 0 does,
     and the others take its score."""
     from types import SimpleNamespace
 
     from jetfast.train import fidelity, gpt
 
-    run_dir, _ = fitted_run
-    codes = tmp_path / "codes.h5"
-    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    run_dir, codes = run_codes
 
     def measured(self, gpt):
         raise AssertionError("a rank other than 0 generated the validation jets")
@@ -275,36 +286,32 @@ def test_only_rank_0_measures_the_generated_jets(fitted_run, tmp_path, monkeypat
     monkeypatch.setattr(gpt, "distributed", SimpleNamespace(is_main=lambda: False,
                                                             broadcast_from_main=lambda value: next(shared)))
     out = tmp_path / "gpt"
-    assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--d-model", "16", "--n-heads",
-                 "2", "--n-layers", "1", "--batch-size", "8", "--epochs", "3", "--no-progress"]) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["val_fidelity"] for m in metrics] == [0.3, 0.1, 0.2]
-    assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == 1
+    assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), *TINY_GPT]) == 0
+    assert [m["val_fidelity"] for m in read_metrics(out)] == [0.3, 0.1, 0.2]
+    assert best_epoch(out) == 1
 
 
 @pytest.mark.slow
-def test_train_gpt_selects_by_generated_jets_under_torchrun(fitted_run, tmp_path):
+def test_train_gpt_selects_by_generated_jets_under_torchrun(run_codes, tmp_path):
     """Two processes (gloo) with --select fidelity: rank 0 measures, both ranks follow its score to
     the same best epoch, and the run ends (no rank waits forever)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    run_dir, _ = fitted_run
-    codes = tmp_path / "codes.h5"
-    assert main(["encode", str(run_dir), "--out", str(codes), "--batch-size", "16", "--no-progress"]) == 0
+    run_dir, codes = run_codes
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     out = tmp_path / "gpt"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jetfast.cli",
-         "train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), "--d-model", "16", "--n-heads", "2",
-         "--n-layers", "1", "--batch-size", "8", "--epochs", "2", "--no-progress", "--select", "fidelity"],
+         "train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), *TINY_GPT, "--epochs", "2",
+         "--select", "fidelity"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2 and len(metrics) == 2
     followed = [m["val_fidelity"] for m in metrics]
     assert all(np.isfinite(followed))
-    assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"] == int(np.argmin(followed))
+    assert best_epoch(out) == int(np.argmin(followed))
