@@ -506,6 +506,17 @@ def test_evaluate_vae_writes_metrics_and_plots(trained_run, jet_file, tmp_path):
         assert metrics["channels"][channel]["total_energy_rel_error"]["median"] == pytest.approx(np.median(rel), rel=1e-4)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("labels", [[1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 1]])
+def test_anomaly_plot_draws_the_classes_present(labels, rng, tmp_path):
+    """A small test split may hold one class only: the plot draws what is there, with no empty
+    density (0/0) behind it."""
+    from jetfast.evaluate.vae import _plot_anomaly
+
+    _plot_anomaly(rng.lognormal(-3, 1, 4), np.array(labels), tmp_path / "anomaly_score.png")
+    assert (tmp_path / "anomaly_score.png").stat().st_size > 5000
+
+
 def test_evaluate_vae_bad_run_dir(tmp_path, capsys):
     assert main(["evaluate-vae", str(tmp_path)]) == 2
     assert "run directory" in capsys.readouterr().err

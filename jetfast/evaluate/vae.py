@@ -197,7 +197,8 @@ def _plot_anomaly(scores, labels, path: Path) -> None:
     positive = scores[scores > 0]
     bins = np.geomspace(positive.min(), positive.max() * 1.001, 40) if positive.size and positive.max() > positive.min() else 30
     for value, color in ((0, "tab:orange"), (1, "tab:blue")):
-        ax.hist(scores[labels == value], bins=bins, histtype="step", color=color, label=f"y={value}", density=True)
+        if (labels == value).any():  # a small test set may hold one class only: no density of nothing
+            ax.hist(scores[labels == value], bins=bins, histtype="step", color=color, label=f"y={value}", density=True)
     if not isinstance(bins, int):
         ax.set_xscale("log")
     ax.set_xlabel("anomaly score: mean squared error per pixel (transformed units)")
