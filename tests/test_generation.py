@@ -70,11 +70,12 @@ def test_writes_exactly_n_jets_in_the_input_layout(run_dir, tmp_path, monkeypatc
     again = read(generate_file(run_dir, 70, tmp_path / "again.h5", batch_size=32, seed=3, progress=False))
     np.testing.assert_array_equal(again["X_jets"], images)
     # Decoded a few jets at a time (a block of 10,000 jets is decoded in slices): the same jets, up to
-    # the convolutions' rounding, which depends on how many jets they see at once.
+    # the convolutions' rounding, which depends on how many jets they see at once (carried on through
+    # an intensity's exponent and share: up to 2e-5 relative in the decoder's own test).
     monkeypatch.setattr(writer, "DECODE_BATCH", 5)
     sliced = read(generate_file(run_dir, 70, tmp_path / "sliced.h5", batch_size=32, seed=3, progress=False))
     np.testing.assert_array_equal(sliced["X_jets"] > 0, images > 0)
-    np.testing.assert_allclose(sliced["X_jets"], images, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sliced["X_jets"], images, rtol=1e-4, atol=1e-6)
     monkeypatch.undo()
     other = read(generate_file(run_dir, 70, tmp_path / "other.h5", batch_size=32, seed=4, progress=False))
     assert not np.array_equal(other["X_jets"], images)

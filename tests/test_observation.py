@@ -465,8 +465,10 @@ def test_count_conditioned_decoder_places_hits_for_the_drawn_count(rng, seed):
     drawn = vae.observation.draw_counts(a, normals[:, 3:])
     limits = torch.tensor([125 * 125, 125 * 125, 25 * 25])
     assert torch.equal(SparseObservation.hit_numbers(jets), torch.minimum(drawn, limits))
-    alone = vae.images(z[2:3], transform, seed=seed, start=7)  # the GEMMs may round by batch size
-    assert torch.equal(alone > 0, jets[2:3] > 0) and torch.allclose(alone, jets[2:3], rtol=1e-5, atol=1e-6)
+    alone = vae.images(z[2:3], transform, seed=seed, start=7)
+    # The same hits; the GEMMs round by batch size, and an intensity's exponent and share carry
+    # that rounding on: up to 2e-5 relative over 150 seeds.
+    assert torch.equal(alone > 0, jets[2:3] > 0) and torch.allclose(alone, jets[2:3], rtol=1e-4, atol=1e-6)
     assert _tower_constant(jets[..., 2]) and torch.isfinite(vae.images(z, transform, mode="mean")).all()
 
     x = transform.to_model(images)
