@@ -11,7 +11,7 @@ import torch
 from jetfast import _ext, bins
 from jetfast.cli import main
 from jetfast.models.vae import load_vae
-from jetfast.run import load_split
+from jetfast.run import RunDir, load_split
 from tests.commands import assert_refused, listing, run
 from tests.jetfiles import damage_chunk, write_jet_file
 
@@ -229,10 +229,6 @@ def run_codes(fitted_run, tmp_path_factory):
 TINY_GPT = ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--batch-size", "8", "--epochs", "3", "--no-progress"]
 
 
-def read_metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def best_epoch(out) -> int:
     return torch.load(out / "checkpoints" / "best.pt", weights_only=False)["epoch"]
 
@@ -248,7 +244,7 @@ def test_train_gpt_selects_the_epoch_whose_generated_jets_are_closest(run_codes,
                      *TINY_GPT, "--num-threads", "1"]) == 0
         config = json.loads((out / "config.json").read_text())
         assert config["select"]["by"] == select
-        metrics = read_metrics(out)
+        metrics = RunDir(out).read_metrics()
         followed = [m["val_fidelity" if select == "fidelity" else "val_loss"] for m in metrics]
         assert ("val_fidelity" in metrics[0]) == (select == "fidelity")
         assert best_epoch(out) == int(np.argmin(followed)), followed
@@ -264,7 +260,7 @@ def test_the_best_checkpoint_follows_the_generated_jets_not_the_loss(run_codes, 
     monkeypatch.setattr(fidelity.SampleFidelity, "__call__", lambda self, gpt: next(scores))
     out = tmp_path / "gpt"
     assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), *TINY_GPT]) == 0
-    assert [m["val_fidelity"] for m in read_metrics(out)] == [0.3, 0.1, 0.2]
+    assert [m["val_fidelity"] for m in RunDir(out).read_metrics()] == [0.3, 0.1, 0.2]
     assert best_epoch(out) == 1
 
 
@@ -287,7 +283,7 @@ def test_only_rank_0_measures_the_generated_jets(run_codes, tmp_path, monkeypatc
                                                             broadcast_from_main=lambda value: next(shared)))
     out = tmp_path / "gpt"
     assert main(["train-gpt", str(run_dir), "--codes", str(codes), "--out", str(out), *TINY_GPT]) == 0
-    assert [m["val_fidelity"] for m in read_metrics(out)] == [0.3, 0.1, 0.2]
+    assert [m["val_fidelity"] for m in RunDir(out).read_metrics()] == [0.3, 0.1, 0.2]
     assert best_epoch(out) == 1
 
 
@@ -310,7 +306,7 @@ def test_train_gpt_selects_by_generated_jets_under_torchrun(run_codes, tmp_path)
         cwd=repo, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_metrics(out)
+    metrics = RunDir(out).read_metrics()
     assert json.loads((out / "config.json").read_text())["world_size"] == 2 and len(metrics) == 2
     followed = [m["val_fidelity"] for m in metrics]
     assert all(np.isfinite(followed))

@@ -15,6 +15,7 @@ import torch
 from jetfast.models.gpt import GPT, GPTConfig, decode_one_token, load_gpt, prefill
 from jetfast.generation.sampler import sample
 from jetfast.cli import main
+from jetfast.run import RunDir
 from tests.commands import assert_refused, interrupt_after_first_epoch, listing, run
 
 
@@ -327,7 +328,7 @@ def test_train_gpt_learns_the_classes_and_resumes(tmp_path, seed):
         assert (gpt_dir / name).is_file(), name
     config = json.loads((gpt_dir / "config.json").read_text())
     assert config["codes"] == str(codes_file.resolve()) and config["num_bins"] == 256
-    metrics = [json.loads(line) for line in (gpt_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = RunDir(gpt_dir).read_metrics()
     assert metrics[-1]["step"] == 80
     assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] - 1.0  # from ~ln(256) = 5.5 nats to well under
     assert math.isclose(metrics[-1]["val_bpd"], metrics[-1]["val_loss"] / math.log(2))
@@ -344,7 +345,7 @@ def test_train_gpt_learns_the_classes_and_resumes(tmp_path, seed):
 
     # Resume: more epochs continue from the saved step; metrics keep one line per epoch.
     assert run_train(tmp_path, "--epochs", "14", "--max-steps", "96", "--resume", "--no-progress") == 0
-    resumed = [json.loads(line) for line in (gpt_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = RunDir(gpt_dir).read_metrics()
     assert [r["epoch"] for r in resumed] == list(range(len(resumed))) and resumed[-1]["step"] == 96
     assert resumed[-1]["val_loss"] < metrics[0]["val_loss"]
 
@@ -446,7 +447,7 @@ def test_train_gpt_resume_continues_exactly(tmp_path, monkeypatch):
     assert state["epoch"] == 0 and state["scheduler"]["last_epoch"] == state["step"]
     resumed = train_gpt(tmp_path, out=tmp_path / "resumed", epochs=3, resume=True, no_progress=True)
 
-    lines = [[json.loads(line) for line in (run.metrics_path).read_text().splitlines()] for run in (straight, resumed)]
+    lines = [run.read_metrics() for run in (straight, resumed)]
     assert len(lines[0]) == len(lines[1]) == 3
     for a, b in zip(*lines):
         for key in ("epoch", "step", "train_loss", "val_loss", "val_bpd_uncond", "lr"):
@@ -556,7 +557,7 @@ def test_train_gpt_under_torchrun_two_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((tmp_path / "gpt" / "config.json").read_text())
-    metrics = [json.loads(line) for line in (tmp_path / "gpt" / "metrics.jsonl").read_text().splitlines()]
+    metrics = RunDir(tmp_path / "gpt").read_metrics()
     assert config["world_size"] == 2 and len(metrics) == 2
     # Two ranks split each epoch: 2 x ceil((train // 2) / 64) steps in all.
     assert metrics[-1]["step"] == 2 * math.ceil((config["n_train"] // 2) / 64)

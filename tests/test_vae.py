@@ -19,7 +19,7 @@ from jetfast.data.transforms import IntensityTransform, crop_to_image
 from jetfast.models.observation import SparseObservation
 from jetfast.models.vae import VAE, VAEConfig, load_vae
 from jetfast.cli import main
-from jetfast.run import load_split
+from jetfast.run import RunDir, load_split
 from tests.commands import assert_refused, interrupt_after_first_epoch, listing, run
 from tests.jetfiles import damage_chunk, jet_images, write_jet_file
 
@@ -154,7 +154,7 @@ def test_run_dir_explains_itself_and_load_vae(trained_run, jet_file):
     config = json.loads((trained_run / "config.json").read_text())
     assert config["n_jets_used"] == 47 and config["data"] == str(jet_file)
     assert config["vae"]["widths"] == [4, 8, 8, 8] and "transform" in config
-    metrics = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    metrics = RunDir(trained_run).read_metrics()
     assert [m["epoch"] for m in metrics] == [0, 1]
     for key in ("train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl", "lr", "time_s", "images_per_s"):
         assert all(math.isfinite(m[key]) for m in metrics), key
@@ -210,7 +210,7 @@ def test_no_hit_counts_trains_the_independent_pixels(jet_file, tmp_path):
     x = transform.to_model(images)
     with torch.no_grad():
         terms = model.loss(x, *model(x, conditions), beta=cfg.beta, images=images)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = RunDir(out).read_metrics()
     assert math.isclose(float(terms["loss"]), metrics[-1]["val_loss"], rel_tol=1e-4) and "tracks_count" not in terms
     jets = model.images(torch.randn(3, cfg.latent_dim), transform, conditions[:3], seed=1)
     assert jets.shape == (3, 125, 125, 3) and torch.isfinite(jets).all()
@@ -226,7 +226,7 @@ def test_plateau_schedule_and_runs_from_before_the_cosine_resume_with_theirs(jet
     del config["args"]["lr_schedule"]
     (out / "config.json").write_text(json.dumps(config))
     assert train(jet_file, out, "--epochs", 2, "--seed", 3, "--resume") == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = RunDir(out).read_metrics()
     assert [m["lr"] for m in metrics] == [1e-3, 1e-3]
 
 
@@ -234,8 +234,8 @@ def test_bf16_autocast_trains_and_is_recorded(jet_file, trained_run, tmp_path):
     """bf16 autocast (weights and losses stay fp32) learns like fp32 and says so in its metrics."""
     out = tmp_path / "run"
     assert train(jet_file, out, "--epochs", 2, "--seed", 3, "--precision", "bf16") == 0
-    bf16 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    fp32 = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    bf16 = RunDir(out).read_metrics()
+    fp32 = RunDir(trained_run).read_metrics()
     assert [m["precision"] for m in bf16] == ["bf16"] * 2 and [m["precision"] for m in fp32] == ["fp32"] * 2
     assert bf16[1]["val_loss"] < bf16[0]["val_loss"]
     assert bf16[1]["val_loss"] == pytest.approx(fp32[1]["val_loss"], rel=0.05)
@@ -251,8 +251,8 @@ def test_resume_matches_uninterrupted(jet_file, trained_run, tmp_path, monkeypat
         interrupt_after_first_epoch(patch)
         assert train(jet_file, out, "--epochs", 2, "--seed", 3) == 130
     assert train(jet_file, out, "--epochs", 2, "--seed", 3, "--resume") == 0
-    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    straight = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    resumed = RunDir(out).read_metrics()
+    straight = RunDir(trained_run).read_metrics()
     assert len(resumed) == len(straight) == 2
     for key in ("train_loss", "train_recon", "train_kl", "val_loss", "lr", "step"):
         assert resumed[1][key] == pytest.approx(straight[1][key], rel=1e-6, abs=0), key
